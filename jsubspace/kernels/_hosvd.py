@@ -1,0 +1,80 @@
+"""HOSVD / Tucker decomposition of a stacked layer `X: [N, m, n]`.
+
+The factor of each mode is the top eigenvectors of that mode's Gram (`rows` -> `U`, `cols` -> `V`,
+`models` -> `S`); the core is `X` contracted with them. `order=2` keeps the model mode whole (the
+per-model coefficients `C_i = U^T X_i V` of the universal basis); `order=3` also compresses it.
+
+References:
+  L. De Lathauwer, B. De Moor, J. Vandewalle, "A multilinear singular value decomposition",
+  SIAM J. Matrix Anal. Appl. 2000.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jsubspace.kernels._gram import HIGHEST, mode_grams
+from jsubspace.kernels._rsvd import exact_eigh
+
+
+class Tucker(NamedTuple):
+    """`X_i ~ U (sum_t S[i, t] core[t]) V^T`, or with `models_factor=None`: `X_i ~ U core[i] V^T`.
+
+    Attributes:
+        core: `f32[N or k_models, k_rows, k_cols]`.
+        rows_factor: `f32[m, k_rows]`, orthonormal columns.
+        cols_factor: `f32[n, k_cols]`, orthonormal columns.
+        models_factor: `f32[N, k_models]` or None (order 2).
+        total_energy: `f32[]` of the centred stack; `||core||^2 / total_energy` is the captured
+            fraction.
+    """
+
+    core: jax.Array
+    rows_factor: jax.Array
+    cols_factor: jax.Array
+    models_factor: jax.Array | None
+    total_energy: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "n_models", "ranks", "center"))
+def hosvd(
+    x: jax.Array,
+    base: jax.Array | None = None,
+    *,
+    mesh: Mesh,
+    n_models: int,
+    ranks: tuple[int, int] | tuple[int, int, int],
+    center: str = "mean",
+) -> Tucker:
+    """Truncated HOSVD of a models-sharded stack.
+
+    Args:
+        x: `dtype[N_pad, m, n]` sharded over `models`.
+        base, mesh, n_models, center: as in `mode_grams`.
+        ranks: `(k_rows, k_cols)` for order 2, `(k_models, k_rows, k_cols)` for order 3.
+
+    Returns:
+        Tucker.
+    """
+    order3 = len(ranks) == 3
+    k_rows, k_cols = ranks[-2:]
+    modes = ("models", "rows", "cols") if order3 else ("rows", "cols")
+    grams = mode_grams(x, base, mesh=mesh, n_models=n_models, center=center, modes=modes)
+    u = exact_eigh(grams.rows, rank=k_rows).vectors
+    v = exact_eigh(grams.cols, rank=k_cols).vectors
+    xf = x[:n_models].astype(jnp.float32)
+    if center == "mean":
+        xf = xf - jnp.mean(xf, axis=0)
+    elif center == "base":
+        xf = xf - base.astype(jnp.float32)
+    core = jnp.einsum("mk,imn,nl->ikl", u, xf, v, precision=HIGHEST)
+    models_factor = None
+    if order3:
+        models_factor = exact_eigh(grams.models, rank=ranks[0]).vectors
+        core = jnp.einsum("it,ikl->tkl", models_factor, core, precision=HIGHEST)
+    return Tucker(core, u, v, models_factor, grams.total_energy)

@@ -1,0 +1,159 @@
+"""Public test helpers: planted-spectrum populations, real-format writers, subspace asserts.
+
+Writers use the real libraries' own save functions (safetensors.numpy, orbax.checkpoint) and the
+PEFT file layout (`adapter_config.json` + `adapter_model.safetensors` with PEFT's key names), so
+what the tests read is what users' tools write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+# PEFT's adapter_config.json fields for a LoRA adapter (the ones jsubspace reads, plus the ones
+# PEFT itself needs to load the directory).
+_PEFT_CONFIG_DEFAULTS = {
+    "peft_type": "LORA",
+    "task_type": None,
+    "base_model_name_or_path": None,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "inference_mode": True,
+    "init_lora_weights": True,
+    "lora_dropout": 0.0,
+    "modules_to_save": None,
+    "revision": None,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "use_dora": False,
+}
+
+
+def planted_population(
+    seed: int,
+    *,
+    n_models: int,
+    shape: tuple[int, int],
+    rank: int,
+    noise: float = 0.1,
+    decay: float = 0.7,
+    mean_scale: float = 0.0,
+    dtype=np.float32,
+) -> np.ndarray:
+    """`[N, m, n]` models sharing a planted rank-`rank` subspace plus iid noise.
+
+    `W_i = M + U diag(decay^j) C_i V^T + noise * G_i` with orthonormal `U`, `V` shared by all
+    models, Gaussian per-model `C_i` and `G_i`, and a common offset `M` of size `mean_scale`.
+    """
+    rng = np.random.default_rng(seed)
+    m, n = shape
+    u = np.linalg.qr(rng.standard_normal((m, rank)))[0]
+    v = np.linalg.qr(rng.standard_normal((n, rank)))[0]
+    weights = decay ** np.arange(rank)
+    coeffs = rng.standard_normal((n_models, rank, rank)) * weights[:, None] * weights[None, :]
+    signal = np.einsum("mk,ikl,nl->imn", u, coeffs * np.sqrt(m * n / rank), v)
+    offset = mean_scale * rng.standard_normal((m, n))
+    out = offset + signal + noise * rng.standard_normal((n_models, m, n)) * np.sqrt(rank)
+    return out.astype(dtype)
+
+
+def lora_population(
+    seed: int,
+    *,
+    n_models: int,
+    shape: tuple[int, int],
+    rank: int,
+    shared_a_fraction: float = 0.0,
+    dtype=np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """LoRA factors `A: [N, r, n]`, `B: [N, m, r]`; the first `shared_a_fraction` of the models
+    keep one identical `A` (an initialisation never trained away)."""
+    rng = np.random.default_rng(seed)
+    m, n = shape
+    a = rng.standard_normal((n_models, rank, n)) / np.sqrt(n)
+    b = rng.standard_normal((n_models, m, rank)) / np.sqrt(rank)
+    shared = int(round(shared_a_fraction * n_models))
+    if shared:
+        a[:shared] = a[0]
+    return a.astype(dtype), b.astype(dtype)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> str:
+    """Writes one `.safetensors` file with `safetensors.numpy.save_file`."""
+    from safetensors.numpy import save_file
+
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path,
+              metadata=dict(metadata) if metadata else None)
+    return path
+
+
+def write_peft_adapter(
+    directory: str | os.PathLike,
+    modules: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    r: int,
+    lora_alpha: float,
+    use_rslora: bool = False,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    base_model_name_or_path: str | None = None,
+) -> str:
+    """A PEFT LoRA adapter directory as `save_pretrained` writes it.
+
+    Args:
+        directory: created if missing.
+        modules: module name (e.g. `model.layers.0.self_attn.q_proj`) -> `(A [r, n], B [m, r])`.
+        r, lora_alpha, use_rslora, rank_pattern, alpha_pattern: the config fields.
+    """
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tensors = {}
+    for name, (a, b) in modules.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    write_safetensors(os.path.join(directory, "adapter_model.safetensors"), tensors,
+                      {"format": "pt"})
+    targets = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    config = dict(
+        _PEFT_CONFIG_DEFAULTS,
+        r=r,
+        lora_alpha=lora_alpha,
+        use_rslora=use_rslora,
+        rank_pattern=dict(rank_pattern or {}),
+        alpha_pattern=dict(alpha_pattern or {}),
+        target_modules=targets,
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    with open(os.path.join(directory, "adapter_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    return directory
+
+
+def write_orbax(directory: str | os.PathLike, tree: Mapping) -> str:
+    """An Orbax PyTree checkpoint written by `orbax.checkpoint.PyTreeCheckpointer`."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    ocp.PyTreeCheckpointer().save(directory, dict(tree))
+    return directory
+
+
+def principal_angles(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Principal angles (radians, ascending) between the column spans of `u` and `v`."""
+    qu = np.linalg.qr(np.asarray(u, np.float64))[0]
+    qv = np.linalg.qr(np.asarray(v, np.float64))[0]
+    cosines = np.linalg.svd(qu.T @ qv, compute_uv=False)
+    return np.arccos(np.clip(cosines, -1.0, 1.0))
+
+
+def assert_subspaces_close(u: np.ndarray, v: np.ndarray, *, max_angle: float = 1e-3) -> None:
+    """Asserts the spans of `u` and `v` agree: every principal angle below `max_angle` radians."""
+    angles = principal_angles(u, v)
+    if angles.max() > max_angle:
+        raise AssertionError(f"largest principal angle {angles.max():.3g} rad > {max_angle:.3g}")

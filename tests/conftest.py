@@ -1,0 +1,33 @@
+"""Test set-up: 8 CPU devices, set once here before jax initialises."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_enable_x64", False)
+
+DEVICE_COUNTS = (1, 2, 4, 8)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow; run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=DEVICE_COUNTS, ids=lambda d: f"{d}dev")
+def mesh(request):
+    from jsubspace import sharding
+
+    return sharding.models_mesh(request.param)
