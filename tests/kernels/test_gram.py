@@ -1,0 +1,131 @@
+"""Mode Grams against numpy float64, on 1/2/4/8 devices, for every centre and stored dtype."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jsubspace import kernels, sharding, testing
+
+TOL = {np.float32: 2e-5, ml_dtypes.bfloat16: 2e-5, np.float16: 2e-5}
+
+
+def _place(values, mesh):
+    n = values.shape[0]
+    padded = np.zeros((sharding.padded_count(n, mesh), *values.shape[1:]), values.dtype)
+    padded[:n] = values
+    return jax.device_put(padded, sharding.stacked_sharding(mesh))
+
+
+def _oracle(values, center, base=None):
+    w = np.asarray(values, np.float64)
+    if center == "mean":
+        x = w - w.mean(0)
+    elif center == "base":
+        x = w - np.asarray(base, np.float64)
+    else:
+        x = w
+    return {
+        "models": np.einsum("imn,jmn->ij", x, x),
+        "rows": np.einsum("imn,ikn->mk", x, x),
+        "cols": np.einsum("imn,imk->nk", x, x),
+        "energy": np.sum(x * x),
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
+@pytest.mark.parametrize("center", ["mean", "none", "base"])
+@pytest.mark.parametrize("shape", [(7, 9), (16, 4)])
+def test_mode_grams_match_float64(mesh, dtype, center, shape):
+    values = testing.planted_population(0, n_models=5, shape=shape, rank=3, mean_scale=2.0,
+                                        dtype=dtype)
+    base = values[0] if center == "base" else None
+    g = kernels.mode_grams(_place(values, mesh), None if base is None else jnp.asarray(base),
+                           mesh=mesh, n_models=5, center=center)
+    want = _oracle(values, center, base)
+    scale = want["energy"]
+    for mode in ("models", "rows", "cols"):
+        got = np.asarray(getattr(g, mode), np.float64)
+        assert got.shape == want[mode].shape
+        np.testing.assert_allclose(got, want[mode], atol=TOL[dtype] * scale)
+    np.testing.assert_allclose(float(g.total_energy), scale, rtol=TOL[dtype])
+    # All three modes share one trace: the total energy.
+    for mode in ("models", "rows", "cols"):
+        np.testing.assert_allclose(np.trace(np.asarray(getattr(g, mode), np.float64)), scale,
+                                   rtol=1e-5)
+
+
+def test_centering_is_robust_near_the_mean():
+    # Fine-tuned populations sit close to a large common offset; the one-pass formula
+    # S2 - N mu mu^T would lose every digit here in float32.
+    mesh = sharding.models_mesh(2)
+    values = testing.planted_population(1, n_models=6, shape=(8, 8), rank=2, noise=0.01,
+                                        mean_scale=0.0)
+    values = (1000.0 + values * 1e-2).astype(np.float32)
+    g = kernels.mode_grams(_place(values, mesh), mesh=mesh, n_models=6, center="mean")
+    want = _oracle(values, "mean")
+    np.testing.assert_allclose(float(g.total_energy), want["energy"], rtol=1e-2)
+    top = np.linalg.eigvalsh(np.asarray(g.rows, np.float64))[-1]
+    np.testing.assert_allclose(top, np.linalg.eigvalsh(want["rows"])[-1], rtol=2e-2)
+
+
+def test_ring_cross_gram_blocks():
+    mesh = sharding.models_mesh(4)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 5, 3)).astype(np.float32)
+
+    def body(xb):
+        return kernels.ring_cross_gram(xb, num_devices=4)
+
+    got = jax.shard_map(body, mesh=mesh, in_specs=jax.P("models"), out_specs=jax.P("models"))(
+        jax.device_put(x, sharding.stacked_sharding(mesh)))
+    want = np.einsum("ipa,jpb->iajb", x.astype(np.float64), x)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_same_shaped_layers_compile_once():
+    mesh = sharding.models_mesh(4)
+    kernels.mode_grams._clear_cache()
+    for seed in range(6):
+        values = testing.planted_population(seed, n_models=6, shape=(10, 12), rank=2)
+        kernels.mode_grams(_place(values, mesh), mesh=mesh, n_models=6).total_energy.block_until_ready()
+    assert kernels.mode_grams._cache_size() == 1
+
+
+@pytest.mark.parametrize("center", ["mean", "none"])
+def test_streaming_equals_one_shot(mesh, center):
+    values = testing.planted_population(4, n_models=11, shape=(9, 7), rank=3, mean_scale=1.0)
+    d = mesh.devices.size
+    size = -(-3 // d) * d
+
+    def blocks():
+        for start in range(0, 11, size):
+            chunk = values[start:start + size]
+            padded = np.zeros((size, 9, 7), np.float32)
+            padded[: len(chunk)] = chunk
+            yield jax.device_put(padded, sharding.stacked_sharding(mesh)), len(chunk)
+
+    streamed = kernels.streaming_mode_grams(blocks, mesh=mesh, shape=(9, 7), center=center)
+    one_shot = kernels.mode_grams(_place(values, mesh), mesh=mesh, n_models=11, center=center)
+    np.testing.assert_allclose(streamed.rows, one_shot.rows, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(streamed.cols, one_shot.cols, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(streamed.total_energy, one_shot.total_energy, rtol=1e-6)
+    with pytest.raises(ValueError, match="not available in streaming form"):
+        kernels.streaming_mode_grams(blocks, mesh=mesh, shape=(9, 7), modes=("models",))
+
+
+def test_hosvd_core_energy_and_reconstruction(mesh):
+    values = testing.planted_population(5, n_models=6, shape=(12, 10), rank=3, noise=0.0)
+    x = _place(values, mesh)
+    t = kernels.hosvd(x, mesh=mesh, n_models=6, ranks=(3, 3))
+    centred = values.astype(np.float64) - values.mean(0)
+    recon = np.einsum("mk,ikl,nl->imn", t.rows_factor, t.core, t.cols_factor)
+    np.testing.assert_allclose(recon, centred, atol=1e-3 * np.abs(centred).max())
+    captured = float(np.sum(np.asarray(t.core, np.float64) ** 2) / t.total_energy)
+    np.testing.assert_allclose(captured, 1.0, rtol=1e-4)
+    full = kernels.hosvd(x, mesh=mesh, n_models=6, ranks=(5, 3, 3))
+    assert full.core.shape == (5, 3, 3) and full.models_factor.shape == (6, 5)
+    # The model mode of centred data has rank N-1 = 5: nothing is lost.
+    np.testing.assert_allclose(float(np.sum(np.asarray(full.core, np.float64) ** 2)),
+                               float(t.total_energy), rtol=1e-4)
