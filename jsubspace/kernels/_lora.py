@@ -37,6 +37,7 @@ class LoraGrams(NamedTuple):
         total_energy: `f32[]`.
         factor_a: `f32[N, r, N, r]`, the cross-Gram `A_j A_k^T` (unscaled).
         factor_b: `f32[N, r, N, r]`, the cross-Gram `B_j^T B_k` (unscaled).
+        uncentred: `f32[N, N]`, `<dW_i, dW_j>` before centring (for lineage).
     """
 
     models: jax.Array
@@ -45,6 +46,7 @@ class LoraGrams(NamedTuple):
     total_energy: jax.Array
     factor_a: jax.Array
     factor_b: jax.Array
+    uncentred: jax.Array
 
 
 def centering_matrix(n_pad: int, n_models: int, center: str) -> jax.Array:
@@ -114,7 +116,7 @@ def lora_grams(
     cols = root_a @ mid_b @ root_a.T
     rows = (rows + rows.T) / 2
     cols = (cols + cols.T) / 2
-    return LoraGrams(models, rows, cols, jnp.trace(models), ga, gb)
+    return LoraGrams(models, rows, cols, jnp.trace(models), ga, gb, k0[:n_models, :n_models])
 
 
 def materialized_updates(a, b, scales) -> jax.Array:

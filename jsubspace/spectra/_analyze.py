@@ -1,0 +1,180 @@
+"""One layer's full record: spectra of every mode beside their controls, and a verdict.
+
+A spectrum alone proves little: random-init populations match a Gaussian null, held-out models may
+gain nothing over the population mean, and shared initialisations fake low rank. So every layer
+record carries the null, holdout and lineage controls, and the verdict reads all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jsubspace import kernels
+from jsubspace.io import PlacedDense, PlacedLora
+from jsubspace.spectra import _holdout, _layer, _lineage, _null
+from jsubspace.spectra._summary import summarize
+
+VERDICTS = (
+    "structure beyond the null",
+    "explained by the mean",
+    "explained by shared initialisation",
+    "indistinguishable from noise",
+)
+# Holdout materialises LoRA updates only below this many bytes (N * m * n * 4).
+MATERIALISE_LIMIT = 256 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlConfig:
+    """Which controls run and how.
+
+    Attributes:
+        null_draws: Gaussian null draws per layer (0 turns the null off).
+        holdout: 'loo', an int K for K-fold, or None.
+        seed: seeds every random draw (null, folds, sketches).
+        lineage: compute the lineage control.
+        shared_fraction: the fraction of models in (near-)identical groups from which a layer is
+            "explained by shared initialisation".
+    """
+
+    null_draws: int = 3
+    holdout: str | int | None = 5
+    seed: int = 0
+    lineage: bool = True
+    shared_fraction: float = 0.2
+
+
+def _primary_mode(modes) -> str:
+    for mode in ("rows", "lora_A", "cols", "models"):
+        if mode in modes:
+            return mode
+    return next(iter(modes))
+
+
+def verdict(record: dict, *, shared_fraction: float = 0.2) -> dict:
+    """The plain-language verdict of a layer record, with the numbers it rests on."""
+    mode = _primary_mode(record["modes"])
+    lineage = record.get("lineage") or {}
+    # Exactly identical tensors, or LoRA A factors left at one shared initialisation. Dense models
+    # that are merely close (fine-tuned from one parent) are judged by the mean-only control.
+    exact = sum(len(g) for g in lineage.get("identical_groups", []))
+    n_models = max(1, len(lineage.get("cosine", [])))
+    shared = max(exact / n_models, (lineage.get("lora_A") or {}).get("fraction_shared", 0.0))
+    null = (record.get("null") or {}).get(mode)
+    holdout = record.get("holdout") or {}
+    evidence = {"mode": mode, "shared_fraction": shared}
+    beyond = None
+    if null:
+        obs = np.asarray(record["modes"][mode]["cev"])
+        mean, std = np.asarray(null["cev_mean"]), np.asarray(null["cev_std"])
+        width = min(len(obs), len(mean), 16)
+        margin = np.maximum(4 * std[:width], 0.02)
+        gap = obs[:width] - mean[:width]
+        beyond = bool(np.any(gap > margin))
+        evidence["max_cev_gap_over_null"] = float(gap.max()) if width else 0.0
+    generalises = None
+    mean_only = holdout.get("mean_only")
+    if holdout.get("ks"):
+        j = len(holdout["ks"]) - 1
+        gain = holdout["two_sided"][j] - holdout["random"]["two_sided"][j]
+        evidence["holdout_k"] = holdout["ks"][j]
+        evidence["holdout_gain_over_random"] = float(gain)
+        evidence["mean_only"] = mean_only
+        generalises = gain > 0.05
+    if shared >= shared_fraction:
+        label = VERDICTS[2]
+    elif beyond is False or generalises is False:
+        label = VERDICTS[1] if (mean_only or 0.0) >= 0.5 else VERDICTS[3]
+    elif beyond is None and generalises is None:
+        label = "no controls run"
+    else:
+        label = VERDICTS[0]
+    return {"label": label, **evidence}
+
+
+def _mode_record(result: _layer.ModeResult, energy: float) -> dict:
+    own = result.total_energy if result.total_energy is not None else energy
+    rec = summarize(result.eigenvalues, own)
+    rec.update(method=result.method, side=result.side)
+    if result.total_energy is not None:
+        rec["total_energy"] = result.total_energy
+    if result.residual is not None:
+        rec.update(residual=result.residual, iterations=result.iterations)
+    return rec
+
+
+def analyze_layer(
+    layer,
+    placed: PlacedDense | PlacedLora,
+    names: list[str],
+    *,
+    mesh: Mesh,
+    spectra_config: _layer.SpectraConfig,
+    control_config: ControlConfig,
+    key: jax.Array,
+    base: jax.Array | None = None,
+) -> dict:
+    """Spectra and controls of one layer, as the JSON record of `spectra.json`."""
+    ranks = list(layer.ranks) if isinstance(placed, PlacedLora) else None
+    k_spec, k_null = jax.random.split(key)
+    spectra = _layer.layer_spectra(placed, mesh=mesh, config=spectra_config, key=k_spec,
+                                   base=base, ranks=ranks, lineage=control_config.lineage)
+    record = {
+        "name": layer.name,
+        "kind": layer.kind,
+        "shape": list(layer.shape),
+        "dtype": str(np.dtype(layer.dtype)),
+        "center": spectra_config.center,
+        "total_energy": spectra.total_energy,
+        "modes": {m: _mode_record(r, spectra.total_energy) for m, r in spectra.modes.items()},
+    }
+    if isinstance(placed, PlacedLora):
+        record["rank"] = layer.rank
+        record["lora"] = spectra_config.lora
+    uncentred_norms = np.diag(spectra.uncentred) if spectra.uncentred is not None else None
+    record["null"] = _null.null_control(
+        placed, spectra, mesh=mesh, config=spectra_config, key=k_null,
+        draws=control_config.null_draws, ranks=ranks, uncentred_norms=uncentred_norms,
+    )
+    record["holdout"] = _run_holdout(placed, layer, mesh=mesh, control=control_config,
+                                     center=spectra_config.center, base=base)
+    if control_config.lineage and spectra.uncentred is not None:
+        prints = factor_prints = None
+        if isinstance(placed, PlacedDense):
+            prints = np.asarray(_lineage.fingerprints(placed.x, mesh=mesh))[: placed.n_models]
+        else:
+            factor_prints = np.asarray(_lineage.fingerprints(placed.a, mesh=mesh))
+            factor_prints = factor_prints[: placed.n_models]
+        record["lineage"] = _lineage.lineage_record(
+            spectra.uncentred, names, prints=prints, factor_gram=spectra.factor_gram,
+            factor_prints=factor_prints,
+        )
+    record["verdict"] = verdict(record, shared_fraction=control_config.shared_fraction)
+    return record
+
+
+_materialise = jax.jit(kernels.materialized_updates)
+
+
+def _run_holdout(placed, layer, *, mesh, control: ControlConfig, center, base) -> dict:
+    if control.holdout is None:
+        return {}
+    n = placed.n_models
+    if control.holdout != "loo" and n < max(3, int(control.holdout)):
+        return {"skipped": f"{n} models are too few for {control.holdout}-fold holdout"}
+    if isinstance(placed, PlacedLora):
+        m, k = layer.shape
+        if placed.a.shape[0] * m * k * 4 > MATERIALISE_LIMIT:
+            return {"skipped": "factored holdout for large LoRA layers is not implemented yet"}
+        x = _materialise(placed.a, placed.b, placed.scales)
+        ref = None
+    else:
+        x = placed.x
+        ref = base if center == "base" else None
+    return _holdout.holdout_control(x, n, mesh=mesh, holdout=control.holdout, seed=control.seed,
+                                    ref=ref)
+

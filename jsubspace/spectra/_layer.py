@@ -1,0 +1,202 @@
+"""Per-layer mode spectra: which kernel runs for which mode, and what it found.
+
+The choice between exact and randomized eigen-solvers is made here by cost, can be forced, and is
+recorded beside every spectrum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jsubspace import kernels
+from jsubspace.io import PlacedDense, PlacedLora
+
+MODES = ("models", "rows", "cols")
+FACTOR_MODES = ("lora_A", "lora_B")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectraConfig:
+    """How spectra are computed.
+
+    Attributes:
+        modes: any of 'models', 'rows', 'cols'.
+        center: 'mean', 'none' or 'base'.
+        lora: 'delta' (spectra of the whole updates s B A, in factor space) or 'factors' (the
+            paper's statistic: PCA of the stacked centred A rows and B columns).
+        method: 'auto', 'exact' or 'randomized' for the rows / cols modes.
+        rank: how many eigenvalues the randomized solver computes (exact ones keep all).
+        exact_limit: 'auto' solves a side exactly when it is at most this long.
+        iterations: block-Krylov steps of the randomized solver.
+    """
+
+    modes: tuple[str, ...] = MODES
+    center: str = "mean"
+    lora: str = "delta"
+    method: str = "auto"
+    rank: int = 64
+    exact_limit: int = 4096
+    iterations: int = 4
+
+    def __post_init__(self):
+        bad = set(self.modes) - set(MODES)
+        if bad or not self.modes:
+            raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
+        if self.center not in kernels.CENTERS:
+            raise ValueError(f"center must be one of {kernels.CENTERS}, got {self.center!r}")
+        if self.lora not in ("delta", "factors"):
+            raise ValueError(f"lora must be 'delta' or 'factors', got {self.lora!r}")
+        if self.method not in ("auto", "exact", "randomized"):
+            raise ValueError(f"method must be auto/exact/randomized, got {self.method!r}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+
+
+@dataclasses.dataclass
+class ModeResult:
+    """One mode's eigenvalues (descending, float64) and how they were obtained."""
+
+    eigenvalues: np.ndarray
+    method: str
+    side: int
+    residual: float | None = None
+    iterations: int | None = None
+    total_energy: float | None = None  # set where the mode has its own trace (factor PCA)
+
+
+@dataclasses.dataclass
+class LayerSpectra:
+    """Spectra of one layer: per mode, and the exact total energy they share."""
+
+    modes: dict[str, ModeResult]
+    total_energy: float
+    norms: np.ndarray  # f64[N], ||X_i||_F^2 of each centred model
+    uncentred: np.ndarray | None  # f64[N, N], <W_i, W_j> before centring (lineage)
+    factor_gram: np.ndarray | None = None  # f64[N, N], <A_i, A_j> of LoRA A factors
+
+
+def _eigvals(gram) -> np.ndarray:
+    return np.clip(np.asarray(kernels.exact_eigh(gram).values, np.float64), 0.0, None)
+
+
+def _dense_spectra(placed: PlacedDense, base, *, mesh, config: SpectraConfig, key,
+                   lineage: bool) -> LayerSpectra:
+    n_pad, m, n = placed.x.shape
+    sides = {"models": placed.n_models, "rows": m, "cols": n}
+    randomized = set()
+    for mode in ("rows", "cols"):
+        if mode not in config.modes:
+            continue
+        big = sides[mode] > config.exact_limit and config.rank < sides[mode] // 2
+        if config.method == "randomized" or (config.method == "auto" and big):
+            randomized.add(mode)
+    exact_modes = tuple(mo for mo in MODES if mo in config.modes and mo not in randomized)
+    # The models Gram is always wanted: its diagonal gives the per-model energies.
+    grams = kernels.mode_grams(
+        placed.x, base, mesh=mesh, n_models=placed.n_models, center=config.center,
+        modes=tuple(sorted(set(exact_modes) | {"models"}, key=MODES.index)),
+    )
+    out = {}
+    for mode in exact_modes:
+        out[mode] = ModeResult(_eigvals(getattr(grams, mode)), "exact", sides[mode])
+    for mode in sorted(randomized):
+        key, sub = jax.random.split(key)
+        eig = kernels.randomized_mode_eigh(
+            placed.x, base, key=sub, mesh=mesh, n_models=placed.n_models, mode=mode,
+            rank=min(config.rank, sides[mode]), center=config.center,
+            iterations=config.iterations,
+        )
+        out[mode] = ModeResult(
+            np.clip(np.asarray(eig.values, np.float64), 0.0, None), "randomized", sides[mode],
+            residual=float(np.max(eig.residuals)), iterations=config.iterations,
+        )
+    norms = np.diag(np.asarray(grams.models, np.float64)).copy()
+    if config.center == "none":
+        uncentred = np.asarray(grams.models, np.float64)
+    elif not lineage:
+        uncentred = None
+    else:
+        uncentred = np.asarray(kernels.mode_grams(
+            placed.x, mesh=mesh, n_models=placed.n_models, center="none", modes=("models",)
+        ).models, np.float64)
+    return LayerSpectra(out, float(grams.total_energy), norms, uncentred)
+
+
+def factor_sample_mask(n_pad: int, rank: int, ranks) -> np.ndarray:
+    """`f32[N_pad * r]`: 1 for factor rows/columns that exist (model real, index < its rank)."""
+    mask = np.zeros((n_pad, rank), np.float32)
+    for i, r in enumerate(ranks):
+        mask[i, :r] = 1.0
+    return mask.reshape(-1)
+
+
+@jax.jit
+def _centred_sample_gram(gram: jax.Array, mask: jax.Array) -> jax.Array:
+    # gram: f32[Nr, Nr] inner products of the samples; centre on the mean of the real samples.
+    count = jnp.sum(mask)
+    h = jnp.diag(mask) - jnp.outer(mask, mask) / count
+    return h @ gram @ h
+
+
+def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> LayerSpectra:
+    g = kernels.lora_grams(placed.a, placed.b, placed.scales, mesh=mesh,
+                           n_models=placed.n_models, center=config.center)
+    n_pad, r, n = placed.a.shape
+    m = placed.b.shape[1]
+    out = {}
+    if config.lora == "delta":
+        sides = {"models": placed.n_models, "rows": m, "cols": n}
+        for mode in config.modes:
+            lam = _eigvals(getattr(g, mode))[: sides[mode]]
+            out[mode] = ModeResult(lam, "exact-factored", sides[mode])
+        energy = float(g.total_energy)
+    else:
+        mask = jnp.asarray(factor_sample_mask(n_pad, r, ranks))
+        nr = n_pad * r
+        ga = _centred_sample_gram(g.factor_a.reshape(nr, nr), mask)
+        gb = _centred_sample_gram(g.factor_b.reshape(nr, nr), mask)
+        # Each factor statistic has its own trace, recorded with its mode.
+        energy_a = float(np.trace(np.asarray(ga, np.float64)))
+        energy_b = float(np.trace(np.asarray(gb, np.float64)))
+        out["lora_A"] = ModeResult(_eigvals(ga)[:n], "exact-factor-pca", n, total_energy=energy_a)
+        out["lora_B"] = ModeResult(_eigvals(gb)[:m], "exact-factor-pca", m, total_energy=energy_b)
+        energy = float(g.total_energy)
+    norms = np.diag(np.asarray(g.models, np.float64)).copy()
+    k = placed.n_models
+    a_gram = np.einsum("jaka->jk", np.asarray(g.factor_a, np.float64))[:k, :k]
+    return LayerSpectra(out, energy, norms, np.asarray(g.uncentred, np.float64), a_gram)
+
+
+def layer_spectra(
+    placed: PlacedDense | PlacedLora,
+    *,
+    mesh: Mesh,
+    config: SpectraConfig,
+    key: jax.Array,
+    base: jax.Array | None = None,
+    ranks=None,
+    lineage: bool = True,
+) -> LayerSpectra:
+    """Mode spectra of one placed layer.
+
+    Args:
+        placed: the layer on the mesh (io.place_layer).
+        mesh: its mesh.
+        config: modes, centre, solver choice.
+        key: PRNG key for randomized solvers.
+        base: `[m, n]` base weights for `center='base'` (dense layers).
+        ranks: per-model LoRA ranks (LoRA layers with `lora='factors'`).
+        lineage: also compute the uncentred models Gram (dense layers; one more pass).
+
+    Returns:
+        LayerSpectra.
+    """
+    if isinstance(placed, PlacedLora):
+        return _lora_spectra(placed, ranks or [placed.a.shape[1]] * placed.n_models, mesh=mesh,
+                             config=config)
+    return _dense_spectra(placed, base, mesh=mesh, config=config, key=key, lineage=lineage)
