@@ -125,6 +125,7 @@ def lineage_record(
     linkage, order = average_linkage(1.0 - cos) if n <= 200 else (np.zeros((0, 4)), list(range(n)))
     record = {
         "cosine": cos.tolist(),
+        "norms": np.sqrt(np.clip(np.diag(np.asarray(gram, np.float64)), 0, None)).tolist(),
         "mean_cosine": float(cos[off].mean()) if n > 1 else 1.0,
         "min_relative_distance": float(rel[off].min()) if n > 1 else 0.0,
         "identical_groups": [[names[i] for i in g] for g in (exact or [])],

@@ -1,0 +1,1 @@
+"""Installed absl commands (`jsubspace analyze`, `jsubspace demo`)."""

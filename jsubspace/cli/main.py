@@ -1,0 +1,150 @@
+"""The installed `jsubspace` command.
+
+  jsubspace analyze --models=PATH[,PATH...] --out=DIR [--include=REGEX] [--exclude=REGEX]
+      [--center=mean|none|base] [--base=PATH] [--modes=models,rows,cols] [--rank=K]
+      [--lora=delta|factors] [--null_draws=R] [--holdout=loo|K] [--seed=S] [--mesh=N]
+  jsubspace demo --out=DIR      writes a population with known truth and analyses it
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+COMMANDS = ("analyze", "demo")
+
+_MODELS = flags.DEFINE_list("models", None, "Model sources: dirs, globs, files or @list files.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_INCLUDE = flags.DEFINE_string("include", None, "Only layers whose name matches this regex.")
+_EXCLUDE = flags.DEFINE_string("exclude", None, "Drop layers whose name matches this regex.")
+_CENTER = flags.DEFINE_enum("center", "mean", ["mean", "none", "base"], "Centre of the models.")
+_BASE = flags.DEFINE_string("base", None, "Base model for --center=base.")
+_MODES = flags.DEFINE_list("modes", ["models", "rows", "cols"], "Spectra to compute.")
+_RANK = flags.DEFINE_integer("rank", 64, "Eigenvalues computed by randomized solvers.")
+_METHOD = flags.DEFINE_enum("method", "auto", ["auto", "exact", "randomized"],
+                            "Eigen-solver for the rows/cols modes.")
+_LORA = flags.DEFINE_enum("lora", "delta", ["delta", "factors"],
+                          "PEFT populations: whole updates or the paper's A/B factor PCA.")
+_NULL = flags.DEFINE_integer("null_draws", 3, "Gaussian null draws per layer (0: off).")
+_HOLDOUT = flags.DEFINE_string("holdout", "5", "'loo', K for K-fold, or 'none'.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of every random draw.")
+_MESH = flags.DEFINE_string("mesh", "auto", "Devices on the models axis: 'auto' or a count.")
+_SKIP = flags.DEFINE_bool("skip_mismatched", False, "Skip layers that models disagree on.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a previous run in --out.")
+_PLOTS = flags.DEFINE_bool("plots", True, "Write PNG plots and report.html.")
+_QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
+_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", None,
+                                    "Split the CPU into this many JAX devices (testing).")
+_COORD = flags.DEFINE_string("coordinator_address", None,
+                             "jax.distributed coordinator host:port (multi-host runs).")
+_NPROC = flags.DEFINE_integer("num_processes", None, "jax.distributed process count.")
+_PID = flags.DEFINE_integer("process_id", None, "jax.distributed process id.")
+
+
+def _setup_jax():
+    import jax
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # JAX's backend probing is not the user's business.
+
+    if _CPU_DEVICES.value:
+        jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+    if _COORD.value:
+        from jsubspace import sharding
+
+        sharding.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+
+
+def _options() -> dict:
+    holdout = _HOLDOUT.value
+    holdout = None if holdout == "none" else holdout
+    return dict(
+        include=_INCLUDE.value, exclude=_EXCLUDE.value, center=_CENTER.value, base=_BASE.value,
+        modes=tuple(_MODES.value), rank=_RANK.value, method=_METHOD.value, lora=_LORA.value,
+        null_draws=_NULL.value, holdout=holdout, seed=_SEED.value,
+        skip_mismatched=_SKIP.value,
+        num_devices=None if _MESH.value == "auto" else int(_MESH.value),
+        overwrite=_OVERWRITE.value, plots=_PLOTS.value, quiet=_QUIET.value,
+    )
+
+
+def _summary_table(result: dict) -> str:
+    lines = [f"{'layer':<36} {'mode':<7} {'k@0.9':>5} {'excess@k=1':>10} {'held-out':>8} "
+             f"{'random':>7} {'mean-only':>9}  verdict"]
+    for layer in result["layers"]:
+        mode = layer["verdict"]["mode"]
+        rec = layer["modes"][mode]
+        ex = ((layer.get("null") or {}).get(mode) or {}).get("excess", {}).get("1")
+        hold = layer.get("holdout") or {}
+        two = hold["two_sided"][-1] if hold.get("ks") else None
+        rnd = hold["random"]["two_sided"][-1] if hold.get("ks") else None
+        mo = hold.get("mean_only")
+
+        def f(v, w):
+            return f"{'-':>{w}}" if v is None else f"{v:>{w}.3f}"
+
+        lines.append(f"{layer['name'][-36:]:<36} {mode:<7} {str(rec['k_at']['0.9']):>5} "
+                     f"{f(ex, 10)} {f(two, 8)} {f(rnd, 7)} {f(mo, 9)}  {layer['verdict']['label']}")
+    return "\n".join(lines)
+
+
+def _analyze(argv):
+    del argv
+    from jsubspace.report import analyze
+
+    if not _MODELS.value or not _OUT.value:
+        raise app.UsageError("analyze needs --models and --out")
+    _setup_jax()
+    result = analyze(_MODELS.value, _OUT.value, **_options())
+    print(_summary_table(result))
+    print(f"\nwrote {os.path.join(_OUT.value, 'spectra.json')} and report.html")
+
+
+def _demo(argv):
+    del argv
+    from jsubspace.cli._demo import write_demo_population
+    from jsubspace.report import analyze
+
+    out = _OUT.value or "demo_out"
+    _setup_jax()
+    print(f"writing the demo population (safetensors + PEFT adapters) under {out}/population")
+    paths = write_demo_population(os.path.join(out, "population"))
+    options = _options()
+    options["overwrite"] = True
+    for name, path in paths.items():
+        report = os.path.join(out, f"{name}_report")
+        print(f"\n== {name}: {path} -> {report}")
+        result = analyze([path], report, **options)
+        print(_summary_table(result))
+    print(f"\nopen {out}/dense_report/report.html and {out}/adapters_report/report.html")
+
+
+def _errors_as_messages(main):
+    def wrapped(argv):
+        from jsubspace.errors import JsubspaceError
+
+        try:
+            main(argv)
+        except JsubspaceError as e:
+            print(f"jsubspace: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapped
+
+
+def run() -> None:
+    """Entry point: `jsubspace COMMAND --flags`."""
+    argv = sys.argv
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        print(f"commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
+    command = argv[1]
+    main = {"analyze": _analyze, "demo": _demo}[command]
+    app.run(_errors_as_messages(main), argv=[f"jsubspace {command}"] + argv[2:])
+
+
+if __name__ == "__main__":
+    run()
