@@ -42,11 +42,13 @@ def planted_population(
     decay: float = 0.7,
     mean_scale: float = 0.0,
     dtype=np.float32,
-) -> np.ndarray:
+    return_basis: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`[N, m, n]` models sharing a planted rank-`rank` subspace plus iid noise.
 
     `W_i = M + U diag(decay^j) C_i V^T + noise * G_i` with orthonormal `U`, `V` shared by all
     models, Gaussian per-model `C_i` and `G_i`, and a common offset `M` of size `mean_scale`.
+    With `return_basis`, also returns the planted `U: [m, rank]` and `V: [n, rank]`.
     """
     rng = np.random.default_rng(seed)
     m, n = shape
@@ -57,7 +59,8 @@ def planted_population(
     signal = np.einsum("mk,ikl,nl->imn", u, coeffs * np.sqrt(m * n / rank), v)
     offset = mean_scale * rng.standard_normal((m, n))
     out = offset + signal + noise * rng.standard_normal((n_models, m, n)) * np.sqrt(rank)
-    return out.astype(dtype)
+    out = out.astype(dtype)
+    return (out, u, v) if return_basis else out
 
 
 def lora_population(

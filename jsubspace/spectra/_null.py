@@ -74,9 +74,11 @@ def marchenko_pastur_eigenvalues(p: int, q: int, total_energy: float) -> np.ndar
     return out * (total_energy / out.sum()) if out.sum() > 0 else out
 
 
-def _mp_for_mode(mode: str, n_models: int, shape) -> tuple[int, int]:
+def _mp_for_mode(mode: str, n_models: int, shape, centred: bool) -> tuple[int, int]:
+    # Mean-centring leaves N - 1 independent models.
     m, n = shape
-    return {"models": (n_models, m * n), "rows": (m, n_models * n), "cols": (n, n_models * m)}[mode]
+    k = n_models - 1 if centred else n_models
+    return {"models": (k, m * n), "rows": (m, k * n), "cols": (n, k * m)}[mode]
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "r", "n", "m"))
@@ -169,7 +171,7 @@ def null_control(
             },
         }
         if mode in ("models", "rows", "cols") and isinstance(placed, PlacedDense):
-            p, q = _mp_for_mode(mode, placed.n_models, shape)
+            p, q = _mp_for_mode(mode, placed.n_models, shape, config.center == "mean")
             mp = marchenko_pastur_eigenvalues(p, q, 1.0)
             record["mp_cev"] = np.cumsum(mp)[:width].tolist()
         else:
