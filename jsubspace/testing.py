@@ -84,15 +84,21 @@ def lora_population(
     return a.astype(dtype), b.astype(dtype)
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> str:
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+) -> str:
     """Writes one `.safetensors` file with `safetensors.numpy.save_file`."""
     from safetensors.numpy import save_file
 
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path,
-              metadata=dict(metadata) if metadata else None)
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+        path,
+        metadata=dict(metadata) if metadata else None,
+    )
     return path
 
 
@@ -120,8 +126,9 @@ def write_peft_adapter(
     for name, (a, b) in modules.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = a
         tensors[f"base_model.model.{name}.lora_B.weight"] = b
-    write_safetensors(os.path.join(directory, "adapter_model.safetensors"), tensors,
-                      {"format": "pt"})
+    write_safetensors(
+        os.path.join(directory, "adapter_model.safetensors"), tensors, {"format": "pt"}
+    )
     targets = sorted({name.rsplit(".", 1)[-1] for name in modules})
     config = dict(
         _PEFT_CONFIG_DEFAULTS,

@@ -35,18 +35,30 @@ def write_demo_population(directory: str, *, n_models: int = 24, seed: int = 0) 
     for i in range(n_models):
         testing.write_safetensors(
             os.path.join(dense, f"model_{i:02d}.safetensors"),
-            {"shared_subspace.weight": planted[i], "pure_noise.weight": noise[i],
-             "near_copies.weight": copies[i], "near_copies.bias": copies[i][:, 0].copy()},
+            {
+                "shared_subspace.weight": planted[i],
+                "pure_noise.weight": noise[i],
+                "near_copies.weight": copies[i],
+                "near_copies.bias": copies[i][:, 0].copy(),
+            },
         )
     adapters = os.path.join(directory, "adapters")
-    modules = {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.self_attn.v_proj": (32, 64)}
-    factors = {name: testing.lora_population(seed + j, n_models=n_models, shape=s, rank=8,
-                                             shared_a_fraction=0.5)
-               for j, (name, s) in enumerate(modules.items())}
+    modules = {
+        "model.layers.0.self_attn.q_proj": (64, 64),
+        "model.layers.0.self_attn.v_proj": (32, 64),
+    }
+    factors = {
+        name: testing.lora_population(
+            seed + j, n_models=n_models, shape=s, rank=8, shared_a_fraction=0.5
+        )
+        for j, (name, s) in enumerate(modules.items())
+    }
     for i in range(n_models):
         testing.write_peft_adapter(
             os.path.join(adapters, f"adapter_{i:02d}"),
             {name: (a[i], b[i]) for name, (a, b) in factors.items()},
-            r=8, lora_alpha=16, base_model_name_or_path="demo-base",
+            r=8,
+            lora_alpha=16,
+            base_model_name_or_path="demo-base",
         )
     return {"dense": dense, "adapters": adapters}

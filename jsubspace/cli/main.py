@@ -1,9 +1,9 @@
 """The installed `jsubspace` command.
 
-  jsubspace analyze --models=PATH[,PATH...] --out=DIR [--include=REGEX] [--exclude=REGEX]
-      [--center=mean|none|base] [--base=PATH] [--modes=models,rows,cols] [--rank=K]
-      [--lora=delta|factors] [--null_draws=R] [--holdout=loo|K] [--seed=S] [--mesh=N]
-  jsubspace demo --out=DIR      writes a population with known truth and analyses it
+jsubspace analyze --models=PATH[,PATH...] --out=DIR [--include=REGEX] [--exclude=REGEX]
+    [--center=mean|none|base] [--base=PATH] [--modes=models,rows,cols] [--rank=K]
+    [--lora=delta|factors] [--null_draws=R] [--holdout=loo|K] [--seed=S] [--mesh=N]
+jsubspace demo --out=DIR      writes a population with known truth and analyses it
 """
 
 from __future__ import annotations
@@ -23,10 +23,15 @@ _CENTER = flags.DEFINE_enum("center", "mean", ["mean", "none", "base"], "Centre 
 _BASE = flags.DEFINE_string("base", None, "Base model for --center=base.")
 _MODES = flags.DEFINE_list("modes", ["models", "rows", "cols"], "Spectra to compute.")
 _RANK = flags.DEFINE_integer("rank", 64, "Eigenvalues computed by randomized solvers.")
-_METHOD = flags.DEFINE_enum("method", "auto", ["auto", "exact", "randomized"],
-                            "Eigen-solver for the rows/cols modes.")
-_LORA = flags.DEFINE_enum("lora", "delta", ["delta", "factors"],
-                          "PEFT populations: whole updates or the paper's A/B factor PCA.")
+_METHOD = flags.DEFINE_enum(
+    "method", "auto", ["auto", "exact", "randomized"], "Eigen-solver for the rows/cols modes."
+)
+_LORA = flags.DEFINE_enum(
+    "lora",
+    "delta",
+    ["delta", "factors"],
+    "PEFT populations: whole updates or the paper's A/B factor PCA.",
+)
 _NULL = flags.DEFINE_integer("null_draws", 3, "Gaussian null draws per layer (0: off).")
 _HOLDOUT = flags.DEFINE_string("holdout", "5", "'loo', K for K-fold, or 'none'.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of every random draw.")
@@ -35,10 +40,12 @@ _SKIP = flags.DEFINE_bool("skip_mismatched", False, "Skip layers that models dis
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a previous run in --out.")
 _PLOTS = flags.DEFINE_bool("plots", True, "Write PNG plots and report.html.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
-_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", None,
-                                    "Split the CPU into this many JAX devices (testing).")
-_COORD = flags.DEFINE_string("coordinator_address", None,
-                             "jax.distributed coordinator host:port (multi-host runs).")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "num_cpu_devices", None, "Split the CPU into this many JAX devices (testing)."
+)
+_COORD = flags.DEFINE_string(
+    "coordinator_address", None, "jax.distributed coordinator host:port (multi-host runs)."
+)
 _NPROC = flags.DEFINE_integer("num_processes", None, "jax.distributed process count.")
 _PID = flags.DEFINE_integer("process_id", None, "jax.distributed process id.")
 
@@ -61,18 +68,30 @@ def _options() -> dict:
     holdout = _HOLDOUT.value
     holdout = None if holdout == "none" else holdout
     return dict(
-        include=_INCLUDE.value, exclude=_EXCLUDE.value, center=_CENTER.value, base=_BASE.value,
-        modes=tuple(_MODES.value), rank=_RANK.value, method=_METHOD.value, lora=_LORA.value,
-        null_draws=_NULL.value, holdout=holdout, seed=_SEED.value,
+        include=_INCLUDE.value,
+        exclude=_EXCLUDE.value,
+        center=_CENTER.value,
+        base=_BASE.value,
+        modes=tuple(_MODES.value),
+        rank=_RANK.value,
+        method=_METHOD.value,
+        lora=_LORA.value,
+        null_draws=_NULL.value,
+        holdout=holdout,
+        seed=_SEED.value,
         skip_mismatched=_SKIP.value,
         num_devices=None if _MESH.value == "auto" else int(_MESH.value),
-        overwrite=_OVERWRITE.value, plots=_PLOTS.value, quiet=_QUIET.value,
+        overwrite=_OVERWRITE.value,
+        plots=_PLOTS.value,
+        quiet=_QUIET.value,
     )
 
 
 def _summary_table(result: dict) -> str:
-    lines = [f"{'layer':<36} {'mode':<7} {'k@0.9':>5} {'excess@k=1':>10} {'held-out':>8} "
-             f"{'random':>7} {'mean-only':>9}  verdict"]
+    lines = [
+        f"{'layer':<36} {'mode':<7} {'k@0.9':>5} {'excess@k=1':>10} {'held-out':>8} "
+        f"{'random':>7} {'mean-only':>9}  verdict"
+    ]
     for layer in result["layers"]:
         mode = layer["verdict"]["mode"]
         rec = layer["modes"][mode]
@@ -85,8 +104,10 @@ def _summary_table(result: dict) -> str:
         def f(v, w):
             return f"{'-':>{w}}" if v is None else f"{v:>{w}.3f}"
 
-        lines.append(f"{layer['name'][-36:]:<36} {mode:<7} {str(rec['k_at']['0.9']):>5} "
-                     f"{f(ex, 10)} {f(two, 8)} {f(rnd, 7)} {f(mo, 9)}  {layer['verdict']['label']}")
+        lines.append(
+            f"{layer['name'][-36:]:<36} {mode:<7} {str(rec['k_at']['0.9']):>5} "
+            f"{f(ex, 10)} {f(two, 8)} {f(rnd, 7)} {f(mo, 9)}  {layer['verdict']['label']}"
+        )
     return "\n".join(lines)
 
 

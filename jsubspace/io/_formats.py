@@ -104,7 +104,10 @@ def _safetensors_refs(path: str) -> dict[str, TensorRef]:
     header = _safetensors.read_header(path)
     return {
         name: TensorRef(
-            path, name, info.shape, info.dtype,
+            path,
+            name,
+            info.shape,
+            info.dtype,
             lambda p=path, i=info: _safetensors.read_tensor(p, i),
         )
         for name, info in header.tensors.items()
@@ -156,7 +159,9 @@ def load_sharded_index(path: str) -> dict[str, TensorRef]:
     return refs
 
 
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$"
+)
 
 
 def load_peft(directory: str) -> Model:
@@ -183,13 +188,17 @@ def load_peft(directory: str) -> Model:
         raise CheckpointError(config_path, f"r must be positive, found {config.r}")
     weights = os.path.join(directory, "adapter_model.safetensors")
     if not os.path.isfile(weights):
-        if any(os.path.isfile(os.path.join(directory, "adapter_model" + s)) for s in PICKLE_SUFFIXES):
+        if any(
+            os.path.isfile(os.path.join(directory, "adapter_model" + s)) for s in PICKLE_SUFFIXES
+        ):
             raise CheckpointError(
                 directory,
                 "adapter weights are pickled (adapter_model.bin); pickles are never loaded. "
                 "Convert with PEFT: model.save_pretrained(dir, safe_serialization=True)",
             )
-        raise CheckpointError(directory, "adapter_config.json found but no adapter_model.safetensors")
+        raise CheckpointError(
+            directory, "adapter_config.json found but no adapter_model.safetensors"
+        )
     tensors = _safetensors_refs(weights)
     factors: dict[str, dict[str, TensorRef]] = {}
     for key, ref in tensors.items():
@@ -209,13 +218,15 @@ def load_peft(directory: str) -> Model:
         if rank != a.shape[0]:
             raise CheckpointError(
                 weights,
-                f"module {module!r}: stored rank {a.shape[0]} but adapter_config.json gives r={rank}",
+                f"module {module!r}: stored rank {a.shape[0]} but adapter_config.json "
+                f"gives r={rank}",
             )
         modules[module] = LoraModule(module, a, b, rank, alpha, config.scale(rank, alpha))
     if not modules:
         raise CheckpointError(weights, "no lora_A / lora_B tensors found")
-    return Model(os.path.basename(os.path.normpath(directory)), directory, "peft", tensors,
-                 config, modules)
+    return Model(
+        os.path.basename(os.path.normpath(directory)), directory, "peft", tensors, config, modules
+    )
 
 
 def load_orbax(directory: str) -> Model:
@@ -248,7 +259,9 @@ def load_orbax(directory: str) -> Model:
                 args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
             )
         except Exception as e:
-            raise CheckpointError(directory, f"cannot restore {'.'.join(path_keys)!r}: {e}") from None
+            raise CheckpointError(
+                directory, f"cannot restore {'.'.join(path_keys)!r}: {e}"
+            ) from None
         for k in path_keys:
             out = out[k]
         return np.asarray(out)
@@ -266,7 +279,10 @@ def load_orbax(directory: str) -> Model:
             return
         name = ".".join(keys)
         tensors[name] = TensorRef(
-            directory, name, tuple(int(d) for d in shape), np.dtype(dtype),
+            directory,
+            name,
+            tuple(int(d) for d in shape),
+            np.dtype(dtype),
             lambda k=keys, m=node: restore(k, m),
         )
 
@@ -337,8 +353,9 @@ def load_model(path: str) -> Model:
     if kind == "safetensors":
         return Model(os.path.splitext(name)[0], path, kind, _safetensors_refs(path))
     if kind == "safetensors-index":
-        return Model(name, path, kind,
-                     load_sharded_index(os.path.join(path, "model.safetensors.index.json")))
+        return Model(
+            name, path, kind, load_sharded_index(os.path.join(path, "model.safetensors.index.json"))
+        )
     if kind == "peft":
         return load_peft(path)
     if kind == "orbax":

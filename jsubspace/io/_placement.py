@@ -56,7 +56,7 @@ Placed = PlacedDense | PlacedLora
 
 
 def _stack(shape, dtype, mesh: Mesh, read_one) -> jax.Array:
-    """`dtype[shape]` sharded on axis 0; `read_one(i)` gives model i's slice, or None for padding."""
+    """`dtype[shape]` sharded on axis 0; `read_one(i)` is model i's slice (None: padding)."""
     n_pad = shape[0]
 
     def callback(index):
@@ -75,7 +75,9 @@ def _as(array: np.ndarray, shape, dtype, ref) -> np.ndarray:
     try:
         out = np.asarray(array).reshape(shape)
     except ValueError:
-        raise CheckpointError(ref.path, f"tensor {ref.name!r} cannot be viewed as {shape}") from None
+        raise CheckpointError(
+            ref.path, f"tensor {ref.name!r} cannot be viewed as {shape}"
+        ) from None
     return out if out.dtype == dtype else out.astype(dtype)
 
 
@@ -132,11 +134,9 @@ def _nonfinite_counts(x: jax.Array) -> jax.Array:
 def nonfinite_report(layer_name: str, model_names, placed: Placed) -> list[tuple[str, str, int]]:
     """`(model, layer, count)` for every model whose values in this layer are not all finite."""
     arrays = [placed.x] if isinstance(placed, PlacedDense) else [placed.a, placed.b]
-    counts = sum(np.asarray(jax.device_get(_nonfinite_counts(a))) for a in arrays)
+    counts = sum(_mesh.host_array(_nonfinite_counts(a)) for a in arrays)
     return [
-        (model_names[i], layer_name, int(c))
-        for i, c in enumerate(counts[: placed.n_models])
-        if c
+        (model_names[i], layer_name, int(c)) for i, c in enumerate(counts[: placed.n_models]) if c
     ]
 
 

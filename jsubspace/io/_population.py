@@ -307,9 +307,14 @@ def _align_lora(models, include, exclude, skip_mismatched):
         dtype = max((np.dtype(x.a.dtype) for x in mods), key=lambda d: d.itemsize)
         layers.append(
             LoraLayer(
-                name, (m, n), max(x.rank for x in mods), dtype,
-                tuple(x.rank for x in mods), tuple(float(x.scale) for x in mods),
-                tuple(x.a for x in mods), tuple(x.b for x in mods),
+                name,
+                (m, n),
+                max(x.rank for x in mods),
+                dtype,
+                tuple(x.rank for x in mods),
+                tuple(float(x.scale) for x in mods),
+                tuple(x.a for x in mods),
+                tuple(x.b for x in mods),
             )
         )
     if problems:

@@ -136,9 +136,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             raise _fail(path, f"{where}: unknown dtype {dtype_name!r}")
         shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(
-            type(d) is int and 0 <= d < 2**62 for d in shape
-        ):
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**62 for d in shape):
             raise _fail(path, f"{where}: shape {shape!r} is not a list of non-negative ints")
         offsets = entry.get("data_offsets")
         if (
@@ -177,8 +175,13 @@ def read_tensor(path: str | os.PathLike, info: TensorInfo) -> np.ndarray:
     if info.nbytes == 0:
         return np.zeros(info.shape, info.dtype)
     try:
-        flat = np.memmap(path, dtype=info.dtype, mode="r", offset=info.offset,
-                         shape=(info.nbytes // info.dtype.itemsize,))
+        flat = np.memmap(
+            path,
+            dtype=info.dtype,
+            mode="r",
+            offset=info.offset,
+            shape=(info.nbytes // info.dtype.itemsize,),
+        )
     except (OSError, ValueError) as e:
         raise CheckpointError(path, f"cannot map tensor {info.name!r}: {e}") from None
     return flat.reshape(info.shape)

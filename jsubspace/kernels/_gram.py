@@ -105,9 +105,7 @@ def ring_cross_gram(x: jax.Array, *, num_devices: int) -> jax.Array:
     return gram
 
 
-@functools.partial(
-    jax.jit, static_argnames=("mesh", "n_models", "center", "modes")
-)
+@functools.partial(jax.jit, static_argnames=("mesh", "n_models", "center", "modes"))
 def mode_grams(
     x: jax.Array,
     base: jax.Array | None = None,
@@ -161,9 +159,9 @@ def mode_grams(
         {k: (P(MODELS, None) if k == "models" else P()) for k in modes},
         P(),
     )
-    out, energy = jax.shard_map(
-        body, mesh=mesh, in_specs=(P(MODELS), P()), out_specs=out_specs
-    )(x, base)
+    out, energy = jax.shard_map(body, mesh=mesh, in_specs=(P(MODELS), P()), out_specs=out_specs)(
+        x, base
+    )
     models = out.get("models")
     if models is not None:
         models = models[:n_models, :n_models]
@@ -198,9 +196,9 @@ def _block_update(state, x, c, n_valid, *, mesh, modes):
             cols = cols + lax.psum(jnp.einsum("imn,imk->nk", xc, xc, precision=HIGHEST), MODELS)
         return rows, cols, energy
 
-    return jax.shard_map(
-        body, mesh=mesh, in_specs=(P(), P(MODELS), P(), P()), out_specs=P()
-    )(state, x, c, n_valid)
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(MODELS), P(), P()), out_specs=P())(
+        state, x, c, n_valid
+    )
 
 
 def streaming_mode_grams(

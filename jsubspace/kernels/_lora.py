@@ -4,7 +4,8 @@ With `B_i: [m, r]`, `A_i: [r, n]` and the centring matrix `H` (`I - 11^T/N` for 
 `none`), the centred updates are `X_i = sum_j H_ij s_j B_j A_j`. Let `G^B[j,k] = B_j^T B_k` and
 `G^A[j,k] = A_j A_k^T` (both `r x r` blocks of an `Nr x Nr` matrix) and `M = H^T H`. Then
   * models: `K = H K0 H` with `K0[j,k] = s_j s_k sum(G^B[j,k] * G^A[j,k])`;
-  * rows:   `sum_i X_i X_i^T = Bs Mid_A Bs^T`, `Bs = [B_1 .. B_N]`, `Mid_A[j,k] = M_jk s_j s_k G^A[j,k]`;
+  * rows:   `sum_i X_i X_i^T = Bs Mid_A Bs^T` with `Bs = [B_1 .. B_N]` and
+    `Mid_A[j,k] = M_jk s_j s_k G^A[j,k]`;
     its nonzero eigenvalues are those of `R Mid_A R^T` for any `R` with `R^T R = G^B = Bs^T Bs`;
   * cols:   the same with the roles of A and B exchanged.
 `R = Lambda^{1/2} V^T` from the eigendecomposition of `G^B`: the rank-revealing form of the R factor
@@ -122,7 +123,9 @@ def lora_grams(
 def materialized_updates(a, b, scales) -> jax.Array:
     """`f32[N, m, n]` updates `s_i B_i A_i`: for tests and small populations only."""
     return jnp.einsum(
-        "i,imr,irn->imn", scales.astype(jnp.float32), b.astype(jnp.float32),
-        a.astype(jnp.float32), precision=HIGHEST,
+        "i,imr,irn->imn",
+        scales.astype(jnp.float32),
+        b.astype(jnp.float32),
+        a.astype(jnp.float32),
+        precision=HIGHEST,
     )
-

@@ -26,7 +26,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
 from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -71,7 +70,9 @@ def orthonormalize(y: jax.Array, *, passes: int = 2) -> jax.Array:
         gram = jnp.matmul(y.T, y, precision=HIGHEST)
         evals, evecs = jnp.linalg.eigh(gram)
         cutoff = jnp.finfo(jnp.float32).eps * y.shape[1] * jnp.max(evals) * 10
-        inv_sqrt = jnp.where(evals > cutoff, 1.0 / jnp.sqrt(jnp.where(evals > cutoff, evals, 1.0)), 0.0)
+        inv_sqrt = jnp.where(
+            evals > cutoff, 1.0 / jnp.sqrt(jnp.where(evals > cutoff, evals, 1.0)), 0.0
+        )
         y = jnp.matmul(y, evecs * inv_sqrt, precision=HIGHEST)
     return y
 
@@ -124,8 +125,16 @@ def randomized_eigh(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("mesh", "n_models", "center", "mode", "rank", "oversample", "iterations",
-                     "method"),
+    static_argnames=(
+        "mesh",
+        "n_models",
+        "center",
+        "mode",
+        "rank",
+        "oversample",
+        "iterations",
+        "method",
+    ),
 )
 def randomized_mode_eigh(
     x: jax.Array,
@@ -170,8 +179,15 @@ def randomized_mode_eigh(
             inner = jnp.einsum("imn,ml->inl", xc, q, precision=HIGHEST)
             return lax.psum(jnp.einsum("imn,inl->ml", xc, inner, precision=HIGHEST), MODELS)
 
-        return randomized_eigh(matmat, dim, rank=rank, key=k, oversample=oversample,
-                               iterations=iterations, method=method)
+        return randomized_eigh(
+            matmat,
+            dim,
+            rank=rank,
+            key=k,
+            oversample=oversample,
+            iterations=iterations,
+            method=method,
+        )
 
     return jax.shard_map(
         body, mesh=mesh, in_specs=(P(MODELS), P(), P()), out_specs=P(), check_vma=False

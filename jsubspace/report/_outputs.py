@@ -91,13 +91,20 @@ def _plot_layer(layer: dict, path: str) -> str:
         if null:
             mean, std = np.asarray(null["cev_mean"]), np.asarray(null["cev_std"])
             kk = np.arange(1, len(mean) + 1)
-            ax.fill_between(kk, mean - 3 * std, mean + 3 * std, color="0.6", alpha=0.4,
-                            label="Gaussian null ±3σ")
+            ax.fill_between(
+                kk,
+                mean - 3 * std,
+                mean + 3 * std,
+                color="0.6",
+                alpha=0.4,
+                label="Gaussian null ±3σ",
+            )
             ax.plot(kk, mean, color="0.3", lw=1, label="null mean")
             if null.get("mp_cev"):
                 mp = np.asarray(null["mp_cev"])
-                ax.plot(np.arange(1, len(mp) + 1), mp, "--", color="C3", lw=1,
-                        label="Marchenko–Pastur")
+                ax.plot(
+                    np.arange(1, len(mp) + 1), mp, "--", color="C3", lw=1, label="Marchenko–Pastur"
+                )
         ax.set_xscale("log")
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("k")
@@ -177,8 +184,10 @@ def _plot_lineage(result: dict, path: str) -> str | None:
     cos = whole_model_cosine(result)
     if cos is None:
         return None
-    order = next((layer["lineage"]["order"] for layer in result["layers"]
-                  if layer.get("lineage")), list(range(len(cos))))
+    order = next(
+        (layer["lineage"]["order"] for layer in result["layers"] if layer.get("lineage")),
+        list(range(len(cos))),
+    )
     cos = cos[np.ix_(order, order)]
     names = [result["models"][i] for i in order]
     fig, ax = plt.subplots(figsize=(5.5, 4.6))
@@ -198,18 +207,25 @@ def write_plots(directory: str, result: dict) -> list[tuple[str, str]]:
     matplotlib.use("Agg")
     os.makedirs(directory, exist_ok=True)
     images = []
-    if (p := _plot_lineage(result, os.path.join(directory, "lineage.png"))):
+    if p := _plot_lineage(result, os.path.join(directory, "lineage.png")):
         images.append(("Whole-model similarity (lineage)", p))
     images.append(("k at 90% energy", _plot_k_at(result, os.path.join(directory, "k_at.png"))))
     families = collections.OrderedDict()
     for layer in result["layers"]:
         families.setdefault(layer_family(layer["name"]), []).append(layer)
-    chosen = result["layers"] if len(result["layers"]) <= MAX_LAYER_PLOTS else [
-        group[0] for group in families.values()][:MAX_LAYER_PLOTS]
+    chosen = (
+        result["layers"]
+        if len(result["layers"]) <= MAX_LAYER_PLOTS
+        else [group[0] for group in families.values()][:MAX_LAYER_PLOTS]
+    )
     for i, layer in enumerate(chosen):
-        images.append((f"Spectra vs null: {layer['name']}",
-                       _plot_layer(layer, os.path.join(directory, f"cev_{i:03d}.png"))))
-        if (p := _plot_holdout(layer, os.path.join(directory, f"holdout_{i:03d}.png"))):
+        images.append(
+            (
+                f"Spectra vs null: {layer['name']}",
+                _plot_layer(layer, os.path.join(directory, f"cev_{i:03d}.png")),
+            )
+        )
+        if p := _plot_holdout(layer, os.path.join(directory, f"holdout_{i:03d}.png")):
             images.append((f"Held-out capture: {layer['name']}", p))
     return images
 
@@ -239,25 +255,45 @@ def write_report_html(result: dict, images: list[tuple[str, str]], out: str) -> 
         rows.append(
             f"<tr><td><code>{html.escape(family)}</code></td><td>{len(layers)}</td>"
             f"<td><b>{html.escape(label)}</b><br><small>{html.escape(detail)}</small></td>"
-            f"<td>{html.escape(_EXPLAIN.get(label, ''))}</td></tr>")
+            f"<td>{html.escape(_EXPLAIN.get(label, ''))}</td></tr>"
+        )
     table = []
     for layer in result["layers"]:
         for mode in layer["modes"]:
             h = _headline(layer, mode)
-            table.append("<tr>" + "".join(
-                f"<td>{html.escape(_fmt(h[k]))}</td>"
-                for k in ("layer", "mode", "method", "k_at_0.9", "effective_rank",
-                          "null_excess_k1", "null_excess_k4", "holdout_two_sided",
-                          "holdout_random", "mean_only", "verdict")) + "</tr>")
+            table.append(
+                "<tr>"
+                + "".join(
+                    f"<td>{html.escape(_fmt(h[k]))}</td>"
+                    for k in (
+                        "layer",
+                        "mode",
+                        "method",
+                        "k_at_0.9",
+                        "effective_rank",
+                        "null_excess_k1",
+                        "null_excess_k4",
+                        "holdout_two_sided",
+                        "holdout_random",
+                        "mean_only",
+                        "verdict",
+                    )
+                )
+                + "</tr>"
+            )
     figures = []
     for caption, path in images:
         data = base64.b64encode(open(path, "rb").read()).decode()
         rel = os.path.relpath(path, out)
-        figures.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(rel)}">'
-                       f"<figcaption>{html.escape(caption)} (<code>{html.escape(rel)}</code>)"
-                       "</figcaption></figure>")
-    skipped = "".join(f"<li><code>{html.escape(s['name'])}</code>: {html.escape(s['reason'])}</li>"
-                      for s in result.get("skipped_layers", []))
+        figures.append(
+            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(rel)}">'
+            f"<figcaption>{html.escape(caption)} (<code>{html.escape(rel)}</code>)"
+            "</figcaption></figure>"
+        )
+    skipped = "".join(
+        f"<li><code>{html.escape(s['name'])}</code>: {html.escape(s['reason'])}</li>"
+        for s in result.get("skipped_layers", [])
+    )
     manifest = result["manifest"]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>jsubspace report</title>
@@ -268,22 +304,22 @@ td, th {{ border: 1px solid #ccc; padding: 3px 6px; vertical-align: top; }}
 figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 100%; }}
 </style></head><body>
 <h1>jsubspace: is there a shared weight subspace?</h1>
-<p>{len(result['models'])} models, {len(result['layers'])} layers, centre
-<code>{html.escape(str(result['config']['center']))}</code>, null draws
-{result['config']['null_draws']}, holdout {html.escape(str(result['config']['holdout']))}.
-jsubspace {html.escape(str(manifest['jsubspace']))}, jax {html.escape(manifest['jax'])},
-{manifest['mesh']['size']} device(s) ({html.escape(manifest['backend'])}).</p>
+<p>{len(result["models"])} models, {len(result["layers"])} layers, centre
+<code>{html.escape(str(result["config"]["center"]))}</code>, null draws
+{result["config"]["null_draws"]}, holdout {html.escape(str(result["config"]["holdout"]))}.
+jsubspace {html.escape(str(manifest["jsubspace"]))}, jax {html.escape(manifest["jax"])},
+{manifest["mesh"]["size"]} device(s) ({html.escape(manifest["backend"])}).</p>
 <h2>Verdict per layer family</h2>
 <table><tr><th>family</th><th>layers</th><th>verdict</th><th>what it means</th></tr>
-{''.join(rows)}</table>
-{f'<h3>Skipped layers</h3><ul>{skipped}</ul>' if skipped else ''}
+{"".join(rows)}</table>
+{f"<h3>Skipped layers</h3><ul>{skipped}</ul>" if skipped else ""}
 <h2>Plots</h2>
-{''.join(figures)}
+{"".join(figures)}
 <h2>Headline numbers</h2>
 <table><tr><th>layer</th><th>mode</th><th>method</th><th>k@0.9</th><th>eff. rank</th>
 <th>null excess k=1</th><th>k=4</th><th>held-out two-sided</th><th>random</th>
 <th>mean only</th><th>verdict</th></tr>
-{''.join(table)}</table>
+{"".join(table)}</table>
 <p>Full numbers: <code>spectra.json</code>, <code>layers.csv</code>.</p>
 </body></html>
 """

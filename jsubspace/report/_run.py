@@ -40,8 +40,9 @@ class OutputError(JsubspaceError):
 def _git_revision() -> str | None:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -79,8 +80,12 @@ def _progress(i: int, total: int, name: str, seconds: float, *, quiet: bool) -> 
     width = 24
     done = int(width * i / total)
     bar = "#" * done + "." * (width - done)
-    print(f"\r[{bar}] {i}/{total} layers  {seconds:6.1f}s  {name[:60]:<60}", end="",
-          file=sys.stderr, flush=True)
+    print(
+        f"\r[{bar}] {i}/{total} layers  {seconds:6.1f}s  {name[:60]:<60}",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
     if i == total:
         print(file=sys.stderr, flush=True)
 
@@ -91,8 +96,9 @@ def _load_base(path: str, population: io.Population) -> dict[str, np.ndarray]:
     for layer in population.layers:
         ref = base.tensors.get(layer.name)
         if ref is None or math_prod(ref.shape) != layer.shape[0] * layer.shape[1]:
-            raise OutputError(f"{path}: base model lacks layer {layer.name!r} of shape "
-                              f"{list(layer.shape)}")
+            raise OutputError(
+                f"{path}: base model lacks layer {layer.name!r} of shape {list(layer.shape)}"
+            )
         values[layer.name] = ref
     return values
 
@@ -148,16 +154,26 @@ def analyze(
         raise OutputError("center='base' needs a base model (--base=PATH)")
     if holdout not in (None, "loo"):
         holdout = int(holdout)
-    population = io.open_population(models, include=include, exclude=exclude,
-                                     skip_mismatched=skip_mismatched)
-    spectra_config = spectra.SpectraConfig(modes=tuple(modes), center=center, lora=lora,
-                                           method=method, rank=rank)
+    population = io.open_population(
+        models, include=include, exclude=exclude, skip_mismatched=skip_mismatched
+    )
+    spectra_config = spectra.SpectraConfig(
+        modes=tuple(modes), center=center, lora=lora, method=method, rank=rank
+    )
     control_config = spectra.ControlConfig(null_draws=null_draws, holdout=holdout, seed=seed)
     config = {
         "models": [m.path for m in population.models],
-        "include": include, "exclude": exclude, "center": center, "base": base,
-        "modes": list(modes), "rank": rank, "method": method, "lora": lora,
-        "null_draws": null_draws, "holdout": holdout, "seed": seed,
+        "include": include,
+        "exclude": exclude,
+        "center": center,
+        "base": base,
+        "modes": list(modes),
+        "rank": rank,
+        "method": method,
+        "lora": lora,
+        "null_draws": null_draws,
+        "holdout": holdout,
+        "seed": seed,
         "skip_mismatched": skip_mismatched,
     }
     fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
@@ -175,16 +191,16 @@ def analyze(
     if previous is not None and previous.get("fingerprint") != fingerprint and not overwrite:
         raise OutputError(
             f"{out} holds a run with another configuration; pass --overwrite to replace it "
-            "or choose another --out")
-    if overwrite or previous is None or previous.get("fingerprint") != fingerprint:
+            "or choose another --out"
+        )
+    lead = jax.process_index() == 0
+    if lead and (overwrite or previous is None or previous.get("fingerprint") != fingerprint):
         for name in os.listdir(layers_dir):
             os.remove(os.path.join(layers_dir, name))
     for stale in ("spectra.json", "layers.csv", "report.html", "manifest.json"):
         path = os.path.join(out, stale)
-        if os.path.exists(path) and jax.process_index() == 0:
+        if lead and os.path.exists(path):
             os.remove(path)  # A result that is not this run's must not look complete.
-    if jax.process_index() == 0:
-        atomic_write_json(run_path, {"fingerprint": fingerprint, "config": config})
 
     def layer_path(i):
         return os.path.join(layers_dir, f"{i:05d}.json")
@@ -200,6 +216,23 @@ def analyze(
                     records[i] = rec
             except (OSError, json.JSONDecodeError):
                 pass  # A broken layer file is recomputed, never trusted.
+    if jax.process_count() > 1:
+        # Every process must run the same layers (the kernels are collectives): process 0's
+        # view of what is finished decides. `out` must be on a filesystem all hosts see.
+        from jax.experimental import multihost_utils
+
+        done = np.asarray([r is not None for r in records], np.int32)
+        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+        for i, flag in enumerate(done):
+            if not flag:
+                records[i] = None
+            elif records[i] is None:
+                raise OutputError(
+                    f"{layer_path(i)}: finished on process 0 but not visible here; "
+                    "--out must be on a filesystem every host sees"
+                )
+    if lead:
+        atomic_write_json(run_path, {"fingerprint": fingerprint, "config": config})
     todo = [i for i, r in enumerate(records) if r is None]
     base_refs = _load_base(base, population) if base else {}
     root = jax.random.key(seed)
@@ -210,10 +243,17 @@ def analyze(
         base_value = None
         if layer.name in base_refs:
             base_value = jax.numpy.asarray(
-                np.asarray(base_refs[layer.name].read()).reshape(layer.shape))
+                np.asarray(base_refs[layer.name].read()).reshape(layer.shape)
+            )
         rec = spectra.analyze_layer(
-            layer, placed, population.names, mesh=mesh, spectra_config=spectra_config,
-            control_config=control_config, key=jax.random.fold_in(root, i), base=base_value,
+            layer,
+            placed,
+            population.names,
+            mesh=mesh,
+            spectra_config=spectra_config,
+            control_config=control_config,
+            key=jax.random.fold_in(root, i),
+            base=base_value,
         )
         rec["fingerprint"] = fingerprint
         rec = json.loads(json.dumps(rec, default=_jsonable))
@@ -236,8 +276,9 @@ def analyze(
         write_csv(os.path.join(out, "layers.csv"), result)
         if plots:
             images = write_plots(os.path.join(out, "plots"), result)
-            atomic_write_text(os.path.join(out, "report.html"),
-                              write_report_html(result, images, out))
+            atomic_write_text(
+                os.path.join(out, "report.html"), write_report_html(result, images, out)
+            )
         # Last: spectra.json's presence means the run is complete.
         atomic_write_json(os.path.join(out, "spectra.json"), result)
     return result

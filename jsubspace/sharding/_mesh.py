@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MODELS = "models"
 
@@ -65,3 +66,18 @@ def initialize_distributed(
         num_processes=num_processes,
         process_id=process_id,
     )
+
+
+def host_array(x) -> np.ndarray:
+    """The full value of a `jax.Array` on this host, also when it spans several processes.
+
+    Replicated arrays are read from a local shard; arrays sharded across processes are gathered
+    (a collective: every process must call this at the same point).
+    """
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from jsubspace import kernels
 from jsubspace.io import PlacedDense, PlacedLora
+from jsubspace.sharding import host_array
 from jsubspace.spectra import _holdout, _layer, _lineage, _null
 from jsubspace.spectra._summary import summarize
 
@@ -121,8 +122,15 @@ def analyze_layer(
     """Spectra and controls of one layer, as the JSON record of `spectra.json`."""
     ranks = list(layer.ranks) if isinstance(placed, PlacedLora) else None
     k_spec, k_null = jax.random.split(key)
-    spectra = _layer.layer_spectra(placed, mesh=mesh, config=spectra_config, key=k_spec,
-                                   base=base, ranks=ranks, lineage=control_config.lineage)
+    spectra = _layer.layer_spectra(
+        placed,
+        mesh=mesh,
+        config=spectra_config,
+        key=k_spec,
+        base=base,
+        ranks=ranks,
+        lineage=control_config.lineage,
+    )
     record = {
         "name": layer.name,
         "kind": layer.kind,
@@ -137,20 +145,30 @@ def analyze_layer(
         record["lora"] = spectra_config.lora
     uncentred_norms = np.diag(spectra.uncentred) if spectra.uncentred is not None else None
     record["null"] = _null.null_control(
-        placed, spectra, mesh=mesh, config=spectra_config, key=k_null,
-        draws=control_config.null_draws, ranks=ranks, uncentred_norms=uncentred_norms,
+        placed,
+        spectra,
+        mesh=mesh,
+        config=spectra_config,
+        key=k_null,
+        draws=control_config.null_draws,
+        ranks=ranks,
+        uncentred_norms=uncentred_norms,
     )
-    record["holdout"] = _run_holdout(placed, layer, mesh=mesh, control=control_config,
-                                     center=spectra_config.center, base=base)
+    record["holdout"] = _run_holdout(
+        placed, layer, mesh=mesh, control=control_config, center=spectra_config.center, base=base
+    )
     if control_config.lineage and spectra.uncentred is not None:
         prints = factor_prints = None
         if isinstance(placed, PlacedDense):
-            prints = np.asarray(_lineage.fingerprints(placed.x, mesh=mesh))[: placed.n_models]
+            prints = host_array(_lineage.fingerprints(placed.x, mesh=mesh))[: placed.n_models]
         else:
-            factor_prints = np.asarray(_lineage.fingerprints(placed.a, mesh=mesh))
+            factor_prints = host_array(_lineage.fingerprints(placed.a, mesh=mesh))
             factor_prints = factor_prints[: placed.n_models]
         record["lineage"] = _lineage.lineage_record(
-            spectra.uncentred, names, prints=prints, factor_gram=spectra.factor_gram,
+            spectra.uncentred,
+            names,
+            prints=prints,
+            factor_gram=spectra.factor_gram,
             factor_prints=factor_prints,
         )
     record["verdict"] = verdict(record, shared_fraction=control_config.shared_fraction)
@@ -175,6 +193,6 @@ def _run_holdout(placed, layer, *, mesh, control: ControlConfig, center, base) -
     else:
         x = placed.x
         ref = base if center == "base" else None
-    return _holdout.holdout_control(x, n, mesh=mesh, holdout=control.holdout, seed=control.seed,
-                                    ref=ref)
-
+    return _holdout.holdout_control(
+        x, n, mesh=mesh, holdout=control.holdout, seed=control.seed, ref=ref
+    )

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jsubspace.kernels import HIGHEST
-from jsubspace.sharding._mesh import MODELS, stacked_sharding
+from jsubspace.sharding._mesh import MODELS, host_array, stacked_sharding
 from jsubspace.spectra._null import EXCESS_KS
 
 
@@ -109,9 +109,10 @@ def holdout_control(
     for f in range(n_folds):
         train = np.zeros(n_pad, np.float32)
         train[:n_models] = folds != f
-        out = fold_capture(x, jax.device_put(train, stacked_sharding(mesh)), ref, mesh=mesh,
-                           kmax=kmax)
-        t, r, c, ce, ra = (np.asarray(o, np.float64)[:n_models] for o in out)
+        out = fold_capture(
+            x, jax.device_put(train, stacked_sharding(mesh)), ref, mesh=mesh, kmax=kmax
+        )
+        t, r, c, ce, ra = (host_array(o).astype(np.float64)[:n_models] for o in out)
         held = folds == f
         two[held], rows[held], cols[held] = t[held], r[held], c[held]
         centred[held], raw[held] = ce[held], ra[held]

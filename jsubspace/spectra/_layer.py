@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from jsubspace import kernels
 from jsubspace.io import PlacedDense, PlacedLora
+from jsubspace.sharding import host_array
 
 MODES = ("models", "rows", "cols")
 FACTOR_MODES = ("lora_A", "lora_B")
@@ -81,11 +82,12 @@ class LayerSpectra:
 
 
 def _eigvals(gram) -> np.ndarray:
-    return np.clip(np.asarray(kernels.exact_eigh(gram).values, np.float64), 0.0, None)
+    return np.clip(host_array(kernels.exact_eigh(gram).values).astype(np.float64), 0.0, None)
 
 
-def _dense_spectra(placed: PlacedDense, base, *, mesh, config: SpectraConfig, key,
-                   lineage: bool) -> LayerSpectra:
+def _dense_spectra(
+    placed: PlacedDense, base, *, mesh, config: SpectraConfig, key, lineage: bool
+) -> LayerSpectra:
     n_pad, m, n = placed.x.shape
     sides = {"models": placed.n_models, "rows": m, "cols": n}
     randomized = set()
@@ -98,7 +100,11 @@ def _dense_spectra(placed: PlacedDense, base, *, mesh, config: SpectraConfig, ke
     exact_modes = tuple(mo for mo in MODES if mo in config.modes and mo not in randomized)
     # The models Gram is always wanted: its diagonal gives the per-model energies.
     grams = kernels.mode_grams(
-        placed.x, base, mesh=mesh, n_models=placed.n_models, center=config.center,
+        placed.x,
+        base,
+        mesh=mesh,
+        n_models=placed.n_models,
+        center=config.center,
         modes=tuple(sorted(set(exact_modes) | {"models"}, key=MODES.index)),
     )
     out = {}
@@ -107,24 +113,36 @@ def _dense_spectra(placed: PlacedDense, base, *, mesh, config: SpectraConfig, ke
     for mode in sorted(randomized):
         key, sub = jax.random.split(key)
         eig = kernels.randomized_mode_eigh(
-            placed.x, base, key=sub, mesh=mesh, n_models=placed.n_models, mode=mode,
-            rank=min(config.rank, sides[mode]), center=config.center,
+            placed.x,
+            base,
+            key=sub,
+            mesh=mesh,
+            n_models=placed.n_models,
+            mode=mode,
+            rank=min(config.rank, sides[mode]),
+            center=config.center,
             iterations=config.iterations,
         )
         out[mode] = ModeResult(
-            np.clip(np.asarray(eig.values, np.float64), 0.0, None), "randomized", sides[mode],
-            residual=float(np.max(eig.residuals)), iterations=config.iterations,
+            np.clip(host_array(eig.values).astype(np.float64), 0.0, None),
+            "randomized",
+            sides[mode],
+            residual=float(np.max(host_array(eig.residuals))),
+            iterations=config.iterations,
         )
-    norms = np.diag(np.asarray(grams.models, np.float64)).copy()
+    models_gram = host_array(grams.models).astype(np.float64)
+    norms = np.diag(models_gram).copy()
     if config.center == "none":
-        uncentred = np.asarray(grams.models, np.float64)
+        uncentred = models_gram
     elif not lineage:
         uncentred = None
     else:
-        uncentred = np.asarray(kernels.mode_grams(
-            placed.x, mesh=mesh, n_models=placed.n_models, center="none", modes=("models",)
-        ).models, np.float64)
-    return LayerSpectra(out, float(grams.total_energy), norms, uncentred)
+        uncentred = host_array(
+            kernels.mode_grams(
+                placed.x, mesh=mesh, n_models=placed.n_models, center="none", modes=("models",)
+            ).models
+        ).astype(np.float64)
+    return LayerSpectra(out, float(host_array(grams.total_energy)), norms, uncentred)
 
 
 def factor_sample_mask(n_pad: int, rank: int, ranks) -> np.ndarray:
@@ -144,8 +162,9 @@ def _centred_sample_gram(gram: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> LayerSpectra:
-    g = kernels.lora_grams(placed.a, placed.b, placed.scales, mesh=mesh,
-                           n_models=placed.n_models, center=config.center)
+    g = kernels.lora_grams(
+        placed.a, placed.b, placed.scales, mesh=mesh, n_models=placed.n_models, center=config.center
+    )
     n_pad, r, n = placed.a.shape
     m = placed.b.shape[1]
     out = {}
@@ -154,22 +173,22 @@ def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> 
         for mode in config.modes:
             lam = _eigvals(getattr(g, mode))[: sides[mode]]
             out[mode] = ModeResult(lam, "exact-factored", sides[mode])
-        energy = float(g.total_energy)
+        energy = float(host_array(g.total_energy))
     else:
         mask = jnp.asarray(factor_sample_mask(n_pad, r, ranks))
         nr = n_pad * r
         ga = _centred_sample_gram(g.factor_a.reshape(nr, nr), mask)
         gb = _centred_sample_gram(g.factor_b.reshape(nr, nr), mask)
         # Each factor statistic has its own trace, recorded with its mode.
-        energy_a = float(np.trace(np.asarray(ga, np.float64)))
-        energy_b = float(np.trace(np.asarray(gb, np.float64)))
+        energy_a = float(np.trace(host_array(ga).astype(np.float64)))
+        energy_b = float(np.trace(host_array(gb).astype(np.float64)))
         out["lora_A"] = ModeResult(_eigvals(ga)[:n], "exact-factor-pca", n, total_energy=energy_a)
         out["lora_B"] = ModeResult(_eigvals(gb)[:m], "exact-factor-pca", m, total_energy=energy_b)
-        energy = float(g.total_energy)
-    norms = np.diag(np.asarray(g.models, np.float64)).copy()
+        energy = float(host_array(g.total_energy))
+    norms = np.diag(host_array(g.models).astype(np.float64)).copy()
     k = placed.n_models
-    a_gram = np.einsum("jaka->jk", np.asarray(g.factor_a, np.float64))[:k, :k]
-    return LayerSpectra(out, energy, norms, np.asarray(g.uncentred, np.float64), a_gram)
+    a_gram = np.einsum("jaka->jk", host_array(g.factor_a).astype(np.float64))[:k, :k]
+    return LayerSpectra(out, energy, norms, host_array(g.uncentred).astype(np.float64), a_gram)
 
 
 def layer_spectra(
@@ -197,6 +216,7 @@ def layer_spectra(
         LayerSpectra.
     """
     if isinstance(placed, PlacedLora):
-        return _lora_spectra(placed, ranks or [placed.a.shape[1]] * placed.n_models, mesh=mesh,
-                             config=config)
+        return _lora_spectra(
+            placed, ranks or [placed.a.shape[1]] * placed.n_models, mesh=mesh, config=config
+        )
     return _dense_spectra(placed, base, mesh=mesh, config=config, key=key, lineage=lineage)

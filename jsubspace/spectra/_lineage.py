@@ -32,9 +32,7 @@ def fingerprints(x: jax.Array, *, mesh: Mesh) -> jax.Array:
     def body(xb, pr):
         return jnp.matmul(xb.reshape(xb.shape[0], -1).astype(jnp.float32), pr, precision=HIGHEST)
 
-    return jax.shard_map(body, mesh=mesh, in_specs=(P(MODELS), P()), out_specs=P(MODELS))(
-        x, probe
-    )
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(MODELS), P()), out_specs=P(MODELS))(x, probe)
 
 
 def similarity(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

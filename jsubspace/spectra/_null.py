@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from jsubspace import kernels
 from jsubspace.io import PlacedDense, PlacedLora
-from jsubspace.sharding._mesh import MODELS, stacked_sharding
+from jsubspace.sharding._mesh import MODELS, host_array, stacked_sharding
 from jsubspace.spectra import _layer
 from jsubspace.spectra._summary import cev
 
@@ -96,24 +96,31 @@ def _gaussian_factors(key, mask, *, mesh, r, n, m):
     )(key, mask)
 
 
-def null_population(placed, spectra: _layer.LayerSpectra, *, key, mesh, ranks=None,
-                    uncentred_norms=None):
+def null_population(
+    placed, spectra: _layer.LayerSpectra, *, key, mesh, ranks=None, uncentred_norms=None
+):
     """One draw of the matched Gaussian population, placed like the real one."""
     if isinstance(placed, PlacedDense):
         n_pad = placed.x.shape[0]
         norms = np.zeros(n_pad, np.float32)
         norms[: placed.n_models] = np.sqrt(np.clip(spectra.norms, 0, None))
-        z = gaussian_stack(key, jax.device_put(norms, stacked_sharding(mesh)), mesh=mesh,
-                           shape=tuple(placed.x.shape[1:]))
+        z = gaussian_stack(
+            key,
+            jax.device_put(norms, stacked_sharding(mesh)),
+            mesh=mesh,
+            shape=tuple(placed.x.shape[1:]),
+        )
         return PlacedDense(z, placed.n_models)
     n_pad, r, n = placed.a.shape
     m = placed.b.shape[1]
     mask = _layer.factor_sample_mask(n_pad, r, ranks).reshape(n_pad, r, 1)
-    a, b = _gaussian_factors(key, jax.device_put(mask, stacked_sharding(mesh)), mesh=mesh,
-                             r=r, n=n, m=m)
-    unit = kernels.lora_grams(a, b, jnp.ones(n_pad, jnp.float32), mesh=mesh,
-                              n_models=placed.n_models, center="none")
-    null_sq = np.diag(np.asarray(unit.models, np.float64))
+    a, b = _gaussian_factors(
+        key, jax.device_put(mask, stacked_sharding(mesh)), mesh=mesh, r=r, n=n, m=m
+    )
+    unit = kernels.lora_grams(
+        a, b, jnp.ones(n_pad, jnp.float32), mesh=mesh, n_models=placed.n_models, center="none"
+    )
+    null_sq = np.diag(host_array(unit.models).astype(np.float64))
     scales = np.zeros(n_pad, np.float32)
     scales[: placed.n_models] = np.sqrt(uncentred_norms / np.maximum(null_sq, 1e-30))
     return PlacedLora(a, b, jax.device_put(scales, placed.scales.sharding), placed.n_models)
@@ -141,10 +148,12 @@ def null_control(
     per_mode: dict[str, list[np.ndarray]] = {mode: [] for mode in spectra.modes}
     for draw in range(draws):
         sub = jax.random.fold_in(key, draw)
-        null = null_population(placed, spectra, key=sub, mesh=mesh, ranks=ranks,
-                               uncentred_norms=uncentred_norms)
-        ns = _layer.layer_spectra(null, mesh=mesh, config=config, key=sub, ranks=ranks,
-                                  lineage=False)
+        null = null_population(
+            placed, spectra, key=sub, mesh=mesh, ranks=ranks, uncentred_norms=uncentred_norms
+        )
+        ns = _layer.layer_spectra(
+            null, mesh=mesh, config=config, key=sub, ranks=ranks, lineage=False
+        )
         for mode, result in ns.modes.items():
             energy = result.total_energy if result.total_energy is not None else ns.total_energy
             per_mode[mode].append(cev(result.eigenvalues, energy))

@@ -45,8 +45,9 @@ def test_glob_list_file_include_exclude(tmp_path):
     pop = io.open_population(f"@{listing}", include=r"weight$")
     assert pop.names == ["m3", "m0"]
     assert [layer.name for layer in pop.layers] == ["layer.0.weight"]
-    pop = io.open_population([str(tmp_path / "m0.safetensors"), str(tmp_path / "m1.safetensors")],
-                             exclude="conv")
+    pop = io.open_population(
+        [str(tmp_path / "m0.safetensors"), str(tmp_path / "m1.safetensors")], exclude="conv"
+    )
     assert [layer.name for layer in pop.layers] == ["layer.0.weight"]
 
 
@@ -58,15 +59,23 @@ def test_sharded_index_directory(tmp_path):
         w1, w2 = rng.standard_normal((3, 4)), rng.standard_normal((5, 3))
         save_file({"x.weight": w1.astype(np.float32)}, str(d / "model-00001-of-00002.safetensors"))
         save_file({"y.weight": w2.astype(np.float32)}, str(d / "model-00002-of-00002.safetensors"))
-        (d / "model.safetensors.index.json").write_text(json.dumps({
-            "metadata": {"total_size": 0},
-            "weight_map": {"x.weight": "model-00001-of-00002.safetensors",
-                           "y.weight": "model-00002-of-00002.safetensors"},
-        }))
+        (d / "model.safetensors.index.json").write_text(
+            json.dumps(
+                {
+                    "metadata": {"total_size": 0},
+                    "weight_map": {
+                        "x.weight": "model-00001-of-00002.safetensors",
+                        "y.weight": "model-00002-of-00002.safetensors",
+                    },
+                }
+            )
+        )
     pop = io.open_population(str(tmp_path))
     assert pop.names == ["a", "b"]
     assert {layer.name: layer.shape for layer in pop.layers} == {
-        "x.weight": (3, 4), "y.weight": (5, 3)}
+        "x.weight": (3, 4),
+        "y.weight": (5, 3),
+    }
 
 
 def test_sharded_index_cannot_leave_its_directory(tmp_path):
@@ -74,7 +83,8 @@ def test_sharded_index_cannot_leave_its_directory(tmp_path):
     d.mkdir()
     save_file({"x": np.ones((2, 2), np.float32)}, str(tmp_path / "outside.safetensors"))
     (d / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"x": "../outside.safetensors"}}))
+        json.dumps({"weight_map": {"x": "../outside.safetensors"}})
+    )
     with pytest.raises(CheckpointError, match="points outside"):
         io.load_model(str(d))
 
@@ -102,9 +112,15 @@ def test_orbax_checkpoint_written_by_orbax(tmp_path):
     rng = np.random.default_rng(4)
     trees = []
     for i in range(2):
-        tree = {"params": {"Dense_0": {"kernel": rng.standard_normal((6, 3)).astype(np.float32),
-                                       "bias": np.zeros(3, np.float32)},
-                           "Conv_0": {"kernel": rng.standard_normal((3, 3, 2, 4)).astype(np.float32)}}}
+        tree = {
+            "params": {
+                "Dense_0": {
+                    "kernel": rng.standard_normal((6, 3)).astype(np.float32),
+                    "bias": np.zeros(3, np.float32),
+                },
+                "Conv_0": {"kernel": rng.standard_normal((3, 3, 2, 4)).astype(np.float32)},
+            }
+        }
         testing.write_orbax(tmp_path / f"ckpt{i}", tree)
         trees.append(tree)
     pop = io.open_population(str(tmp_path))
@@ -112,8 +128,9 @@ def test_orbax_checkpoint_written_by_orbax(tmp_path):
     by_name = {layer.name: layer for layer in pop.layers}
     assert set(by_name) == {"params.Dense_0.kernel", "params.Conv_0.kernel"}
     assert by_name["params.Conv_0.kernel"].shape == (3, 24)
-    np.testing.assert_array_equal(by_name["params.Dense_0.kernel"].refs[1].read(),
-                                  trees[1]["params"]["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(
+        by_name["params.Dense_0.kernel"].refs[1].read(), trees[1]["params"]["Dense_0"]["kernel"]
+    )
 
 
 def _adapters(tmp_path, n=3, *, rank_pattern=None, alpha_pattern=None, rslora=False):
@@ -127,19 +144,28 @@ def _adapters(tmp_path, n=3, *, rank_pattern=None, alpha_pattern=None, rslora=Fa
             for key, value in (rank_pattern or {}).items():
                 if name.endswith(key):
                     r = value
-            modules[name] = (rng.standard_normal((r, k)).astype(np.float32),
-                             rng.standard_normal((m, r)).astype(np.float32))
-        testing.write_peft_adapter(tmp_path / f"adapter{i}", modules, r=4, lora_alpha=8,
-                                   use_rslora=rslora, rank_pattern=rank_pattern,
-                                   alpha_pattern=alpha_pattern)
+            modules[name] = (
+                rng.standard_normal((r, k)).astype(np.float32),
+                rng.standard_normal((m, r)).astype(np.float32),
+            )
+        testing.write_peft_adapter(
+            tmp_path / f"adapter{i}",
+            modules,
+            r=4,
+            lora_alpha=8,
+            use_rslora=rslora,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+        )
         written.append(modules)
     return written
 
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_peft_adapters_become_factored_layers(tmp_path, rslora):
-    written = _adapters(tmp_path, rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 16},
-                        rslora=rslora)
+    written = _adapters(
+        tmp_path, rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 16}, rslora=rslora
+    )
     pop = io.open_population(str(tmp_path))
     assert pop.is_lora and pop.names == ["adapter0", "adapter1", "adapter2"]
     layers = {layer.name: layer for layer in pop.layers}
@@ -149,7 +175,9 @@ def test_peft_adapters_become_factored_layers(tmp_path, rslora):
     root = math.sqrt if rslora else (lambda r: r)
     assert q.scales == (16 / root(4),) * 3
     assert down.scales == (8 / root(2),) * 3
-    np.testing.assert_array_equal(q.a_refs[2].read(), written[2]["model.layers.0.self_attn.q_proj"][0])
+    np.testing.assert_array_equal(
+        q.a_refs[2].read(), written[2]["model.layers.0.self_attn.q_proj"][0]
+    )
     model = pop.models[0]
     assert model.lora.r == 4 and model.lora.target_modules == ("down_proj", "q_proj")
 
@@ -202,11 +230,14 @@ def test_empty_and_single_model_populations(tmp_path):
 
 def test_mismatched_layers_listed_or_skipped(tmp_path):
     _dense_models(tmp_path, n=3)
-    testing.write_safetensors(tmp_path / "odd.safetensors", {
-        "layer.0.weight": np.zeros((4, 7), np.float32),  # wrong shape
-        "conv.kernel": np.zeros((3, 2, 2, 5), np.float32),
-        "extra.weight": np.zeros((2, 2), np.float32),  # missing elsewhere
-    })
+    testing.write_safetensors(
+        tmp_path / "odd.safetensors",
+        {
+            "layer.0.weight": np.zeros((4, 7), np.float32),  # wrong shape
+            "conv.kernel": np.zeros((3, 2, 2, 5), np.float32),
+            "extra.weight": np.zeros((2, 2), np.float32),  # missing elsewhere
+        },
+    )
     with pytest.raises(PopulationError) as err:
         io.open_population(str(tmp_path))
     message = str(err.value)
@@ -229,16 +260,23 @@ def test_mixed_formats_refused(tmp_path):
     _dense_models(tmp_path, n=2)
     _adapters(tmp_path / "ad", n=1)
     with pytest.raises(PopulationError, match="mixes PEFT adapters"):
-        io.open_population([str(tmp_path / "m0.safetensors"), str(tmp_path / "m1.safetensors"),
-                            str(tmp_path / "ad" / "adapter0")])
+        io.open_population(
+            [
+                str(tmp_path / "m0.safetensors"),
+                str(tmp_path / "m1.safetensors"),
+                str(tmp_path / "ad" / "adapter0"),
+            ]
+        )
 
 
 def test_indexing_reads_no_tensor_bytes(tmp_path, monkeypatch):
     # 16 models of 4 MB each; count every byte read through open() while indexing.
     rng = np.random.default_rng(6)
     for i in range(16):
-        testing.write_safetensors(tmp_path / f"m{i:02d}.safetensors",
-                                  {"w": rng.standard_normal((1024, 1024)).astype(np.float32)})
+        testing.write_safetensors(
+            tmp_path / f"m{i:02d}.safetensors",
+            {"w": rng.standard_normal((1024, 1024)).astype(np.float32)},
+        )
     import builtins
 
     real_open = builtins.open

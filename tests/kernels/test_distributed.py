@@ -1,4 +1,4 @@
-"""Two local processes under `jax.distributed` (gloo CPU collectives) give single-process spectra."""
+"""Two local processes under `jax.distributed` (gloo CPU collectives) equal one process."""
 
 import json
 import os
@@ -77,22 +77,37 @@ def test_two_processes_equal_one(tmp_path, kind):
     if kind == "dense":
         values = testing.planted_population(0, n_models=n, shape=(10, 8), rank=3).astype(np.float64)
         for i in range(n):
-            testing.write_safetensors(data / f"m{i}.safetensors", {"w": values[i].astype(np.float32)})
+            testing.write_safetensors(
+                data / f"m{i}.safetensors", {"w": values[i].astype(np.float32)}
+            )
         x = values.astype(np.float32).astype(np.float64)
     else:
         a, b = testing.lora_population(1, n_models=n, shape=(10, 8), rank=2)
         for i in range(n):
-            testing.write_peft_adapter(data / f"ad{i}", {"model.q_proj": (a[i], b[i])}, r=2,
-                                       lora_alpha=4)
+            testing.write_peft_adapter(
+                data / f"ad{i}", {"model.q_proj": (a[i], b[i])}, r=2, lora_alpha=4
+            )
         x = 2.0 * np.einsum("imr,irn->imn", b.astype(np.float64), a)
     x = x - x.mean(0)
     address = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     procs = [
-        subprocess.Popen([sys.executable, "-c", _WORKER, address, str(pid), str(data),
-                          str(tmp_path / f"out{pid}.json")], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _WORKER,
+                address,
+                str(pid),
+                str(data),
+                str(tmp_path / f"out{pid}.json"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for pid in range(2)
     ]
     for p in procs:
@@ -109,8 +124,9 @@ def test_two_processes_equal_one(tmp_path, kind):
         (got,) = out["results"].values()
         for mode in ("models", "rows", "cols"):
             width = min(len(want[mode]), len(got[mode]))
-            np.testing.assert_allclose(got[mode][:width], want[mode][:width],
-                                       atol=1e-5 * want["models"][0])
+            np.testing.assert_allclose(
+                got[mode][:width], want[mode][:width], atol=1e-5 * want["models"][0]
+            )
         np.testing.assert_allclose(got["energy"], np.sum(x * x), rtol=1e-5)
     if kind == "dense":
         # Each host read only its own models' bytes. N = 6 is padded to 8 over 4 devices (2 per

@@ -38,11 +38,17 @@ def _oracle(values, center, base=None):
 @pytest.mark.parametrize("center", ["mean", "none", "base"])
 @pytest.mark.parametrize("shape", [(7, 9), (16, 4)])
 def test_mode_grams_match_float64(mesh, dtype, center, shape):
-    values = testing.planted_population(0, n_models=5, shape=shape, rank=3, mean_scale=2.0,
-                                        dtype=dtype)
+    values = testing.planted_population(
+        0, n_models=5, shape=shape, rank=3, mean_scale=2.0, dtype=dtype
+    )
     base = values[0] if center == "base" else None
-    g = kernels.mode_grams(_place(values, mesh), None if base is None else jnp.asarray(base),
-                           mesh=mesh, n_models=5, center=center)
+    g = kernels.mode_grams(
+        _place(values, mesh),
+        None if base is None else jnp.asarray(base),
+        mesh=mesh,
+        n_models=5,
+        center=center,
+    )
     want = _oracle(values, center, base)
     scale = want["energy"]
     for mode in ("models", "rows", "cols"):
@@ -52,16 +58,18 @@ def test_mode_grams_match_float64(mesh, dtype, center, shape):
     np.testing.assert_allclose(float(g.total_energy), scale, rtol=TOL[dtype])
     # All three modes share one trace: the total energy.
     for mode in ("models", "rows", "cols"):
-        np.testing.assert_allclose(np.trace(np.asarray(getattr(g, mode), np.float64)), scale,
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            np.trace(np.asarray(getattr(g, mode), np.float64)), scale, rtol=1e-5
+        )
 
 
 def test_centering_is_robust_near_the_mean():
     # Fine-tuned populations sit close to a large common offset; the one-pass formula
     # S2 - N mu mu^T would lose every digit here in float32.
     mesh = sharding.models_mesh(2)
-    values = testing.planted_population(1, n_models=6, shape=(8, 8), rank=2, noise=0.01,
-                                        mean_scale=0.0)
+    values = testing.planted_population(
+        1, n_models=6, shape=(8, 8), rank=2, noise=0.01, mean_scale=0.0
+    )
     values = (1000.0 + values * 1e-2).astype(np.float32)
     g = kernels.mode_grams(_place(values, mesh), mesh=mesh, n_models=6, center="mean")
     want = _oracle(values, "mean")
@@ -79,7 +87,8 @@ def test_ring_cross_gram_blocks():
         return kernels.ring_cross_gram(xb, num_devices=4)
 
     got = jax.shard_map(body, mesh=mesh, in_specs=jax.P("models"), out_specs=jax.P("models"))(
-        jax.device_put(x, sharding.stacked_sharding(mesh)))
+        jax.device_put(x, sharding.stacked_sharding(mesh))
+    )
     want = np.einsum("ipa,jpb->iajb", x.astype(np.float64), x)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
@@ -89,7 +98,9 @@ def test_same_shaped_layers_compile_once():
     kernels.mode_grams._clear_cache()
     for seed in range(6):
         values = testing.planted_population(seed, n_models=6, shape=(10, 12), rank=2)
-        kernels.mode_grams(_place(values, mesh), mesh=mesh, n_models=6).total_energy.block_until_ready()
+        kernels.mode_grams(
+            _place(values, mesh), mesh=mesh, n_models=6
+        ).total_energy.block_until_ready()
     assert kernels.mode_grams._cache_size() == 1
 
 
@@ -101,7 +112,7 @@ def test_streaming_equals_one_shot(mesh, center):
 
     def blocks():
         for start in range(0, 11, size):
-            chunk = values[start:start + size]
+            chunk = values[start : start + size]
             padded = np.zeros((size, 9, 7), np.float32)
             padded[: len(chunk)] = chunk
             yield jax.device_put(padded, sharding.stacked_sharding(mesh)), len(chunk)
@@ -127,5 +138,6 @@ def test_hosvd_core_energy_and_reconstruction(mesh):
     full = kernels.hosvd(x, mesh=mesh, n_models=6, ranks=(5, 3, 3))
     assert full.core.shape == (5, 3, 3) and full.models_factor.shape == (6, 5)
     # The model mode of centred data has rank N-1 = 5: nothing is lost.
-    np.testing.assert_allclose(float(np.sum(np.asarray(full.core, np.float64) ** 2)),
-                               float(t.total_energy), rtol=1e-4)
+    np.testing.assert_allclose(
+        float(np.sum(np.asarray(full.core, np.float64) ** 2)), float(t.total_energy), rtol=1e-4
+    )

@@ -33,8 +33,9 @@ def test_factored_spectra_equal_materialised(mesh, center, shared_a):
     n, m, k, r = 7, 24, 18, 3
     a, b = testing.lora_population(0, n_models=n, shape=(m, k), rank=r, shared_a_fraction=shared_a)
     scales = np.linspace(1.0, 2.0, n).astype(np.float32)
-    g = kernels.lora_grams(_place(a, mesh), _place(b, mesh), _place(scales, mesh), mesh=mesh,
-                           n_models=n, center=center)
+    g = kernels.lora_grams(
+        _place(a, mesh), _place(b, mesh), _place(scales, mesh), mesh=mesh, n_models=n, center=center
+    )
     dw = np.einsum("i,imr,irn->imn", scales.astype(np.float64), b, a)
     x = dw - dw.mean(0) if center == "mean" else dw
     want = _spectra64(x)
@@ -55,8 +56,7 @@ def test_padding_to_max_rank_leaves_updates_unchanged():
     b = rng.standard_normal((4, 8, 3)).astype(np.float32)
     a[1, 2:], b[1, :, 2:] = 0, 0  # model 1 has rank 2, zero-padded to 3
     s = np.ones(4, np.float32)
-    g = kernels.lora_grams(_place(a, mesh), _place(b, mesh), _place(s, mesh), mesh=mesh,
-                           n_models=4)
+    g = kernels.lora_grams(_place(a, mesh), _place(b, mesh), _place(s, mesh), mesh=mesh, n_models=4)
     dw = np.einsum("imr,irn->imn", b.astype(np.float64), a)
     want = _spectra64(dw - dw.mean(0))
     np.testing.assert_allclose(_eig(g.rows)[:8], want["rows"][:8], rtol=1e-5, atol=1e-4)
@@ -69,8 +69,12 @@ def test_mistral_shaped_module_never_allocates_an_update():
     spec = jax.ShapeDtypeStruct
     shard = sharding.stacked_sharding(mesh)
     lowered = kernels.lora_grams.lower(
-        spec((n, r, k), np.float32, sharding=shard), spec((n, m, r), np.float32, sharding=shard),
-        spec((n,), np.float32, sharding=shard), mesh=mesh, n_models=n)
+        spec((n, r, k), np.float32, sharding=shard),
+        spec((n, m, r), np.float32, sharding=shard),
+        spec((n,), np.float32, sharding=shard),
+        mesh=mesh,
+        n_models=n,
+    )
     stats = lowered.compile().memory_analysis()
     one_update = m * k * 4
     # Everything the kernel allocates beyond its inputs and outputs, across all devices, stays
@@ -84,9 +88,12 @@ def test_mistral_shaped_module_runs_and_matches_trace():
     n, m, k, r = 100, 4096, 4096, 16
     a, b = testing.lora_population(2, n_models=n, shape=(m, k), rank=r)
     s = np.full(n, 2.0, np.float32)
-    g = kernels.lora_grams(_place(a, mesh), _place(b, mesh), _place(s, mesh), mesh=mesh,
-                           n_models=n, center="none")
+    g = kernels.lora_grams(
+        _place(a, mesh), _place(b, mesh), _place(s, mesh), mesh=mesh, n_models=n, center="none"
+    )
     # ||s B A||_F^2 = s^2 tr(B^T B A A^T), in float64 from the factors.
-    want = sum(4.0 * np.trace((b[i].T.astype(np.float64) @ b[i]) @ (a[i] @ a[i].T)) for i in range(n))
+    want = sum(
+        4.0 * np.trace((b[i].T.astype(np.float64) @ b[i]) @ (a[i] @ a[i].T)) for i in range(n)
+    )
     np.testing.assert_allclose(float(g.total_energy), want, rtol=1e-4)
     np.testing.assert_allclose(np.trace(np.asarray(g.rows, np.float64)), want, rtol=1e-4)

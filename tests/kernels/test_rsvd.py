@@ -16,7 +16,7 @@ def _psd(seed, dim, decay):
 
 
 DECAYS = {
-    "fast": lambda j: 0.5 ** j,
+    "fast": lambda j: 0.5**j,
     "slow": lambda j: 1.0 / (1.0 + j),
 }
 
@@ -34,9 +34,11 @@ def test_randomized_topk_within_documented_tolerance(method, decay):
     a, evals, q = _psd(1, 400, DECAYS[decay])
     op = jnp.asarray(a, jnp.float32)
     k = 8
-    e = jax.jit(lambda key: kernels.randomized_eigh(
-        lambda x: op @ x, 400, rank=k, key=key, oversample=12, iterations=6, method=method))(
-        jax.random.key(0))
+    e = jax.jit(
+        lambda key: kernels.randomized_eigh(
+            lambda x: op @ x, 400, rank=k, key=key, oversample=12, iterations=6, method=method
+        )
+    )(jax.random.key(0))
     rel = np.abs(np.asarray(e.values, np.float64) - evals[:k]) / evals[0]
     # Documented: fast decay -> float32 accuracy; slow decay (1/j, the hard case) -> 1e-2 of
     # lambda_1 for subspace iteration, 1e-3 for block Krylov at the same number of products.
@@ -69,8 +71,9 @@ def test_randomized_mode_eigh_matches_exact_on_every_mesh(mesh, mode):
     padded = np.zeros((n_pad, 120, 90), np.float32)
     padded[:9] = values
     x = jax.device_put(padded, sharding.stacked_sharding(mesh))
-    e = kernels.randomized_mode_eigh(x, key=jax.random.key(1), mesh=mesh, n_models=9, mode=mode,
-                                     rank=6, iterations=4)
+    e = kernels.randomized_mode_eigh(
+        x, key=jax.random.key(1), mesh=mesh, n_models=9, mode=mode, rank=6, iterations=4
+    )
     w = values.astype(np.float64) - values.mean(0)
     gram = np.einsum("imn,ikn->mk", w, w) if mode == "rows" else np.einsum("imn,imk->nk", w, w)
     evals, evecs = np.linalg.eigh(gram)
@@ -82,5 +85,11 @@ def test_randomized_mode_eigh_matches_exact_on_every_mesh(mesh, mode):
 def test_randomized_mode_eigh_rejects_models_mode():
     mesh = sharding.models_mesh(1)
     with pytest.raises(ValueError, match="rows' or 'cols"):
-        kernels.randomized_mode_eigh(jnp.zeros((2, 3, 3)), key=jax.random.key(0), mesh=mesh,
-                                     n_models=2, mode="models", rank=1)
+        kernels.randomized_mode_eigh(
+            jnp.zeros((2, 3, 3)),
+            key=jax.random.key(0),
+            mesh=mesh,
+            n_models=2,
+            mode="models",
+            rank=1,
+        )

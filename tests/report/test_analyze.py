@@ -54,20 +54,28 @@ def test_shared_init_loras_are_flagged(demo):
 def test_all_modes_share_one_trace(demo):
     _, _, dense, lora = demo
     for layer in dense["layers"] + lora["layers"]:
-        for mode, rec in layer["modes"].items():
+        for _mode, rec in layer["modes"].items():
             if rec["method"] == "exact" or rec["method"] == "exact-factored":
-                np.testing.assert_allclose(sum(rec["eigenvalues"]), layer["total_energy"],
-                                           rtol=1e-4)
+                np.testing.assert_allclose(
+                    sum(rec["eigenvalues"]), layer["total_energy"], rtol=1e-4
+                )
 
 
 def test_holdout_capture_matches_planted_fraction(tmp_path):
     n, shape, rank = 20, (40, 30), 3
-    values, u, v = testing.planted_population(7, n_models=n, shape=shape, rank=rank, noise=0.3,
-                                              return_basis=True)
+    values, u, v = testing.planted_population(
+        7, n_models=n, shape=shape, rank=rank, noise=0.3, return_basis=True
+    )
     for i in range(n):
         testing.write_safetensors(tmp_path / "pop" / f"m{i:02d}.safetensors", {"w": values[i]})
-    result = jsubspace.analyze([str(tmp_path / "pop")], str(tmp_path / "out"), holdout="loo",
-                               null_draws=2, num_devices=2, quiet=True)
+    result = jsubspace.analyze(
+        [str(tmp_path / "pop")],
+        str(tmp_path / "out"),
+        holdout="loo",
+        null_draws=2,
+        num_devices=2,
+        quiet=True,
+    )
     (layer,) = result["layers"]
     hold = layer["holdout"]
     x = values.astype(np.float64)
@@ -111,8 +119,9 @@ def test_spectra_json_matches_float64_for_every_format(tmp_path):
         testing.write_orbax(tmp_path / "ox" / f"c{i}", {"params": {"w": dense[i]}})
     a, b = testing.lora_population(4, n_models=n, shape=(12, 9), rank=3)
     for i in range(n):
-        testing.write_peft_adapter(tmp_path / "peft" / f"a{i}", {"model.q_proj": (a[i], b[i])},
-                                   r=3, lora_alpha=6)
+        testing.write_peft_adapter(
+            tmp_path / "peft" / f"a{i}", {"model.q_proj": (a[i], b[i])}, r=3, lora_alpha=6
+        )
     options = dict(null_draws=1, holdout=None, num_devices=2, quiet=True, plots=False)
     st = jsubspace.analyze([str(tmp_path / "st")], str(tmp_path / "o1"), **options)
     ox = jsubspace.analyze([str(tmp_path / "ox")], str(tmp_path / "o2"), **options)
@@ -129,10 +138,19 @@ def test_lora_factors_statistic_matches_paper_recipe(tmp_path):
     n, r = 8, 3
     a, b = testing.lora_population(5, n_models=n, shape=(10, 7), rank=r)
     for i in range(n):
-        testing.write_peft_adapter(tmp_path / "p" / f"a{i}", {"model.q_proj": (a[i], b[i])},
-                                   r=r, lora_alpha=6)
-    res = jsubspace.analyze([str(tmp_path / "p")], str(tmp_path / "o"), lora="factors",
-                            null_draws=1, holdout=None, num_devices=1, quiet=True, plots=False)
+        testing.write_peft_adapter(
+            tmp_path / "p" / f"a{i}", {"model.q_proj": (a[i], b[i])}, r=r, lora_alpha=6
+        )
+    res = jsubspace.analyze(
+        [str(tmp_path / "p")],
+        str(tmp_path / "o"),
+        lora="factors",
+        null_draws=1,
+        holdout=None,
+        num_devices=1,
+        quiet=True,
+        plots=False,
+    )
     (layer,) = res["layers"]
     # The paper's statistic: PCA of the stacked rows of every A (and columns of every B).
     rows_a = a.reshape(n * r, 7).astype(np.float64)
@@ -172,8 +190,7 @@ def test_rerun_resumes_and_config_change_is_refused(demo):
     again = jsubspace.analyze([paths["dense"]], str(root / "dense"), num_devices=4, quiet=True)
     assert again["layers"] == dense["layers"]
     with pytest.raises(OutputError, match="another configuration"):
-        jsubspace.analyze([paths["dense"]], str(root / "dense"), num_devices=4, seed=1,
-                          quiet=True)
+        jsubspace.analyze([paths["dense"]], str(root / "dense"), num_devices=4, seed=1, quiet=True)
 
 
 def test_bad_population_errors(tmp_path):
@@ -184,8 +201,9 @@ def test_bad_population_errors(tmp_path):
 
 
 def _cli(args, **kw):
-    return subprocess.run([sys.executable, "-m", "jsubspace.cli.main", *args],
-                          capture_output=True, text=True, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "jsubspace.cli.main", *args], capture_output=True, text=True, **kw
+    )
 
 
 def _numbers(path):
@@ -198,22 +216,36 @@ def test_cli_on_8_devices_equals_1_device(demo, tmp_path):
     outs = {}
     for d in (1, 8):
         out = tmp_path / f"d{d}"
-        proc = _cli(["analyze", f"--models={paths['adapters']}", f"--out={out}",
-                     f"--num_cpu_devices={d}", "--quiet", "--noplots", "--null_draws=2"])
+        proc = _cli(
+            [
+                "analyze",
+                f"--models={paths['adapters']}",
+                f"--out={out}",
+                f"--num_cpu_devices={d}",
+                "--quiet",
+                "--noplots",
+                "--null_draws=2",
+            ]
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs[d] = _numbers(out / "spectra.json")
     for one, eight in zip(outs[1], outs[8]):
         for mode in one["modes"]:
             top = one["modes"][mode]["eigenvalues"][0]
-            np.testing.assert_allclose(eight["modes"][mode]["eigenvalues"],
-                                       one["modes"][mode]["eigenvalues"], rtol=2e-5,
-                                       atol=2e-6 * top)
+            np.testing.assert_allclose(
+                eight["modes"][mode]["eigenvalues"],
+                one["modes"][mode]["eigenvalues"],
+                rtol=2e-5,
+                atol=2e-6 * top,
+            )
         for mode in one["null"]:
             if mode != "draws":
-                np.testing.assert_allclose(eight["null"][mode]["cev_mean"],
-                                           one["null"][mode]["cev_mean"], rtol=1e-4)
-        np.testing.assert_allclose(eight["holdout"]["two_sided"], one["holdout"]["two_sided"],
-                                   rtol=1e-4)
+                np.testing.assert_allclose(
+                    eight["null"][mode]["cev_mean"], one["null"][mode]["cev_mean"], rtol=1e-4
+                )
+        np.testing.assert_allclose(
+            eight["holdout"]["two_sided"], one["holdout"]["two_sided"], rtol=1e-4
+        )
         assert eight["verdict"]["label"] == one["verdict"]["label"]
 
 
@@ -225,8 +257,9 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
     proc = _cli(["analyze", f"--models={bad}", f"--out={tmp_path / 'o'}", "--quiet"])
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert re.search(r"jsubspace: error: .*x\.safetensors: not a valid safetensors file",
-                     proc.stderr), proc.stderr
+    assert re.search(
+        r"jsubspace: error: .*x\.safetensors: not a valid safetensors file", proc.stderr
+    ), proc.stderr
     assert not (tmp_path / "o" / "spectra.json").exists()
 
 
@@ -236,16 +269,26 @@ def test_sigkill_mid_run_resumes_to_identical_output(tmp_path):
     for i in range(n):
         testing.write_safetensors(
             tmp_path / "pop" / f"m{i}.safetensors",
-            {f"layer.{j}.weight": rng.standard_normal((24, 20)).astype(np.float32)
-             for j in range(layers)})
-    args = [f"--models={tmp_path / 'pop'}", "--quiet", "--noplots", "--null_draws=2",
-            "--num_cpu_devices=2"]
+            {
+                f"layer.{j}.weight": rng.standard_normal((24, 20)).astype(np.float32)
+                for j in range(layers)
+            },
+        )
+    args = [
+        f"--models={tmp_path / 'pop'}",
+        "--quiet",
+        "--noplots",
+        "--null_draws=2",
+        "--num_cpu_devices=2",
+    ]
     ref = _cli(["analyze", f"--out={tmp_path / 'ref'}", *args])
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "jsubspace.cli.main", "analyze",
-                             f"--out={out}", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jsubspace.cli.main", "analyze", f"--out={out}", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "layers" / "00003.json").exists():
         time.sleep(0.05)
@@ -257,3 +300,60 @@ def test_sigkill_mid_run_resumes_to_identical_output(tmp_path):
     resumed = _cli(["analyze", f"--out={out}", *args])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _numbers(out / "spectra.json") == _numbers(tmp_path / "ref" / "spectra.json")
+
+
+@pytest.mark.multiprocess
+def test_cli_under_two_distributed_processes_equals_one(demo, tmp_path):
+    import socket
+
+    _, paths, _, _ = demo
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = [f"--models={paths['dense']}", "--quiet", "--noplots", "--null_draws=2"]
+    single = _cli(["analyze", f"--out={tmp_path / 'one'}", "--num_cpu_devices=4", *common])
+    assert single.returncode == 0, single.stderr[-2000:]
+    out = tmp_path / "two"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jsubspace.cli.main",
+                "analyze",
+                f"--out={out}",
+                "--num_cpu_devices=2",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={pid}",
+                *common,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for pid in range(2)
+    ]
+    for p in procs:
+        try:
+            log, _ = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("distributed analyze hung")
+        assert p.returncode == 0, log[-3000:]
+    one, two = _numbers(tmp_path / "one" / "spectra.json"), _numbers(out / "spectra.json")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["process_count"] == 2 and manifest["mesh"]["size"] == 4
+    for a, b in zip(one, two):
+        for mode in a["modes"]:
+            top = a["modes"][mode]["eigenvalues"][0]
+            np.testing.assert_allclose(
+                b["modes"][mode]["eigenvalues"],
+                a["modes"][mode]["eigenvalues"],
+                rtol=2e-5,
+                atol=2e-6 * top,
+            )
+        assert a["verdict"]["label"] == b["verdict"]["label"]
