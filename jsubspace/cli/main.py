@@ -36,6 +36,9 @@ _NULL = flags.DEFINE_integer("null_draws", 3, "Gaussian null draws per layer (0:
 _HOLDOUT = flags.DEFINE_string("holdout", "5", "'loo', K for K-fold, or 'none'.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of every random draw.")
 _MESH = flags.DEFINE_string("mesh", "auto", "Devices on the models axis: 'auto' or a count.")
+_COMPARE = flags.DEFINE_list(
+    "compare_to", None, "A second population: principal angles between the two bases."
+)
 _SKIP = flags.DEFINE_bool("skip_mismatched", False, "Skip layers that models disagree on.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a previous run in --out.")
 _PLOTS = flags.DEFINE_bool("plots", True, "Write PNG plots and report.html.")
@@ -80,6 +83,7 @@ def _options() -> dict:
         holdout=holdout,
         seed=_SEED.value,
         skip_mismatched=_SKIP.value,
+        compare_to=_COMPARE.value,
         num_devices=None if _MESH.value == "auto" else int(_MESH.value),
         overwrite=_OVERWRITE.value,
         plots=_PLOTS.value,

@@ -51,6 +51,10 @@ def _headline(layer: dict, mode: str) -> dict:
         row["mean_only"] = hold["mean_only"]
     else:
         row.update(holdout_k=None, holdout_two_sided=None, holdout_random=None, mean_only=None)
+    half = (layer.get("compare") or {}).get("split_half") or {}
+    side = "cols" if mode in ("cols", "lora_A") else "rows"
+    row["split_half_overlap"] = half.get(f"{side}_overlap")
+    row["random_overlap"] = half.get(f"random_{side}_overlap")
     row["verdict"] = (layer.get("verdict") or {}).get("label")
     return row
 
@@ -276,6 +280,8 @@ def write_report_html(result: dict, images: list[tuple[str, str]], out: str) -> 
                         "holdout_two_sided",
                         "holdout_random",
                         "mean_only",
+                        "split_half_overlap",
+                        "random_overlap",
                         "verdict",
                     )
                 )
@@ -318,7 +324,7 @@ jsubspace {html.escape(str(manifest["jsubspace"]))}, jax {html.escape(manifest["
 <h2>Headline numbers</h2>
 <table><tr><th>layer</th><th>mode</th><th>method</th><th>k@0.9</th><th>eff. rank</th>
 <th>null excess k=1</th><th>k=4</th><th>held-out two-sided</th><th>random</th>
-<th>mean only</th><th>verdict</th></tr>
+<th>mean only</th><th>split-half overlap</th><th>random</th><th>verdict</th></tr>
 {"".join(table)}</table>
 <p>Full numbers: <code>spectra.json</code>, <code>layers.csv</code>.</p>
 </body></html>

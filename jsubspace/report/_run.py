@@ -123,6 +123,7 @@ def analyze(
     holdout: str | int | None = 5,
     seed: int = 0,
     skip_mismatched: bool = False,
+    compare_to: str | Sequence[str] | None = None,
     num_devices: int | None = None,
     overwrite: bool = False,
     plots: bool = True,
@@ -145,6 +146,8 @@ def analyze(
         holdout: 'loo', K (folds) or None.
         seed: seeds every random draw.
         skip_mismatched: skip layers the models disagree on (listed in the output).
+        compare_to: a second population; layers of the same name and shape get principal
+            angles between the two populations' bases (`compare.other`).
         num_devices: devices of the `models` mesh (all by default).
         overwrite: discard a previous run in `out` instead of resuming it.
         plots: write PNG plots and report.html (needs matplotlib).
@@ -175,7 +178,15 @@ def analyze(
         "holdout": holdout,
         "seed": seed,
         "skip_mismatched": skip_mismatched,
+        "compare_to": None,
     }
+    others = {}
+    if compare_to:
+        other_pop = io.open_population(
+            compare_to, include=include, exclude=exclude, skip_mismatched=True
+        )
+        config["compare_to"] = [m.path for m in other_pop.models]
+        others = {layer.name: layer for layer in other_pop.layers}
     fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     mesh = sharding.models_mesh(num_devices)
     layers_dir = os.path.join(out, "layers")
@@ -245,6 +256,11 @@ def analyze(
             base_value = jax.numpy.asarray(
                 np.asarray(base_refs[layer.name].read()).reshape(layer.shape)
             )
+        other = others.get(layer.name)
+        if other is not None and other.shape == layer.shape and other.kind == layer.kind:
+            other = (other, io.place_layer(other, mesh))
+        else:
+            other = None
         rec = spectra.analyze_layer(
             layer,
             placed,
@@ -254,6 +270,7 @@ def analyze(
             control_config=control_config,
             key=jax.random.fold_in(root, i),
             base=base_value,
+            other=other,
         )
         rec["fingerprint"] = fingerprint
         rec = json.loads(json.dumps(rec, default=_jsonable))

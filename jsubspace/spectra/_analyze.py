@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from jsubspace import kernels
 from jsubspace.io import PlacedDense, PlacedLora
 from jsubspace.sharding import host_array
-from jsubspace.spectra import _holdout, _layer, _lineage, _null
+from jsubspace.spectra import _compare, _holdout, _layer, _lineage, _null
 from jsubspace.spectra._summary import summarize
 
 VERDICTS = (
@@ -103,6 +103,8 @@ def _mode_record(result: _layer.ModeResult, energy: float) -> dict:
     rec.update(method=result.method, side=result.side)
     if result.total_energy is not None:
         rec["total_energy"] = result.total_energy
+    if result.flops is not None:
+        rec["estimated_flops"] = result.flops
     if result.residual is not None:
         rec.update(residual=result.residual, iterations=result.iterations)
     return rec
@@ -118,8 +120,12 @@ def analyze_layer(
     control_config: ControlConfig,
     key: jax.Array,
     base: jax.Array | None = None,
+    other=None,
 ) -> dict:
-    """Spectra and controls of one layer, as the JSON record of `spectra.json`."""
+    """Spectra and controls of one layer, as the JSON record of `spectra.json`.
+
+    `other` is `(layer, placed)` of the same layer in a second population, for `compare`.
+    """
     ranks = list(layer.ranks) if isinstance(placed, PlacedLora) else None
     k_spec, k_null = jax.random.split(key)
     spectra = _layer.layer_spectra(
@@ -154,9 +160,36 @@ def analyze_layer(
         ranks=ranks,
         uncentred_norms=uncentred_norms,
     )
-    record["holdout"] = _run_holdout(
-        placed, layer, mesh=mesh, control=control_config, center=spectra_config.center, base=base
-    )
+    x, why = dense_stack(placed, layer)
+    if x is None:
+        record["holdout"] = {"skipped": why} if control_config.holdout is not None else {}
+        record["compare"] = {"split_half": {"skipped": why}}
+    else:
+        record["holdout"] = _run_holdout(
+            x,
+            placed.n_models,
+            mesh=mesh,
+            control=control_config,
+            center=spectra_config.center,
+            base=base,
+        )
+        record["compare"] = {
+            "split_half": _compare.split_half_compare(
+                x, placed.n_models, mesh=mesh, seed=control_config.seed
+            )
+        }
+        if other is not None:
+            other_layer, other_placed = other
+            y, why = dense_stack(other_placed, other_layer)
+            record["compare"]["other"] = (
+                {"skipped": why}
+                if y is None
+                else (
+                    _compare.population_compare(
+                        x, placed.n_models, y, other_placed.n_models, mesh=mesh
+                    )
+                )
+            )
     if control_config.lineage and spectra.uncentred is not None:
         prints = factor_prints = None
         if isinstance(placed, PlacedDense):
@@ -178,21 +211,22 @@ def analyze_layer(
 _materialise = jax.jit(kernels.materialized_updates)
 
 
-def _run_holdout(placed, layer, *, mesh, control: ControlConfig, center, base) -> dict:
+def dense_stack(placed, layer) -> tuple[jax.Array | None, str | None]:
+    """The layer as a `[N_pad, m, n]` stack: dense as is, LoRA updates materialised when small."""
+    if isinstance(placed, PlacedDense):
+        return placed.x, None
+    m, k = layer.shape
+    if placed.a.shape[0] * m * k * 4 > MATERIALISE_LIMIT:
+        return None, "not implemented in factored form yet for LoRA layers this large"
+    return _materialise(placed.a, placed.b, placed.scales), None
+
+
+def _run_holdout(x, n, *, mesh, control: ControlConfig, center, base) -> dict:
     if control.holdout is None:
         return {}
-    n = placed.n_models
     if control.holdout != "loo" and n < max(3, int(control.holdout)):
         return {"skipped": f"{n} models are too few for {control.holdout}-fold holdout"}
-    if isinstance(placed, PlacedLora):
-        m, k = layer.shape
-        if placed.a.shape[0] * m * k * 4 > MATERIALISE_LIMIT:
-            return {"skipped": "factored holdout for large LoRA layers is not implemented yet"}
-        x = _materialise(placed.a, placed.b, placed.scales)
-        ref = None
-    else:
-        x = placed.x
-        ref = base if center == "base" else None
+    ref = base if center == "base" else None
     return _holdout.holdout_control(
         x, n, mesh=mesh, holdout=control.holdout, seed=control.seed, ref=ref
     )

@@ -26,6 +26,42 @@ from jsubspace.sharding._mesh import MODELS, host_array, stacked_sharding
 from jsubspace.spectra._null import EXCESS_KS
 
 
+def weighted_bases(xf: jax.Array, weights: jax.Array, *, kmax: int):
+    """Inside shard_map: the chosen models' mean, and their top-k rows / cols eigenvectors.
+
+    Args:
+        xf: `f32[N/d, m, n]`, this shard's models.
+        weights: `f32[N/d]`, 1 for the models that define the basis, 0 for the others.
+        kmax: how many eigenvectors.
+
+    Returns:
+        `(xc f32[N/d, m, n], u f32[m, kmax], v f32[n, kmax])`: every model of the shard centred
+        by the chosen models' mean, and the bases (replicated).
+    """
+    count = lax.psum(jnp.sum(weights), MODELS)
+    mu = lax.psum(jnp.einsum("i,imn->mn", weights, xf, precision=HIGHEST), MODELS) / count
+    xc = xf - mu
+    xt = xc * weights[:, None, None]
+    rows = lax.psum(jnp.einsum("imn,ikn->mk", xt, xt, precision=HIGHEST), MODELS)
+    cols = lax.psum(jnp.einsum("imn,imk->nk", xt, xt, precision=HIGHEST), MODELS)
+    u = jnp.linalg.eigh(rows)[1][:, ::-1][:, :kmax]
+    v = jnp.linalg.eigh(cols)[1][:, ::-1][:, :kmax]
+    return xc, u, v
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "kmax"))
+def masked_bases(x: jax.Array, weights: jax.Array, *, mesh: Mesh, kmax: int):
+    """Top-k rows / cols eigenvectors `(f32[m, k], f32[n, k])` of the models with weight 1."""
+
+    def body(xb, wb):
+        _, u, v = weighted_bases(xb.astype(jnp.float32), wb, kmax=kmax)
+        return u, v
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(MODELS), P(MODELS)), out_specs=P())(
+        x, weights
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("mesh", "kmax"))
 def fold_capture(x, train, ref, *, mesh: Mesh, kmax: int):
     """Captured energies of every model under the basis fitted on `train`.
@@ -45,14 +81,7 @@ def fold_capture(x, train, ref, *, mesh: Mesh, kmax: int):
 
     def body(xb, tb, rb):
         xf = xb.astype(jnp.float32)
-        count = lax.psum(jnp.sum(tb), MODELS)
-        mu = lax.psum(jnp.einsum("i,imn->mn", tb, xf, precision=HIGHEST), MODELS) / count
-        xc = xf - mu
-        xt = xc * tb[:, None, None]
-        rows = lax.psum(jnp.einsum("imn,ikn->mk", xt, xt, precision=HIGHEST), MODELS)
-        cols = lax.psum(jnp.einsum("imn,imk->nk", xt, xt, precision=HIGHEST), MODELS)
-        u = jnp.linalg.eigh(rows)[1][:, ::-1][:, :kmax]
-        v = jnp.linalg.eigh(cols)[1][:, ::-1][:, :kmax]
+        xc, u, v = weighted_bases(xf, tb, kmax=kmax)
         core = jnp.einsum("mk,imn,nl->ikl", u, xc, v, precision=HIGHEST) ** 2
         two = jnp.cumsum(jnp.cumsum(core, axis=1), axis=2)
         two = jnp.diagonal(two, axis1=1, axis2=2)

@@ -68,6 +68,7 @@ class ModeResult:
     residual: float | None = None
     iterations: int | None = None
     total_energy: float | None = None  # set where the mode has its own trace (factor PCA)
+    flops: float | None = None  # the solver's estimated cost, which decided exact vs randomized
 
 
 @dataclasses.dataclass
@@ -81,6 +82,21 @@ class LayerSpectra:
     factor_gram: np.ndarray | None = None  # f64[N, N], <A_i, A_j> of LoRA A factors
 
 
+def solver_costs(n_models: int, m: int, n: int, *, mode: str, rank: int, iterations: int) -> dict:
+    """Estimated flops of the exact and randomized solvers for the rows / cols mode.
+
+    Exact: the side x side Gram (`2 N m n side`) plus its eigh (~`9 side^3`). Randomized block
+    Krylov: `iterations + 2` operator products of `4 N m n l` each (l = rank + 10) plus the
+    re-orthonormalisations of a `side x (iterations + 1) l` block.
+    """
+    side = m if mode == "rows" else n
+    width = rank + 10
+    exact = 2.0 * n_models * m * n * side + 9.0 * side**3
+    block = (iterations + 1) * width
+    randomized = (iterations + 2) * 4.0 * n_models * m * n * width + 4.0 * side * block**2
+    return {"exact": exact, "randomized": randomized}
+
+
 def _eigvals(gram) -> np.ndarray:
     return np.clip(host_array(kernels.exact_eigh(gram).values).astype(np.float64), 0.0, None)
 
@@ -91,11 +107,20 @@ def _dense_spectra(
     n_pad, m, n = placed.x.shape
     sides = {"models": placed.n_models, "rows": m, "cols": n}
     randomized = set()
+    costs = {}
     for mode in ("rows", "cols"):
         if mode not in config.modes:
             continue
-        big = sides[mode] > config.exact_limit and config.rank < sides[mode] // 2
-        if config.method == "randomized" or (config.method == "auto" and big):
+        costs[mode] = solver_costs(
+            placed.n_models, m, n, mode=mode, rank=config.rank, iterations=config.iterations
+        )
+        cheaper = costs[mode]["randomized"] < costs[mode]["exact"]
+        # Exact eigh of a side beyond exact_limit also needs its side^2 Gram in memory.
+        if config.method == "randomized" or (
+            config.method == "auto"
+            and (cheaper or sides[mode] > config.exact_limit)
+            and config.rank < sides[mode] // 2
+        ):
             randomized.add(mode)
     exact_modes = tuple(mo for mo in MODES if mo in config.modes and mo not in randomized)
     # The models Gram is always wanted: its diagonal gives the per-model energies.
@@ -109,7 +134,12 @@ def _dense_spectra(
     )
     out = {}
     for mode in exact_modes:
-        out[mode] = ModeResult(_eigvals(getattr(grams, mode)), "exact", sides[mode])
+        out[mode] = ModeResult(
+            _eigvals(getattr(grams, mode)),
+            "exact",
+            sides[mode],
+            flops=costs.get(mode, {}).get("exact"),
+        )
     for mode in sorted(randomized):
         key, sub = jax.random.split(key)
         eig = kernels.randomized_mode_eigh(
@@ -129,6 +159,7 @@ def _dense_spectra(
             sides[mode],
             residual=float(np.max(host_array(eig.residuals))),
             iterations=config.iterations,
+            flops=costs[mode]["randomized"],
         )
     models_gram = host_array(grams.models).astype(np.float64)
     norms = np.diag(models_gram).copy()
