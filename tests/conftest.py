@@ -6,6 +6,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_enable_x64", False)
@@ -13,8 +14,16 @@ jax.config.update("jax_enable_x64", False)
 DEVICE_COUNTS = (1, 2, 4, 8)
 
 
+settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True)
+settings.register_profile("slow", max_examples=5000, deadline=None)
+
+
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_configure(config):
+    settings.load_profile("slow" if config.getoption("--slow") else "ci")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -43,6 +43,8 @@ _SKIP = flags.DEFINE_bool("skip_mismatched", False, "Skip layers that models dis
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a previous run in --out.")
 _PLOTS = flags.DEFINE_bool("plots", True, "Write PNG plots and report.html.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
+_BUDGET = flags.DEFINE_float("memory_budget", None,
+                             "GiB one layer's analysis may use (default: half the RAM on CPU).")
 _CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", None, "Split the CPU into this many JAX devices (testing)."
 )
@@ -86,6 +88,7 @@ def _options() -> dict:
         compare_to=_COMPARE.value,
         num_devices=None if _MESH.value == "auto" else int(_MESH.value),
         overwrite=_OVERWRITE.value,
+        memory_budget=None if _BUDGET.value is None else int(_BUDGET.value * 2**30),
         plots=_PLOTS.value,
         quiet=_QUIET.value,
     )

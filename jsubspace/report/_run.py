@@ -1,12 +1,9 @@
 """`analyze`: a population in, `spectra.json` + csv + plots + report out, resumable.
 
-Layout of `out/`:
-  run.json              the configuration; a rerun must match it (or pass overwrite=True)
-  layers/NNNNN.json     one finished layer each, written atomically as soon as it is done
-  spectra.json          the whole result, written last: its presence means the run finished
-  layers.csv, plots/, report.html, manifest.json
-A killed run resumes at the first unfinished layer; layer keys are derived from the seed and the
-layer index, so a resumed run gives the same numbers as an uninterrupted one.
+The output directory (lock, resume, atomic records) is `RunDirectory`'s business. Layer keys are
+derived from the seed and the layer index, so a resumed run gives the same numbers as an
+uninterrupted one. A layer whose working set exceeds the memory budget is refused before any
+byte is read, and a failed peer process ends a multi-host run with a clear message.
 """
 
 from __future__ import annotations
@@ -26,15 +23,16 @@ import jax
 import numpy as np
 
 from jsubspace import io, sharding, spectra
-from jsubspace.errors import JsubspaceError
-from jsubspace.report._atomic import atomic_write_json, atomic_write_text
+from jsubspace.errors import JsubspaceError, PopulationError
+from jsubspace.report._atomic import atomic_write_text
 from jsubspace.report._outputs import write_csv, write_plots, write_report_html
+from jsubspace.report._rundir import OutputError, RunDirectory
 
 SPECTRA_VERSION = "1"
 
 
-class OutputError(JsubspaceError):
-    """The output directory holds a different run, or cannot be written."""
+class DistributedError(JsubspaceError):
+    """A process of a multi-host run failed; the survivors stop instead of hanging."""
 
 
 def _git_revision() -> str | None:
@@ -128,6 +126,7 @@ def analyze(
     overwrite: bool = False,
     plots: bool = True,
     quiet: bool = False,
+    memory_budget: int | None = None,
 ) -> dict:
     """Mode-wise spectra of a population beside their controls; writes `out/` and returns
     the `spectra.json` dict.
@@ -152,6 +151,8 @@ def analyze(
         overwrite: discard a previous run in `out` instead of resuming it.
         plots: write PNG plots and report.html (needs matplotlib).
         quiet: no progress bar.
+        memory_budget: bytes one layer's analysis may use (default: half the host RAM on CPU,
+            80% of device memory on accelerators); larger layers are refused before any read.
     """
     if center == "base" and not base:
         raise OutputError("center='base' needs a base model (--base=PATH)")
@@ -189,116 +190,113 @@ def analyze(
         others = {layer.name: layer for layer in other_pop.layers}
     fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     mesh = sharding.models_mesh(num_devices)
-    layers_dir = os.path.join(out, "layers")
-    run_path = os.path.join(out, "run.json")
-    os.makedirs(layers_dir, exist_ok=True)
-    previous = None
-    if os.path.exists(run_path):
-        try:
-            with open(run_path, encoding="utf-8") as f:
-                previous = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            previous = None
-    if previous is not None and previous.get("fingerprint") != fingerprint and not overwrite:
-        raise OutputError(
-            f"{out} holds a run with another configuration; pass --overwrite to replace it "
-            "or choose another --out"
-        )
-    lead = jax.process_index() == 0
-    if lead and (overwrite or previous is None or previous.get("fingerprint") != fingerprint):
-        for name in os.listdir(layers_dir):
-            os.remove(os.path.join(layers_dir, name))
-    for stale in ("spectra.json", "layers.csv", "report.html", "manifest.json"):
-        path = os.path.join(out, stale)
-        if lead and os.path.exists(path):
-            os.remove(path)  # A result that is not this run's must not look complete.
-
-    def layer_path(i):
-        return os.path.join(layers_dir, f"{i:05d}.json")
-
-    records: list[dict | None] = [None] * len(population.layers)
-    for i, layer in enumerate(population.layers):
-        path = layer_path(i)
-        if os.path.exists(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    rec = json.load(f)
-                if rec.get("name") == layer.name and rec.get("fingerprint") == fingerprint:
-                    records[i] = rec
-            except (OSError, json.JSONDecodeError):
-                pass  # A broken layer file is recomputed, never trusted.
-    if jax.process_count() > 1:
-        # Every process must run the same layers (the kernels are collectives): process 0's
-        # view of what is finished decides. `out` must be on a filesystem all hosts see.
-        from jax.experimental import multihost_utils
-
-        done = np.asarray([r is not None for r in records], np.int32)
-        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
-        for i, flag in enumerate(done):
-            if not flag:
-                records[i] = None
-            elif records[i] is None:
-                raise OutputError(
-                    f"{layer_path(i)}: finished on process 0 but not visible here; "
-                    "--out must be on a filesystem every host sees"
-                )
-    if lead:
-        atomic_write_json(run_path, {"fingerprint": fingerprint, "config": config})
-    todo = [i for i, r in enumerate(records) if r is None]
+    budget = memory_budget if memory_budget is not None else default_memory_budget(mesh)
+    for layer in population.layers:
+        check_layer_memory(layer, mesh, budget)
     base_refs = _load_base(base, population) if base else {}
-    root = jax.random.key(seed)
-    start = time.time()
-    _progress(len(records) - len(todo), len(records), "", 0.0, quiet=quiet)
-    stream = io.stream_layers(population, mesh, layers=[population.layers[i] for i in todo])
-    for i, (layer, placed) in zip(todo, stream):
-        base_value = None
-        if layer.name in base_refs:
-            base_value = jax.numpy.asarray(
-                np.asarray(base_refs[layer.name].read()).reshape(layer.shape)
-            )
-        other = others.get(layer.name)
-        if other is not None and other.shape == layer.shape and other.kind == layer.kind:
-            other = (other, io.place_layer(other, mesh))
-        else:
-            other = None
-        rec = spectra.analyze_layer(
-            layer,
-            placed,
-            population.names,
-            mesh=mesh,
-            spectra_config=spectra_config,
-            control_config=control_config,
-            key=jax.random.fold_in(root, i),
-            base=base_value,
-            other=other,
-        )
-        rec["fingerprint"] = fingerprint
-        rec = json.loads(json.dumps(rec, default=_jsonable))
-        if jax.process_index() == 0:
-            atomic_write_json(layer_path(i), rec)
-        records[i] = rec
-        done = sum(r is not None for r in records)
-        _progress(done, len(records), layer.name, time.time() - start, quiet=quiet)
+    with RunDirectory(out, fingerprint=fingerprint, config=config, overwrite=overwrite) as rundir:
+        records = rundir.finished([layer.name for layer in population.layers])
+        todo = [i for i, r in enumerate(records) if r is None]
+        root = jax.random.key(seed)
+        start = time.time()
+        _progress(len(records) - len(todo), len(records), "", 0.0, quiet=quiet)
+        stream = io.stream_layers(population, mesh, layers=[population.layers[i] for i in todo])
+        for i, (layer, placed) in zip(todo, stream):
+            base_value = None
+            if layer.name in base_refs:
+                base_value = jax.numpy.asarray(
+                    np.asarray(base_refs[layer.name].read()).reshape(layer.shape)
+                )
+            other = others.get(layer.name)
+            if other is not None and other.shape == layer.shape and other.kind == layer.kind:
+                other = (other, io.place_layer(other, mesh))
+            else:
+                other = None
+            try:
+                rec = spectra.analyze_layer(
+                    layer,
+                    placed,
+                    population.names,
+                    mesh=mesh,
+                    spectra_config=spectra_config,
+                    control_config=control_config,
+                    key=jax.random.fold_in(root, i),
+                    base=base_value,
+                    other=other,
+                )
+            except jax.errors.JaxRuntimeError as e:
+                if jax.process_count() > 1:
+                    raise DistributedError(
+                        f"layer {layer.name!r}: a collective across {jax.process_count()} "
+                        f"processes failed ({str(e).splitlines()[0][:200]}); another process "
+                        f"probably died. Finished layers are kept in {rundir.layers_dir}; "
+                        "restart every process to resume"
+                    ) from None
+                raise
+            rec["fingerprint"] = fingerprint
+            rec = json.loads(json.dumps(rec, default=_jsonable))
+            rundir.write_layer(i, rec)
+            records[i] = rec
+            done = sum(r is not None for r in records)
+            _progress(done, len(records), layer.name, time.time() - start, quiet=quiet)
 
-    result = {
-        "version": SPECTRA_VERSION,
-        "models": population.names,
-        "config": config,
-        "manifest": run_manifest(config, mesh, population),
-        "skipped_layers": [{"name": n, "reason": r} for n, r in population.skipped],
-        "layers": [{k: v for k, v in r.items() if k != "fingerprint"} for r in records],
-    }
-    if jax.process_index() == 0:
-        atomic_write_json(os.path.join(out, "manifest.json"), result["manifest"])
-        write_csv(os.path.join(out, "layers.csv"), result)
-        if plots:
-            images = write_plots(os.path.join(out, "plots"), result)
-            atomic_write_text(
-                os.path.join(out, "report.html"), write_report_html(result, images, out)
-            )
-        # Last: spectra.json's presence means the run is complete.
-        atomic_write_json(os.path.join(out, "spectra.json"), result)
+        result = {
+            "version": SPECTRA_VERSION,
+            "models": population.names,
+            "config": config,
+            "manifest": run_manifest(config, mesh, population),
+            "skipped_layers": [{"name": n, "reason": r} for n, r in population.skipped],
+            "layers": [{k: v for k, v in r.items() if k != "fingerprint"} for r in records],
+        }
+        if rundir.lead:
+            rundir.write_json("manifest.json", result["manifest"])
+            rundir.write("layers.csv", lambda path: write_csv(path, result))
+            if plots:
+                images = []
+                rundir.write("plots", lambda path: images.extend(write_plots(path, result)))
+                rundir.write(
+                    "report.html",
+                    lambda path: atomic_write_text(path, write_report_html(result, images, out)),
+                )
+            # Last: spectra.json's presence means the run is complete.
+            rundir.write_json("spectra.json", result)
     return result
+
+
+def default_memory_budget(mesh) -> int:
+    """Bytes a layer may use: half the host's RAM on CPU, 80% of the smallest device's memory
+    times the device count on accelerators."""
+    devices = list(mesh.devices.flat)
+    if devices[0].platform == "cpu":
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.5)
+    limits = [(d.memory_stats() or {}).get("bytes_limit", 0) for d in devices]
+    return int(0.8 * min(limits) * len(devices)) if all(limits) else 2**62
+
+
+def layer_working_set(layer, mesh) -> int:
+    """Estimated peak bytes of one layer's analysis: the stored stack, its float32 centred copy
+    and temporaries (x3), the prefetched next layer, and the Grams."""
+    n_pad = sharding.padded_count(len(layer.refs if layer.kind == "dense" else layer.a_refs), mesh)
+    m, n = layer.shape
+    itemsize = np.dtype(layer.dtype).itemsize
+    if layer.kind == "dense":
+        stack = n_pad * m * n
+        return int(stack * (2 * itemsize + 3 * 4) + 4 * (m * m + n * n + n_pad * n_pad))
+    r = layer.rank
+    factors = n_pad * r * (m + n)
+    return int(factors * (2 * itemsize + 3 * 4) + 4 * 6 * (n_pad * r) ** 2)
+
+
+def check_layer_memory(layer, mesh, budget: int) -> None:
+    """Refuses, before anything is read, a layer whose working set exceeds the budget."""
+    need = layer_working_set(layer, mesh)
+    if need > budget:
+        raise PopulationError(
+            f"layer {layer.name!r} ({list(layer.shape)}, {np.dtype(layer.dtype)}) needs about "
+            f"{need / 2**30:.1f} GiB, over the memory budget of {budget / 2**30:.1f} GiB: "
+            "use more devices or hosts, fewer models, --exclude this layer, or raise "
+            "--memory_budget"
+        )
 
 
 def _jsonable(value):

@@ -53,11 +53,15 @@ def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    *,
+    heartbeat_timeout_seconds: int = 30,
 ) -> None:
     """Starts JAX's multi-controller runtime, one process per host.
 
     With no arguments on TPU / SLURM / Kubernetes clusters JAX finds the values itself. On CPU
     (tests, localhost) the gloo collectives are selected so that `psum` crosses processes.
+    A process that stops answering for `heartbeat_timeout_seconds` fails the others' collectives
+    instead of leaving them waiting forever.
     """
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -65,6 +69,7 @@ def initialize_distributed(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
         process_id=process_id,
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds,
     )
 
 
