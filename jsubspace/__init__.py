@@ -4,8 +4,15 @@ Mode-wise spectra of a population of checkpoints, computed with sharded JAX kern
 beside their controls (Gaussian null, held-out capture, mean-only, lineage).
 """
 
-from jsubspace import io, kernels, report, sharding, spectra
-from jsubspace.errors import CheckpointError, JsubspaceError, NonFiniteError, PopulationError
+from jsubspace import io
+from jsubspace import kernels
+from jsubspace import report
+from jsubspace import sharding
+from jsubspace import spectra
+from jsubspace.errors import CheckpointError
+from jsubspace.errors import JsubspaceError
+from jsubspace.errors import NonFiniteError
+from jsubspace.errors import PopulationError
 from jsubspace.io import open_population
 from jsubspace.report import analyze
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app
+from absl import flags
 
 COMMANDS = ("analyze", "demo")
 
@@ -43,8 +44,9 @@ _SKIP = flags.DEFINE_bool("skip_mismatched", False, "Skip layers that models dis
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a previous run in --out.")
 _PLOTS = flags.DEFINE_bool("plots", True, "Write PNG plots and report.html.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
-_BUDGET = flags.DEFINE_float("memory_budget", None,
-                             "GiB one layer's analysis may use (default: half the RAM on CPU).")
+_BUDGET = flags.DEFINE_float(
+    "memory_budget", None, "GiB one layer's analysis may use (default: half the RAM on CPU)."
+)
 _CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", None, "Split the CPU into this many JAX devices (testing)."
 )
@@ -152,9 +154,16 @@ def _demo(argv):
 def _errors_as_messages(main):
     def wrapped(argv):
         from jsubspace.errors import JsubspaceError
+        from jsubspace.report import DistributedError
 
         try:
             main(argv)
+        except DistributedError as e:
+            # The peer is gone: skip jax.distributed's exit barrier, which would wait for it
+            # and then abort the process with a fatal log instead of this message.
+            print(f"jsubspace: error: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(3)
         except JsubspaceError as e:
             print(f"jsubspace: error: {e}", file=sys.stderr)
             sys.exit(2)
@@ -170,8 +179,53 @@ def run() -> None:
         print(f"commands: {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
     command = argv[1]
+    if any(a.startswith("--coordinator_address") for a in argv) and not os.environ.get(_SUPERVISED):
+        sys.exit(_supervise(argv))
     main = {"analyze": _analyze, "demo": _demo}[command]
     app.run(_errors_as_messages(main), argv=[f"jsubspace {command}"] + argv[2:])
+
+
+_SUPERVISED = "JSUBSPACE_SUPERVISED"
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _supervise(argv) -> int:
+    """Runs a multi-host command in a child process and explains how it ended.
+
+    When a peer host dies, JAX's coordination service may abort this process from a background
+    thread before Python can say anything; the supervisor turns that into one clear message.
+    """
+    import subprocess
+
+    env = dict(os.environ, **{_SUPERVISED: "1"})
+    child = subprocess.Popen(
+        [sys.executable, "-m", "jsubspace.cli.main", *argv[1:]],
+        env=env,
+        preexec_fn=_die_with_parent,
+    )
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        child.terminate()
+        code = child.wait()
+    if code < 0 or code == 134:
+        print(
+            f"jsubspace: error: this process (of a multi-host run) was stopped by JAX's "
+            f"distributed runtime (exit {code}): another process probably died. Finished layers "
+            "are kept in --out/layers; restart every process to resume",
+            file=sys.stderr,
+        )
+        return 3
+    return code
 
 
 if __name__ == "__main__":

@@ -1,24 +1,27 @@
 """Checkpoints -> index -> aligned layers -> sharded arrays (safetensors, PEFT, Orbax, npz)."""
 
-from jsubspace.io._formats import LoraConfig, LoraModule, Model, TensorRef, load_model
-from jsubspace.io._placement import (
-    Placed,
-    PlacedDense,
-    PlacedLora,
-    iter_model_blocks,
-    nonfinite_report,
-    place_layer,
-    stream_layers,
-)
-from jsubspace.io._population import (
-    DenseLayer,
-    Layer,
-    LoraLayer,
-    Population,
-    open_population,
-    resolve_sources,
-)
-from jsubspace.io._safetensors import SafetensorsHeader, TensorInfo, read_header, read_tensor
+from jsubspace.io._formats import LoraConfig
+from jsubspace.io._formats import LoraModule
+from jsubspace.io._formats import Model
+from jsubspace.io._formats import TensorRef
+from jsubspace.io._formats import load_model
+from jsubspace.io._placement import Placed
+from jsubspace.io._placement import PlacedDense
+from jsubspace.io._placement import PlacedLora
+from jsubspace.io._placement import iter_model_blocks
+from jsubspace.io._placement import nonfinite_report
+from jsubspace.io._placement import place_layer
+from jsubspace.io._placement import stream_layers
+from jsubspace.io._population import DenseLayer
+from jsubspace.io._population import Layer
+from jsubspace.io._population import LoraLayer
+from jsubspace.io._population import Population
+from jsubspace.io._population import open_population
+from jsubspace.io._population import resolve_sources
+from jsubspace.io._safetensors import SafetensorsHeader
+from jsubspace.io._safetensors import TensorInfo
+from jsubspace.io._safetensors import read_header
+from jsubspace.io._safetensors import read_tensor
 
 __all__ = [
     "DenseLayer",

@@ -229,9 +229,69 @@ def load_peft(directory: str) -> Model:
     )
 
 
+MAX_TENSOR_BYTES = 2**40  # A tensor claiming more than 1 TiB is refused outright.
+
+
+def check_links_inside(directory: str) -> None:
+    """Refuses a checkpoint directory holding a symlink that leads outside it."""
+    root = os.path.realpath(directory)
+    for here, dirs, files in os.walk(directory, followlinks=False):
+        for name in dirs + files:
+            path = os.path.join(here, name)
+            if os.path.islink(path):
+                target = os.path.realpath(path)
+                if os.path.commonpath([target, root]) != root:
+                    raise CheckpointError(
+                        directory,
+                        f"symlink {os.path.relpath(path, directory)!r} points outside the "
+                        f"checkpoint directory (to {target})",
+                    )
+
+
+def _check_orbax_leaf(directory: str, keys: tuple[str, ...], shape, dtype) -> None:
+    for key in keys:
+        if not key or key in (".", "..") or "/" in key or "\\" in key or "\x00" in key:
+            raise CheckpointError(
+                directory,
+                f"Orbax metadata key {'.'.join(keys)!r} could name a path outside "
+                "the checkpoint; refused",
+            )
+    if not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        raise CheckpointError(directory, f"tensor {'.'.join(keys)!r}: bad shape {shape!r}")
+    nbytes = math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
+    if nbytes > MAX_TENSOR_BYTES:
+        raise CheckpointError(
+            directory,
+            f"tensor {'.'.join(keys)!r} claims {nbytes} bytes (shape {list(shape)}); "
+            "refused as absurd",
+        )
+
+
+def _check_orbax_metadata_file(directory: str) -> None:
+    """Checks the keys in `_METADATA` before Orbax turns them into storage paths."""
+    path = os.path.join(directory, "_METADATA")
+    if not os.path.isfile(path):
+        return
+    meta = _read_json(path)
+    tree = meta.get("tree_metadata", {})
+    if not isinstance(tree, dict):
+        raise CheckpointError(path, "'tree_metadata' is not an object")
+    for entry in tree.values():
+        keys = entry.get("key_metadata", []) if isinstance(entry, dict) else []
+        names = tuple(str(k.get("key", "")) if isinstance(k, dict) else "" for k in keys)
+        _check_orbax_leaf(directory, names, (), np.float32)
+
+
 def load_orbax(directory: str) -> Model:
-    """An Orbax PyTree checkpoint; structure from its metadata, each leaf restored on demand."""
+    """An Orbax PyTree checkpoint; structure from its metadata, each leaf restored on demand.
+
+    Untrusted: symlinks out of the directory, metadata keys that could become paths, and absurd
+    shapes are refused before Orbax opens any array.
+    """
     import orbax.checkpoint as ocp  # Imported here: it is slow and only this format needs it.
+
+    check_links_inside(directory)
+    _check_orbax_metadata_file(directory)
 
     checkpointer = ocp.PyTreeCheckpointer()
     try:
@@ -277,6 +337,7 @@ def load_orbax(directory: str) -> Model:
         dtype = getattr(node, "dtype", None)
         if shape is None or dtype is None:
             return
+        _check_orbax_leaf(directory, keys, shape, dtype)
         name = ".".join(keys)
         tensors[name] = TensorRef(
             directory,

@@ -19,8 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jsubspace.errors import CheckpointError, NonFiniteError
-from jsubspace.io._population import DenseLayer, LoraLayer, Population
+from jsubspace.errors import CheckpointError
+from jsubspace.errors import NonFiniteError
+from jsubspace.io._population import DenseLayer
+from jsubspace.io._population import LoraLayer
+from jsubspace.io._population import Population
 from jsubspace.sharding import _mesh
 
 

@@ -16,9 +16,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jsubspace.errors import CheckpointError, PopulationError
+from jsubspace.errors import CheckpointError
+from jsubspace.errors import PopulationError
 from jsubspace.io import _formats
-from jsubspace.io._formats import Model, TensorRef
+from jsubspace.io._formats import Model
+from jsubspace.io._formats import TensorRef
 
 
 @dataclasses.dataclass(frozen=True)

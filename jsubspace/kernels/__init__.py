@@ -4,30 +4,25 @@ Kernels take arrays and keyword arguments, never paths or flags. Stacks are `[N,
 sharded over the `models` mesh axis; reductions over models are `psum`s inside `jax.shard_map`.
 """
 
-from jsubspace.kernels._gram import (
-    CENTERS,
-    HIGHEST,
-    ModeGrams,
-    centered_block,
-    mode_grams,
-    ring_cross_gram,
-    streaming_mode_grams,
-)
-from jsubspace.kernels._hosvd import Tucker, hosvd
-from jsubspace.kernels._lora import (
-    LoraGrams,
-    centering_matrix,
-    lora_grams,
-    materialized_updates,
-    psd_root,
-)
-from jsubspace.kernels._rsvd import (
-    Eig,
-    exact_eigh,
-    orthonormalize,
-    randomized_eigh,
-    randomized_mode_eigh,
-)
+from jsubspace.kernels._gram import CENTERS
+from jsubspace.kernels._gram import HIGHEST
+from jsubspace.kernels._gram import ModeGrams
+from jsubspace.kernels._gram import centered_block
+from jsubspace.kernels._gram import mode_grams
+from jsubspace.kernels._gram import ring_cross_gram
+from jsubspace.kernels._gram import streaming_mode_grams
+from jsubspace.kernels._hosvd import Tucker
+from jsubspace.kernels._hosvd import hosvd
+from jsubspace.kernels._lora import LoraGrams
+from jsubspace.kernels._lora import centering_matrix
+from jsubspace.kernels._lora import lora_grams
+from jsubspace.kernels._lora import materialized_updates
+from jsubspace.kernels._lora import psd_root
+from jsubspace.kernels._rsvd import Eig
+from jsubspace.kernels._rsvd import exact_eigh
+from jsubspace.kernels._rsvd import orthonormalize
+from jsubspace.kernels._rsvd import randomized_eigh
+from jsubspace.kernels._rsvd import randomized_mode_eigh
 
 __all__ = [
     "CENTERS",

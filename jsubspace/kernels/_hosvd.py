@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jsubspace.kernels._gram import HIGHEST, mode_grams
+from jsubspace.kernels._gram import HIGHEST
+from jsubspace.kernels._gram import mode_grams
 from jsubspace.kernels._rsvd import exact_eigh
 
 

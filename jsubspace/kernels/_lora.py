@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jsubspace.kernels._gram import HIGHEST, ring_cross_gram
+from jsubspace.kernels._gram import HIGHEST
+from jsubspace.kernels._gram import ring_cross_gram
 from jsubspace.sharding._mesh import MODELS
 
 

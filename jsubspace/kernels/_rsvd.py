@@ -30,7 +30,8 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jsubspace.kernels._gram import HIGHEST, centered_block
+from jsubspace.kernels._gram import HIGHEST
+from jsubspace.kernels._gram import centered_block
 from jsubspace.sharding._mesh import MODELS
 
 METHODS = ("subspace", "krylov")

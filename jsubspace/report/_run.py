@@ -22,11 +22,17 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jsubspace import io, sharding, spectra
-from jsubspace.errors import JsubspaceError, PopulationError
+from jsubspace import io
+from jsubspace import sharding
+from jsubspace import spectra
+from jsubspace.errors import JsubspaceError
+from jsubspace.errors import PopulationError
 from jsubspace.report._atomic import atomic_write_text
-from jsubspace.report._outputs import write_csv, write_plots, write_report_html
-from jsubspace.report._rundir import OutputError, RunDirectory
+from jsubspace.report._outputs import write_csv
+from jsubspace.report._outputs import write_plots
+from jsubspace.report._outputs import write_report_html
+from jsubspace.report._rundir import OutputError
+from jsubspace.report._rundir import RunDirectory
 
 SPECTRA_VERSION = "1"
 

@@ -1,11 +1,24 @@
 """Per-layer spectra and their controls (null, holdout, lineage, compare)."""
 
-from jsubspace.spectra._analyze import VERDICTS, ControlConfig, analyze_layer, verdict
-from jsubspace.spectra._holdout import fold_assignment, holdout_control
-from jsubspace.spectra._layer import LayerSpectra, ModeResult, SpectraConfig, layer_spectra
+from jsubspace.spectra._analyze import VERDICTS
+from jsubspace.spectra._analyze import ControlConfig
+from jsubspace.spectra._analyze import analyze_layer
+from jsubspace.spectra._analyze import verdict
+from jsubspace.spectra._holdout import fold_assignment
+from jsubspace.spectra._holdout import holdout_control
+from jsubspace.spectra._layer import LayerSpectra
+from jsubspace.spectra._layer import ModeResult
+from jsubspace.spectra._layer import SpectraConfig
+from jsubspace.spectra._layer import layer_spectra
 from jsubspace.spectra._lineage import lineage_record
-from jsubspace.spectra._null import gaussian_stack, marchenko_pastur_eigenvalues, null_control
-from jsubspace.spectra._summary import TAUS, cev, effective_rank, k_at, summarize
+from jsubspace.spectra._null import gaussian_stack
+from jsubspace.spectra._null import marchenko_pastur_eigenvalues
+from jsubspace.spectra._null import null_control
+from jsubspace.spectra._summary import TAUS
+from jsubspace.spectra._summary import cev
+from jsubspace.spectra._summary import effective_rank
+from jsubspace.spectra._summary import k_at
+from jsubspace.spectra._summary import summarize
 
 __all__ = [
     "TAUS",

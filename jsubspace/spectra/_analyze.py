@@ -14,9 +14,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jsubspace import kernels
-from jsubspace.io import PlacedDense, PlacedLora
+from jsubspace.io import PlacedDense
+from jsubspace.io import PlacedLora
 from jsubspace.sharding import host_array
-from jsubspace.spectra import _compare, _holdout, _layer, _lineage, _null
+from jsubspace.spectra import _compare
+from jsubspace.spectra import _holdout
+from jsubspace.spectra import _layer
+from jsubspace.spectra import _lineage
+from jsubspace.spectra import _null
 from jsubspace.spectra._summary import summarize
 
 VERDICTS = (

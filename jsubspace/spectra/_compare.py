@@ -11,7 +11,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jsubspace.sharding._mesh import host_array, stacked_sharding
+from jsubspace.sharding._mesh import host_array
+from jsubspace.sharding._mesh import stacked_sharding
 from jsubspace.spectra._holdout import masked_bases
 
 

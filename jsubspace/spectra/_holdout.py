@@ -22,7 +22,9 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jsubspace.kernels import HIGHEST
-from jsubspace.sharding._mesh import MODELS, host_array, stacked_sharding
+from jsubspace.sharding._mesh import MODELS
+from jsubspace.sharding._mesh import host_array
+from jsubspace.sharding._mesh import stacked_sharding
 from jsubspace.spectra._null import EXCESS_KS
 
 

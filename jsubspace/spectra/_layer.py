@@ -14,7 +14,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jsubspace import kernels
-from jsubspace.io import PlacedDense, PlacedLora
+from jsubspace.io import PlacedDense
+from jsubspace.io import PlacedLora
 from jsubspace.sharding import host_array
 
 MODES = ("models", "rows", "cols")

@@ -18,8 +18,11 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jsubspace import kernels
-from jsubspace.io import PlacedDense, PlacedLora
-from jsubspace.sharding._mesh import MODELS, host_array, stacked_sharding
+from jsubspace.io import PlacedDense
+from jsubspace.io import PlacedLora
+from jsubspace.sharding._mesh import MODELS
+from jsubspace.sharding._mesh import host_array
+from jsubspace.sharding._mesh import stacked_sharding
 from jsubspace.spectra import _layer
 from jsubspace.spectra._summary import cev
 

@@ -9,21 +9,27 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from jsubspace import CheckpointError, io
+from jsubspace import CheckpointError
+from jsubspace import io
 
 names = st.text(min_size=0, max_size=40) | st.sampled_from(
-    ["../../etc/passwd", "a/b\\c", "é" * 300, "\x00", "__metadata__"])
+    ["../../etc/passwd", "a/b\\c", "é" * 300, "\x00", "__metadata__"]
+)
 dtypes = st.sampled_from(["F32", "F16", "BF16", "F8_E4M3", "I64", "U8", "BOOL", "F33", "", "f32"])
 ints = st.integers(min_value=-5, max_value=2**66) | st.integers(min_value=0, max_value=64)
-entries = st.fixed_dictionaries({
-    "dtype": dtypes | st.integers(),
-    "shape": st.lists(ints, max_size=4) | st.just("x"),
-    "data_offsets": st.lists(ints, min_size=0, max_size=3) | st.none(),
-})
+entries = st.fixed_dictionaries(
+    {
+        "dtype": dtypes | st.integers(),
+        "shape": st.lists(ints, max_size=4) | st.just("x"),
+        "data_offsets": st.lists(ints, min_size=0, max_size=3) | st.none(),
+    }
+)
 headers = st.dictionaries(names, entries | st.integers() | st.text(max_size=5), max_size=5)
 
 
@@ -54,15 +60,23 @@ def test_random_headers(tmp_path, header, data, claimed):
 def valid_bytes(tmp_path_factory):
     path = tmp_path_factory.mktemp("v") / "ok.safetensors"
     rng = np.random.default_rng(0)
-    save_file({"a": rng.standard_normal((3, 4)).astype(np.float32),
-               "b": np.arange(6, dtype=np.int64).reshape(2, 3),
-               "c": np.zeros((0, 5), np.float16)}, str(path), metadata={"k": "v"})
+    save_file(
+        {
+            "a": rng.standard_normal((3, 4)).astype(np.float32),
+            "b": np.arange(6, dtype=np.int64).reshape(2, 3),
+            "c": np.zeros((0, 5), np.float16),
+        },
+        str(path),
+        metadata={"k": "v"},
+    )
     return path.read_bytes()
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8),
-       cut=st.none() | st.integers(0, 10_000))
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8),
+    cut=st.none() | st.integers(0, 10_000),
+)
 def test_mutated_valid_files(tmp_path, valid_bytes, flips, cut):
     data = bytearray(valid_bytes)
     for pos, value in flips:

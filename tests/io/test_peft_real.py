@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from jsubspace import io, sharding
+from jsubspace import io
+from jsubspace import sharding
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")

@@ -9,7 +9,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jsubspace import NonFiniteError, io, sharding, testing
+from jsubspace import NonFiniteError
+from jsubspace import io
+from jsubspace import sharding
+from jsubspace import testing
 
 
 def _population(tmp_path, n, dtype=np.float32, shape=(6, 5)):

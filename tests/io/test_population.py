@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from jsubspace import CheckpointError, PopulationError, io, testing
+from jsubspace import CheckpointError
+from jsubspace import PopulationError
+from jsubspace import io
+from jsubspace import testing
 
 
 def _dense_models(tmp_path, n=3, seed=0):

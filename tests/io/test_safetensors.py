@@ -10,9 +10,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.flax import save_file as flax_save
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from safetensors.numpy import save_file
 
-from jsubspace import CheckpointError, io
+from jsubspace import CheckpointError
+from jsubspace import io
 from jsubspace.io import _safetensors
 
 

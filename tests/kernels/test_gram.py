@@ -6,7 +6,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jsubspace import kernels, sharding, testing
+from jsubspace import kernels
+from jsubspace import sharding
+from jsubspace import testing
 
 TOL = {np.float32: 2e-5, ml_dtypes.bfloat16: 2e-5, np.float16: 2e-5}
 

@@ -4,7 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from jsubspace import kernels, sharding, testing
+from jsubspace import kernels
+from jsubspace import sharding
+from jsubspace import testing
 
 
 def _place(values, mesh):

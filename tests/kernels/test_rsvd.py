@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jsubspace import kernels, sharding, testing
+from jsubspace import kernels
+from jsubspace import sharding
+from jsubspace import testing
 
 
 def _psd(seed, dim, decay):

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 import jsubspace
-from jsubspace import PopulationError, testing
-from jsubspace.cli._demo import TRUTH, write_demo_population
+from jsubspace import PopulationError
+from jsubspace import testing
+from jsubspace.cli._demo import TRUTH
+from jsubspace.cli._demo import write_demo_population
 from jsubspace.report import OutputError
 
 

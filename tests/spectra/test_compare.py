@@ -6,7 +6,9 @@ import pytest
 
 import jsubspace
 from jsubspace import testing
-from jsubspace.sharding import models_mesh, padded_count, stacked_sharding
+from jsubspace.sharding import models_mesh
+from jsubspace.sharding import padded_count
+from jsubspace.sharding import stacked_sharding
 from jsubspace.spectra import _compare
 
 

@@ -4,9 +4,12 @@ import jax
 import numpy as np
 import pytest
 
-from jsubspace import spectra, testing
+from jsubspace import spectra
+from jsubspace import testing
 from jsubspace.io import PlacedDense
-from jsubspace.sharding import models_mesh, padded_count, stacked_sharding
+from jsubspace.sharding import models_mesh
+from jsubspace.sharding import padded_count
+from jsubspace.sharding import stacked_sharding
 
 
 def test_summary_numbers():
