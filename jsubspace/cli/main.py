@@ -4,6 +4,11 @@ jsubspace analyze --models=PATH[,PATH...] --out=DIR [--include=REGEX] [--exclude
     [--center=mean|none|base] [--base=PATH] [--modes=models,rows,cols] [--rank=K]
     [--lora=delta|factors] [--null_draws=R] [--holdout=loo|K] [--seed=S] [--mesh=N]
 jsubspace demo --out=DIR      writes a population with known truth and analyses it
+jsubspace compress --models=... --out=STORE (--k=K | --tau=T | --budget_bytes=B) [--kmax=K]
+jsubspace reconstruct --store=STORE --out=DIR [--model=NAME|all] [--k=K] [--lora_rank=R]
+jsubspace merge --models=... --base=PATH --out=FILE [--merge_method=mean|task_arithmetic|ties|
+    dare_linear|dare_ties|subspace] [--weights=...] [--density=D] [--lambda=L] [--seed=S]
+    [--store=STORE]   (the basis of a subspace merge)
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import sys
 from absl import app
 from absl import flags
 
-COMMANDS = ("analyze", "demo")
+COMMANDS = ("analyze", "demo", "compress", "reconstruct", "merge")
 
 _MODELS = flags.DEFINE_list("models", None, "Model sources: dirs, globs, files or @list files.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
@@ -47,6 +52,22 @@ _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
 _BUDGET = flags.DEFINE_float(
     "memory_budget", None, "GiB one layer's analysis may use (default: half the RAM on CPU)."
 )
+_STORE = flags.DEFINE_string("store", None, "A subspace store directory.")
+_K = flags.DEFINE_integer("k", None, "Basis size per layer.")
+_TAU = flags.DEFINE_float("tau", None, "Per layer: smallest k capturing this energy fraction.")
+_BUDGET_BYTES = flags.DEFINE_integer("budget_bytes", None, "Total bytes of the store.")
+_KMAX = flags.DEFINE_integer("kmax", 128, "Largest basis size considered.")
+_MODEL = flags.DEFINE_string("model", "all", "Model to rebuild, or 'all'.")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", None, "Rank of exported adapters.")
+_METHOD_MERGE = flags.DEFINE_enum(
+    "merge_method",
+    "mean",
+    ["mean", "task_arithmetic", "ties", "dare_linear", "dare_ties", "subspace"],
+    "Merge method.",
+)
+_WEIGHTS = flags.DEFINE_list("weights", None, "Per-model weights (mergekit 'weight').")
+_DENSITY = flags.DEFINE_float("density", None, "Kept fraction for TIES / DARE.")
+_LAMBDA = flags.DEFINE_float("lambda", 1.0, "Scale of the merged task vector.")
 _CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", None, "Split the CPU into this many JAX devices (testing)."
 )
@@ -151,6 +172,103 @@ def _demo(argv):
     print(f"\nopen {out}/dense_report/report.html and {out}/adapters_report/report.html")
 
 
+def _compress(argv):
+    del argv
+    from jsubspace.compress import fit_store
+
+    if not _MODELS.value or not _OUT.value:
+        raise app.UsageError("compress needs --models and --out")
+    _setup_jax()
+    store = fit_store(
+        _MODELS.value,
+        _OUT.value,
+        k=_K.value,
+        tau=_TAU.value,
+        budget_bytes=_BUDGET_BYTES.value,
+        kmax=_KMAX.value,
+        include=_INCLUDE.value,
+        exclude=_EXCLUDE.value,
+    )
+    acc = store.accounting()
+    print(f"{'layer':<40} {'k':>4} {'captured':>9} {'original':>12} {'store':>10} {'ratio':>7}")
+    for name, e in acc["layers"].items():
+        print(
+            f"{name[-40:]:<40} {e['k']:>4} {e['captured']:>9.4f} {e['original_bytes']:>12} "
+            f"{e['total']:>10} {e['ratio']:>7.2f}"
+        )
+    print(
+        f"{'total':<40} {'':>4} {acc['captured']:>9.4f} {acc['original_bytes']:>12} "
+        f"{acc['store_bytes']:>10} {acc['ratio']:>7.2f}"
+    )
+    print(f"\nwrote {_OUT.value}/store.safetensors and store.json")
+
+
+def _reconstruct(argv):
+    del argv
+    from jsubspace.compress import SubspaceStore
+    from jsubspace.compress import export_all
+    from jsubspace.compress import export_model
+
+    if not _STORE.value or not _OUT.value:
+        raise app.UsageError("reconstruct needs --store and --out")
+    store = SubspaceStore(_STORE.value)
+    opts = dict(k=_K.value, rank=_LORA_RANK.value)
+    if _MODEL.value == "all":
+        paths = export_all(store, _OUT.value, **opts)
+    else:
+        paths = [export_model(store, _MODEL.value, _OUT.value, **opts)]
+    for path in paths:
+        print(path)
+
+
+def _merge(argv):
+    del argv
+    import jax
+    import numpy as np
+
+    from jsubspace import io
+    from jsubspace.compress import SubspaceStore
+    from jsubspace.compress import merge
+    from jsubspace.errors import CheckpointError
+
+    if not _MODELS.value or not _OUT.value or not _BASE.value:
+        raise app.UsageError("merge needs --models, --base and --out")
+    _setup_jax()
+    population = io.open_population(_MODELS.value, include=_INCLUDE.value, exclude=_EXCLUDE.value)
+    base = io.load_model(_BASE.value)
+    method = _METHOD_MERGE.value
+    store = SubspaceStore(_STORE.value) if _STORE.value else None
+    if method == "subspace" and store is None:
+        raise app.UsageError("--merge_method=subspace needs --store (the basis)")
+    key = jax.random.key(_SEED.value)
+    tensors = {name: ref.read() for name, ref in base.tensors.items()}
+    for i, layer in enumerate(population.layers):
+        if layer.kind != "dense":
+            raise app.UsageError("merge works on full models; rebuild adapters first")
+        ref = base.tensors.get(layer.name)
+        if ref is None or int(np.prod(ref.shape)) != layer.shape[0] * layer.shape[1]:
+            raise CheckpointError(
+                _BASE.value,
+                f"base model lacks layer {layer.name!r} of shape {list(layer.stored_shape)}",
+            )
+        stack = np.stack([r.read().reshape(layer.shape) for r in layer.refs])
+        params = {}
+        if method != "mean":
+            if _WEIGHTS.value:
+                params["weight"] = [float(w) for w in _WEIGHTS.value]
+            params["lam"] = _LAMBDA.value
+        if method in ("ties", "dare_linear", "dare_ties") and _DENSITY.value is not None:
+            params["density"] = _DENSITY.value
+        if method == "subspace":
+            params.update(zip(("u", "v"), store.basis(layer.name)))
+        merged = merge(
+            method, ref.read().reshape(layer.shape), stack, key=jax.random.fold_in(key, i), **params
+        )
+        tensors[layer.name] = np.asarray(merged).reshape(ref.shape).astype(ref.dtype)
+    io.write_safetensors(_OUT.value, tensors, {"format": "pt", "merge": method})
+    print(f"wrote {_OUT.value} ({method} of {len(population.models)} models)")
+
+
 def _errors_as_messages(main):
     def wrapped(argv):
         from jsubspace.errors import JsubspaceError
@@ -181,7 +299,13 @@ def run() -> None:
     command = argv[1]
     if any(a.startswith("--coordinator_address") for a in argv) and not os.environ.get(_SUPERVISED):
         sys.exit(_supervise(argv))
-    main = {"analyze": _analyze, "demo": _demo}[command]
+    main = {
+        "analyze": _analyze,
+        "demo": _demo,
+        "compress": _compress,
+        "reconstruct": _reconstruct,
+        "merge": _merge,
+    }[command]
     app.run(_errors_as_messages(main), argv=[f"jsubspace {command}"] + argv[2:])
 
 

@@ -22,6 +22,7 @@ from jsubspace.io._safetensors import SafetensorsHeader
 from jsubspace.io._safetensors import TensorInfo
 from jsubspace.io._safetensors import read_header
 from jsubspace.io._safetensors import read_tensor
+from jsubspace.io._safetensors import write_file as write_safetensors
 
 __all__ = [
     "DenseLayer",
@@ -46,4 +47,5 @@ __all__ = [
     "read_tensor",
     "resolve_sources",
     "stream_layers",
+    "write_safetensors",
 ]

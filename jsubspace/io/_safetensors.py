@@ -185,3 +185,51 @@ def read_tensor(path: str | os.PathLike, info: TensorInfo) -> np.ndarray:
     except (OSError, ValueError) as e:
         raise CheckpointError(path, f"cannot map tensor {info.name!r}: {e}") from None
     return flat.reshape(info.shape)
+
+
+def write_file(
+    path: str | os.PathLike,
+    tensors: dict[str, np.ndarray],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Writes a safetensors file (every dtype of `DTYPES`, bf16 and float8 included), atomically.
+
+    Tensors are streamed to a temporary file one at a time (memory-mapped sources are never
+    loaded whole), fsynced, then renamed over `path`.
+    """
+    import tempfile
+
+    path = os.fspath(path)
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, value in tensors.items():
+        dtype = np.dtype(value.dtype)
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} has no safetensors name")
+        nbytes = int(value.size) * dtype.itemsize
+        header[name] = {
+            "dtype": DTYPE_NAMES[dtype],
+            "shape": list(value.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for value in tensors.values():
+                f.write(np.ascontiguousarray(value).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

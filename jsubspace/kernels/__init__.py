@@ -9,6 +9,7 @@ from jsubspace.kernels._gram import HIGHEST
 from jsubspace.kernels._gram import ModeGrams
 from jsubspace.kernels._gram import centered_block
 from jsubspace.kernels._gram import mode_grams
+from jsubspace.kernels._gram import model_mask
 from jsubspace.kernels._gram import ring_cross_gram
 from jsubspace.kernels._gram import streaming_mode_grams
 from jsubspace.kernels._hosvd import Tucker
@@ -38,6 +39,7 @@ __all__ = [
     "lora_grams",
     "materialized_updates",
     "mode_grams",
+    "model_mask",
     "orthonormalize",
     "psd_root",
     "randomized_eigh",

@@ -1,0 +1,200 @@
+"""The subspace store: exact energy identities, k by tau and by budget, export, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jsubspace import io
+from jsubspace import testing
+from jsubspace.compress import StoreError
+from jsubspace.compress import SubspaceStore
+from jsubspace.compress import export_all
+from jsubspace.compress import export_model
+from jsubspace.compress import fit_store
+
+
+def _dense_population(path, n=8, dtype=np.float32):
+    a = testing.planted_population(0, n_models=n, shape=(40, 30), rank=3, noise=0.05)
+    b = testing.planted_population(1, n_models=n, shape=(12, 20), rank=2, noise=0.2)
+    values = {"a.weight": a.astype(dtype), "conv.kernel": b.reshape(n, 12, 4, 5).astype(dtype)}
+    for i in range(n):
+        testing.write_safetensors(
+            path / f"m{i}.safetensors",
+            {
+                "a.weight": values["a.weight"][i],
+                "conv.kernel": values["conv.kernel"][i],
+                "a.bias": np.full(40, i, dtype),
+            },
+        )
+    return values
+
+
+def _reconstruction_error(store, values, name, shape):
+    x = np.stack([v.reshape(shape) for v in values]).astype(np.float64)
+    centre = x.mean(0) if store.manifest["center"] == "mean" else 0.0
+    err = sum(
+        np.sum((x[i] - store.reconstruct(m, name).astype(np.float64)) ** 2)
+        for i, m in enumerate(store.models)
+    )
+    return err / np.sum((x - centre) ** 2)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_reconstruction_error_is_one_minus_captured_energy(tmp_path, k):
+    values = _dense_population(tmp_path / "pop")
+    store = fit_store(str(tmp_path / "pop"), str(tmp_path / "store"), k=k, num_devices=4)
+    for name, shape in (("a.weight", (40, 30)), ("conv.kernel", (12, 20))):
+        entry = store.layers[name]
+        assert entry["k"] == k
+        error = _reconstruction_error(store, values[name], name, shape)
+        assert error == pytest.approx(1 - entry["captured"], abs=2e-5)
+
+
+def test_tau_is_met_on_every_layer_and_budget_never_exceeded(tmp_path):
+    _dense_population(tmp_path / "pop")
+    for tau in (0.5, 0.9, 0.95):
+        store = fit_store(str(tmp_path / "pop"), str(tmp_path / f"t{tau}"), tau=tau)
+        for entry in store.layers.values():
+            assert entry["captured"] >= tau - 1e-9
+        # ... with the smallest such k: one direction fewer misses tau.
+        for name, entry in store.layers.items():
+            if entry["k"] > 1:
+                fewer = fit_store(
+                    str(tmp_path / "pop"),
+                    str(tmp_path / "tmp"),
+                    k=entry["k"] - 1,
+                    include="^" + name.replace(".", r"\.") + "$",
+                )
+                assert fewer.layers[name]["captured"] < tau
+    for budget in (6000, 9000, 20000):
+        store = fit_store(str(tmp_path / "pop"), str(tmp_path / f"b{budget}"), budget_bytes=budget)
+        acc = store.accounting()
+        assert acc["store_bytes"] <= budget
+        tensor_bytes = sum(
+            i.nbytes
+            for i in io.read_header(
+                os.path.join(store.directory, "store.safetensors")
+            ).tensors.values()
+        )
+        assert tensor_bytes == acc["store_bytes"]  # the accounting is what is on disk
+    with pytest.raises(StoreError, match="centres alone"):
+        fit_store(str(tmp_path / "pop"), str(tmp_path / "tiny"), budget_bytes=100)
+
+
+def test_memory_accounting_matches_hand_count(tmp_path):
+    _dense_population(tmp_path / "pop")
+    store = fit_store(str(tmp_path / "pop"), str(tmp_path / "s"), k=3)
+    e = store.accounting()["layers"]["a.weight"]
+    assert e["original_bytes"] == 8 * 40 * 30 * 4
+    assert e["basis"] == (40 + 30) * 3 * 4
+    assert e["coefficients"] == 8 * 3 * 3 * 4
+    assert e["center"] == 40 * 30 * 4
+    assert e["ratio"] == pytest.approx(e["original_bytes"] / e["total"])
+
+
+def test_export_reloads_with_names_dtypes_and_untouched_tensors(tmp_path):
+    values = _dense_population(tmp_path / "pop", dtype=ml_dtypes.bfloat16)
+    store = fit_store(str(tmp_path / "pop"), str(tmp_path / "s"), k=20)
+    paths = export_all(store, str(tmp_path / "out"))
+    assert len(paths) == 8
+    for i, path in enumerate(paths):
+        original = io.read_header(tmp_path / "pop" / f"m{i}.safetensors")
+        rebuilt = io.read_header(path)
+        assert {n: (t.shape, t.dtype) for n, t in rebuilt.tensors.items()} == {
+            n: (t.shape, t.dtype) for n, t in original.tensors.items()
+        }
+        np.testing.assert_array_equal(
+            io.read_tensor(path, rebuilt.tensors["a.bias"]), np.full(40, i, ml_dtypes.bfloat16)
+        )
+    # The rebuilt weights (stored in bf16) miss exactly the energy the store did not capture.
+    for name, shape in (("a.weight", (40, 30)), ("conv.kernel", (12, 20))):
+        x = values[name].astype(np.float64).reshape(8, *shape)
+        got = np.stack(
+            [
+                io.read_tensor(p, io.read_header(p).tensors[name]).astype(np.float64).reshape(shape)
+                for p in paths
+            ]
+        )
+        error = np.sum((got - x) ** 2) / np.sum((x - x.mean(0)) ** 2)
+        assert error == pytest.approx(1 - store.layers[name]["captured"], abs=0.01)
+
+
+def test_project_a_new_model_and_bad_inputs(tmp_path):
+    _dense_population(tmp_path / "pop")
+    store = fit_store(str(tmp_path / "pop"), str(tmp_path / "s"), k=4)
+    new = testing.planted_population(0, n_models=9, shape=(40, 30), rank=3, noise=0.05)[8]
+    c = store.project(new, "a.weight")
+    u, v = store.basis("a.weight")
+    approx = store.center("a.weight") + u @ c @ v.T
+    centred = new - store.center("a.weight")
+    assert np.sum((new - approx) ** 2) < 0.1 * np.sum(centred**2)
+    with pytest.raises(StoreError, match="another architecture"):
+        store.project(np.zeros((7, 7)), "a.weight")
+    with pytest.raises(StoreError, match="keeps 4 directions"):
+        store.reconstruct("m0", "a.weight", k=9)
+    with pytest.raises(StoreError, match="not in the store"):
+        store.reconstruct("m0", "nope.weight")
+    with pytest.raises(StoreError, match="exactly one of"):
+        fit_store(str(tmp_path / "pop"), str(tmp_path / "x"), k=2, tau=0.5)
+    with pytest.raises(StoreError, match="raise kmax"):
+        fit_store(str(tmp_path / "pop"), str(tmp_path / "x"), tau=0.999999, kmax=2)
+    with pytest.raises(StoreError, match="not a readable store"):
+        SubspaceStore(str(tmp_path / "pop"))
+
+
+def test_lora_store_in_factor_space_and_peft_export(tmp_path):
+    n, r = 4, 2  # the updates span N r = 8 <= 12 directions per side: k = 8 is exact
+    a, b = testing.lora_population(3, n_models=n, shape=(16, 12), rank=r)
+    for i in range(n):
+        testing.write_peft_adapter(
+            tmp_path / "pop" / f"ad{i}", {"model.q_proj": (a[i], b[i])}, r=r, lora_alpha=6
+        )
+    store = fit_store(str(tmp_path / "pop"), str(tmp_path / "s"), k=8)
+    assert store.manifest["center"] == "none"
+    entry = store.layers["model.q_proj"]
+    assert entry["original_bytes"] == n * r * (16 + 12) * 4
+    dw = 3.0 * np.einsum("imr,irn->imn", b.astype(np.float64), a)
+    for i in range(n):
+        np.testing.assert_allclose(
+            store.reconstruct(f"ad{i}", "model.q_proj"), dw[i], atol=1e-4 * np.abs(dw).max()
+        )
+    out = export_model(store, "ad2", str(tmp_path / "out"))
+    model = io.load_model(out)
+    (module,) = model.lora_modules.values()
+    assert module.rank == r and module.scale == pytest.approx(1.0)
+    got = module.scale * module.b.read().astype(np.float64) @ module.a.read()
+    np.testing.assert_allclose(got, dw[2], atol=1e-4 * np.abs(dw).max())
+
+
+def test_cli_compress_and_reconstruct(tmp_path):
+    _dense_population(tmp_path / "pop")
+    run = [sys.executable, "-m", "jsubspace.cli.main"]
+    out = subprocess.run(
+        run + ["compress", f"--models={tmp_path / 'pop'}", f"--out={tmp_path / 's'}", "--tau=0.9"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "total" in out.stdout and "ratio" in out.stdout
+    manifest = json.loads((tmp_path / "s" / "store.json").read_text())
+    assert all(e["captured"] >= 0.9 for e in manifest["layers"])
+    out = subprocess.run(
+        run + ["reconstruct", f"--store={tmp_path / 's'}", "--model=m3", f"--out={tmp_path / 'r'}"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "r" / "m3.safetensors").exists()
+    bad = subprocess.run(
+        run
+        + ["reconstruct", f"--store={tmp_path / 's'}", "--model=nobody", f"--out={tmp_path / 'r'}"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "jsubspace: error:" in bad.stderr
+    assert "Traceback" not in bad.stderr
