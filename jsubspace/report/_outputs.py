@@ -244,6 +244,9 @@ _EXPLAIN = {
     "LoRA A factors never trained away from one initialisation); low rank follows from ancestry.",
     "indistinguishable from noise": "the spectrum matches the Gaussian null and held-out models "
     "gain nothing over a random subspace.",
+    "model-specific structure, not shared": "the spectrum is more concentrated than the null "
+    "(each model has low-rank structure of its own), but the basis captures held-out models no "
+    "better than a random subspace: the directions are not shared.",
 }
 
 

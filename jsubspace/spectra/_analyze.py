@@ -29,6 +29,7 @@ VERDICTS = (
     "explained by the mean",
     "explained by shared initialisation",
     "indistinguishable from noise",
+    "model-specific structure, not shared",
 )
 # Holdout materialises LoRA updates only below this many bytes (N * m * n * 4).
 MATERIALISE_LIMIT = 256 * 2**20
@@ -94,7 +95,14 @@ def verdict(record: dict, *, shared_fraction: float = 0.2) -> dict:
     if shared >= shared_fraction:
         label = VERDICTS[2]
     elif beyond is False or generalises is False:
-        label = VERDICTS[1] if (mean_only or 0.0) >= 0.5 else VERDICTS[3]
+        if (mean_only or 0.0) >= 0.5:
+            label = VERDICTS[1]
+        elif beyond and generalises is False:
+            # More concentrated than the null (each model is low-rank on its own, say), but the
+            # directions do not carry over to held-out models: nothing universal.
+            label = VERDICTS[4]
+        else:
+            label = VERDICTS[3]
     elif beyond is None and generalises is None:
         label = "no controls run"
     else:

@@ -1,0 +1,45 @@
+"""Model zoos trained in JAX/Flax on real bundled data: the populations of the experiments."""
+
+from jsubspace.zoo._data import TRANSFORMS
+from jsubspace.zoo._data import Dataset
+from jsubspace.zoo._data import Task
+from jsubspace.zoo._data import apply_task
+from jsubspace.zoo._data import load_digits
+from jsubspace.zoo._data import load_fashion_mnist
+from jsubspace.zoo._models import ARCHITECTURES
+from jsubspace.zoo._models import CNN
+from jsubspace.zoo._models import MLP
+from jsubspace.zoo._train import accuracy
+from jsubspace.zoo._train import flatten
+from jsubspace.zoo._train import init_zoo
+from jsubspace.zoo._train import lora_accuracy
+from jsubspace.zoo._train import lora_init
+from jsubspace.zoo._train import task_data
+from jsubspace.zoo._train import train_lora_zoo
+from jsubspace.zoo._train import train_zoo
+from jsubspace.zoo._train import unflatten
+from jsubspace.zoo._train import write_lora_zoo
+from jsubspace.zoo._train import write_zoo
+
+__all__ = [
+    "ARCHITECTURES",
+    "CNN",
+    "MLP",
+    "TRANSFORMS",
+    "Dataset",
+    "Task",
+    "accuracy",
+    "apply_task",
+    "flatten",
+    "init_zoo",
+    "load_digits",
+    "load_fashion_mnist",
+    "lora_accuracy",
+    "lora_init",
+    "task_data",
+    "train_lora_zoo",
+    "train_zoo",
+    "unflatten",
+    "write_lora_zoo",
+    "write_zoo",
+]
