@@ -20,13 +20,14 @@ Smaller and faster:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app
+from absl import flags
+from absl import logging
 
 _OUT = flags.DEFINE_string("out", "zoo_out", "Output directory (reports, tables, cache).")
 _CACHE = flags.DEFINE_string("cache_dir", None, "Zoo cache (default: OUT/cache).")
@@ -37,9 +38,11 @@ _LORA_STEPS = flags.DEFINE_integer("lora_steps", 200, "Adam steps per adapter.")
 _RANK = flags.DEFINE_integer("rank", 4, "LoRA rank.")
 _SHARED = flags.DEFINE_float("shared_a_fraction", 0.5, "Adapters sharing one A initialisation.")
 _TRAIN_A = flags.DEFINE_float(
-    "lora_a_lr_scale", 0.0,
+    "lora_a_lr_scale",
+    0.0,
     "Learning-rate scale of the LoRA A factors: 0 keeps A at its initialisation (LoRA-FA), as in "
-    "the released adapters whose shared A was never trained away; 1 trains A like B.")
+    "the released adapters whose shared A was never trained away; 1 trains A like B.",
+)
 _HIDDEN = flags.DEFINE_integer("hidden", 64, "Hidden width of the MLP.")
 _KS = flags.DEFINE_list("ks", ["1", "2", "4", "8", "16", "32"], "Basis sizes to evaluate.")
 _NULL = flags.DEFINE_integer("null_draws", 3, "Gaussian null draws per layer.")
@@ -52,103 +55,29 @@ def say(*args):
     print(*args, flush=True)
 
 
-def make_tasks(n: int, seed: int, *, num_classes: int = 10, lora: bool = False):
-    """Diverse tasks: class subsets, label permutations, input transforms, seeds."""
-    import numpy as np
-
-    from jsubspace.zoo import TRANSFORMS, Task
-
-    rng = np.random.default_rng(seed + (1000 if lora else 0))
-    tasks = []
-    for i in range(n):
-        size = int(rng.choice([4, 6, 10]))
-        classes = tuple(sorted(rng.choice(num_classes, size, replace=False).tolist()))
-        permute = rng.random() < 0.5
-        perm = tuple(rng.permutation(num_classes).tolist()) if permute else None
-        transform = TRANSFORMS[int(rng.integers(len(TRANSFORMS)))]
-        tasks.append(Task(classes, perm, transform, seed=seed * 10_000 + i + (500 if lora else 0)))
-    return tasks
-
-
-def build_zoos(cache: str, data, model, mesh) -> dict:
-    """Trains the zoos, or reuses them when the cache holds the same configuration."""
-    import jax
-    import numpy as np
-
-    from jsubspace import zoo
-
-    config = {"models": _MODELS.value, "lora_models": _LORA_MODELS.value,
-              "steps": _STEPS.value, "lora_steps": _LORA_STEPS.value, "rank": _RANK.value,
-              "shared": _SHARED.value, "hidden": _HIDDEN.value, "seed": _SEED.value,
-              "a_lr_scale": _TRAIN_A.value,
-              "data": data.name, "version": 1}
-    tag = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    root = os.path.join(cache, tag)
-    done = os.path.join(root, "done.json")
-    paths = {name: os.path.join(root, name) for name in ("trained", "random_init", "lora")}
-    if os.path.exists(done):
-        say(f"zoos: cached in {root}")
-        return {**paths, **json.load(open(done))}
-    start = time.time()
-    tasks = make_tasks(_MODELS.value, _SEED.value)
-    seeds = [t.seed for t in tasks]
-    say(f"zoos: training {len(tasks)} models ({_STEPS.value} steps, vmapped over models)")
-    init = zoo.init_zoo(model, seeds, data.x, mesh)
-    zoo.write_zoo(paths["random_init"], init, tasks, parent="random init (untrained)")
-    trained = zoo.train_zoo(model, init, data, tasks, steps=_STEPS.value, mesh=mesh)
-    acc = zoo.accuracy(model, trained, data, tasks)
-    zoo.write_zoo(paths["trained"], trained, tasks, parent=None)
-    say(f"  trained zoo: mean test accuracy {acc.mean():.3f} ({time.time() - start:.0f}s)")
-
-    say("zoos: pretraining the LoRA base on all classes")
-    all_classes = zoo.Task(tuple(range(data.num_classes)), seed=_SEED.value + 99)
-    base = zoo.train_zoo(model, zoo.init_zoo(model, [all_classes.seed], data.x), data,
-                         [all_classes], steps=_STEPS.value)
-    base = jax.tree.map(lambda a: a[0], base)
-    targets = sorted({k.split(".")[0] for k in zoo.flatten(base) if k.endswith("kernel")})[:-1]
-    lora_tasks = make_tasks(_LORA_MODELS.value, _SEED.value, lora=True)
-    shared = int(round(_SHARED.value * len(lora_tasks)))
-    a_seeds = [7 if i < shared else 10_000 + i for i in range(len(lora_tasks))]
-    rank, alpha = _RANK.value, 2.0 * _RANK.value
-    say(f"zoos: training {len(lora_tasks)} rank-{rank} adapters on {targets} "
-        f"({shared} share one A initialisation)")
-    adapters = zoo.lora_init(base, targets, a_seeds, rank)
-    adapters = zoo.train_lora_zoo(model, base, adapters, data, lora_tasks,
-                                  steps=_LORA_STEPS.value, scale=alpha / rank,
-                                  a_lr_scale=_TRAIN_A.value, mesh=mesh)
-    lacc = zoo.lora_accuracy(model, base, adapters, data, lora_tasks, scale=alpha / rank)
-    from jsubspace import io
-
-    io.write_safetensors(os.path.join(root, "base.safetensors"), zoo.flatten(base))
-    zoo.write_lora_zoo(paths["lora"], adapters, lora_tasks, rank=rank, alpha=alpha,
-                       seeds_a=a_seeds, parent="base.safetensors")
-    say(f"  LoRA zoo: mean test accuracy {lacc.mean():.3f} ({time.time() - start:.0f}s)")
-    info = {"shared_adapters": [f"a{i:03d}" for i in range(shared)],
-            "trained_accuracy": float(acc.mean()), "lora_accuracy": float(lacc.mean()),
-            "seconds": time.time() - start}
-    json.dump(info, open(done, "w"))
-    del np
-    return {**paths, **info}
-
-
 def function_eval(zoos, data, model, out) -> dict:
     """Accuracy of trained models rebuilt from the universal basis, seen and held out."""
     import numpy as np
 
-    from jsubspace import compress, io, zoo
-    from jsubspace.zoo import Task
+    from jsubspace import compress
+    from jsubspace import io
+    from jsubspace import zoo
 
-    manifest = json.load(open(os.path.join(zoos["trained"], "zoo.json")))
-    names = [m["name"] for m in manifest["models"]]
-    tasks = [Task(**{**m["task"], "classes": tuple(m["task"]["classes"]),
-                     "permutation": tuple(m["task"]["permutation"])
-                     if m["task"]["permutation"] else None}) for m in manifest["models"]]
+    tasks = zoo.load_tasks(zoos["trained"])
+    names = [f"m{i:03d}" for i in range(len(tasks))]
     n_seen = int(round(0.75 * len(names)))
     seen = [os.path.join(zoos["trained"], f"{n}.safetensors") for n in names[:n_seen]]
     ks = [int(k) for k in _KS.value]
     store = compress.fit_store(seen, os.path.join(out, "store"), k=max(ks))
-    originals = [{k: v.read() for k, v in io.load_model(
-        os.path.join(zoos["trained"], f"{n}.safetensors")).tensors.items()} for n in names]
+    originals = [
+        {
+            k: v.read()
+            for k, v in io.load_model(
+                os.path.join(zoos["trained"], f"{n}.safetensors")
+            ).tensors.items()
+        }
+        for n in names
+    ]
     layers = list(store.layers)
 
     def acc_of(weights_list, task_list):
@@ -164,29 +93,45 @@ def function_eval(zoos, data, model, out) -> dict:
                 w[name] = centre.reshape(shape)
                 continue
             u, v = store.basis(name)
-            c = (store.project(w[name], name) if held_out
-                 else store.coefficients(names[i], name))
+            c = store.project(w[name], name) if held_out else store.coefficients(names[i], name)
             w[name] = (centre + u[:, :k] @ c[:k, :k] @ v[:, :k].T).reshape(shape)
         return w
 
     seen_idx, held_idx = range(n_seen), range(n_seen, len(names))
-    result = {"ks": ks, "seen": [], "held_out": [],
-              "captured": {name: [] for name in layers}}
-    result["original_seen"] = float(acc_of([originals[i] for i in seen_idx],
-                                           [tasks[i] for i in seen_idx]).mean())
-    result["original_held_out"] = float(acc_of([originals[i] for i in held_idx],
-                                               [tasks[i] for i in held_idx]).mean())
-    result["mean_only_seen"] = float(acc_of([rebuilt(i, 0, held_out=False, mean_only=True)
-                                             for i in seen_idx],
-                                            [tasks[i] for i in seen_idx]).mean())
-    result["mean_only_held_out"] = float(acc_of([rebuilt(i, 0, held_out=True, mean_only=True)
-                                                 for i in held_idx],
-                                                [tasks[i] for i in held_idx]).mean())
+    result = {"ks": ks, "seen": [], "held_out": [], "captured": {name: [] for name in layers}}
+    result["original_seen"] = float(
+        acc_of([originals[i] for i in seen_idx], [tasks[i] for i in seen_idx]).mean()
+    )
+    result["original_held_out"] = float(
+        acc_of([originals[i] for i in held_idx], [tasks[i] for i in held_idx]).mean()
+    )
+    result["mean_only_seen"] = float(
+        acc_of(
+            [rebuilt(i, 0, held_out=False, mean_only=True) for i in seen_idx],
+            [tasks[i] for i in seen_idx],
+        ).mean()
+    )
+    result["mean_only_held_out"] = float(
+        acc_of(
+            [rebuilt(i, 0, held_out=True, mean_only=True) for i in held_idx],
+            [tasks[i] for i in held_idx],
+        ).mean()
+    )
     for k in ks:
-        result["seen"].append(float(acc_of([rebuilt(i, k, held_out=False) for i in seen_idx],
-                                           [tasks[i] for i in seen_idx]).mean()))
-        result["held_out"].append(float(acc_of([rebuilt(i, k, held_out=True) for i in held_idx],
-                                               [tasks[i] for i in held_idx]).mean()))
+        result["seen"].append(
+            float(
+                acc_of(
+                    [rebuilt(i, k, held_out=False) for i in seen_idx], [tasks[i] for i in seen_idx]
+                ).mean()
+            )
+        )
+        result["held_out"].append(
+            float(
+                acc_of(
+                    [rebuilt(i, k, held_out=True) for i in held_idx], [tasks[i] for i in held_idx]
+                ).mean()
+            )
+        )
     chance = float(np.mean([1.0 / len(t.classes) for t in tasks]))
     result["chance"] = chance
     result["store"] = store.accounting()
@@ -223,20 +168,27 @@ def headline(result: dict) -> list[dict]:
         rec = layer["modes"][mode]
         null = (layer.get("null") or {}).get(mode) or {}
         hold = layer.get("holdout") or {}
-        rows.append({
-            "layer": layer["name"], "mode": mode, "k90": rec["k_at"]["0.9"],
-            "excess_k1": (null.get("excess") or {}).get("1"),
-            "holdout": hold["two_sided"][-1] if hold.get("ks") else None,
-            "random": hold["random"]["two_sided"][-1] if hold.get("ks") else None,
-            "mean_only": hold.get("mean_only"),
-            "verdict": layer["verdict"]["label"],
-        })
+        rows.append(
+            {
+                "layer": layer["name"],
+                "mode": mode,
+                "k90": rec["k_at"]["0.9"],
+                "excess_k1": (null.get("excess") or {}).get("1"),
+                "holdout": hold["two_sided"][-1] if hold.get("ks") else None,
+                "random": hold["random"]["two_sided"][-1] if hold.get("ks") else None,
+                "mean_only": hold.get("mean_only"),
+                "verdict": layer["verdict"]["label"],
+            }
+        )
     return rows
 
 
 def fmt(v, w=7, p=3):
-    return f"{'-':>{w}}" if v is None else (f"{v:>{w}.{p}f}" if isinstance(v, float)
-                                             else f"{v!s:>{w}}")
+    return (
+        f"{'-':>{w}}"
+        if v is None
+        else (f"{v:>{w}.{p}f}" if isinstance(v, float) else f"{v!s:>{w}}")
+    )
 
 
 def main(argv):
@@ -247,7 +199,8 @@ def main(argv):
     if _DEVICES.value:
         jax.config.update("jax_num_cpu_devices", _DEVICES.value)
     import jsubspace
-    from jsubspace import sharding, zoo
+    from jsubspace import sharding
+    from jsubspace import zoo
 
     t0 = time.time()
     out = _OUT.value
@@ -256,26 +209,48 @@ def main(argv):
     data = zoo.load_digits(seed=_SEED.value)
     model = zoo.MLP(hidden=_HIDDEN.value, num_classes=data.num_classes)
     devices = len(jax.devices())
-    mesh = sharding.models_mesh(max(d for d in range(1, devices + 1)
-                                    if _MODELS.value % d == 0 and _LORA_MODELS.value % d == 0))
-    zoos = build_zoos(cache, data, model, mesh)
-    opts = dict(null_draws=_NULL.value, holdout=5, seed=_SEED.value, quiet=_QUIET.value,
-                overwrite=True)
+    mesh = sharding.models_mesh(
+        max(
+            d
+            for d in range(1, devices + 1)
+            if _MODELS.value % d == 0 and _LORA_MODELS.value % d == 0
+        )
+    )
+    config = zoo.ZooConfig(
+        models=_MODELS.value,
+        lora_models=_LORA_MODELS.value,
+        steps=_STEPS.value,
+        lora_steps=_LORA_STEPS.value,
+        rank=_RANK.value,
+        shared_a_fraction=_SHARED.value,
+        a_lr_scale=_TRAIN_A.value,
+        hidden=_HIDDEN.value,
+        seed=_SEED.value,
+    )
+    zoos = zoo.standard_zoos(cache, config, data, model, mesh=mesh, log=say)
+    opts = dict(
+        null_draws=_NULL.value, holdout=5, seed=_SEED.value, quiet=_QUIET.value, overwrite=True
+    )
     analyses = {}
     say("\nanalysis: trained zoo")
-    analyses["trained"] = jsubspace.analyze([zoos["trained"]], os.path.join(out, "trained"),
-                                            **opts)
+    analyses["trained"] = jsubspace.analyze([zoos["trained"]], os.path.join(out, "trained"), **opts)
     say("analysis: random-init zoo (control)")
-    analyses["random_init"] = jsubspace.analyze([zoos["random_init"]],
-                                                os.path.join(out, "random_init"), **opts)
+    analyses["random_init"] = jsubspace.analyze(
+        [zoos["random_init"]], os.path.join(out, "random_init"), **opts
+    )
     say("analysis: LoRA zoo (whole updates, and the paper's A/B factor statistic)")
     analyses["lora"] = jsubspace.analyze([zoos["lora"]], os.path.join(out, "lora"), **opts)
     analyses["lora_factors"] = jsubspace.analyze(
-        [zoos["lora"]], os.path.join(out, "lora_factors"), lora="factors", **opts)
-    own = [os.path.join(zoos["lora"], n) for n in sorted(os.listdir(zoos["lora"]))
-           if n.startswith("a") and n not in zoos["shared_adapters"]]
+        [zoos["lora"]], os.path.join(out, "lora_factors"), lora="factors", **opts
+    )
+    own = [
+        os.path.join(zoos["lora"], n)
+        for n in sorted(os.listdir(zoos["lora"]))
+        if n.startswith("a") and n not in zoos["shared_adapters"]
+    ]
     analyses["lora_factors_own_a"] = jsubspace.analyze(
-        own, os.path.join(out, "lora_factors_own_a"), lora="factors", **opts)
+        own, os.path.join(out, "lora_factors_own_a"), lora="factors", **opts
+    )
     say("function: rebuilding trained models from the universal basis")
     function = function_eval(zoos, data, model, out)
     plot_function(function, os.path.join(out, "function.png"))
@@ -284,40 +259,55 @@ def main(argv):
     lines = []
     for name, rows in tables.items():
         lines.append(f"\n{name}")
-        lines.append(f"  {'layer':<34}{'mode':>7}{'k@0.9':>6}{'excess':>8}{'held':>7}"
-                     f"{'random':>7}{'mean':>7}  verdict")
+        lines.append(
+            f"  {'layer':<34}{'mode':>7}{'k@0.9':>6}{'excess':>8}{'held':>7}"
+            f"{'random':>7}{'mean':>7}  verdict"
+        )
         for r in rows:
-            lines.append(f"  {r['layer'][-34:]:<34}{r['mode']:>7}{fmt(r['k90'], 6)}"
-                         f"{fmt(r['excess_k1'], 8, 2)}{fmt(r['holdout'])}{fmt(r['random'])}"
-                         f"{fmt(r['mean_only'])}  {r['verdict']}")
+            lines.append(
+                f"  {r['layer'][-34:]:<34}{r['mode']:>7}{fmt(r['k90'], 6)}"
+                f"{fmt(r['excess_k1'], 8, 2)}{fmt(r['holdout'])}{fmt(r['random'])}"
+                f"{fmt(r['mean_only'])}  {r['verdict']}"
+            )
     lines.append("\nfunction (test accuracy on each model's own task; trained zoo)")
     lines.append(f"  {'k':>4}{'seen':>8}{'held-out':>10}")
     for k, s, h in zip(function["ks"], function["seen"], function["held_out"]):
         lines.append(f"  {k:>4}{s:>8.3f}{h:>10.3f}")
-    lines.append(f"  originals: seen {function['original_seen']:.3f}, held-out "
-                 f"{function['original_held_out']:.3f}; mean-only model: seen "
-                 f"{function['mean_only_seen']:.3f}, held-out "
-                 f"{function['mean_only_held_out']:.3f}; chance {function['chance']:.3f}")
+    lines.append(
+        f"  originals: seen {function['original_seen']:.3f}, held-out "
+        f"{function['original_held_out']:.3f}; mean-only model: seen "
+        f"{function['mean_only_seen']:.3f}, held-out "
+        f"{function['mean_only_held_out']:.3f}; chance {function['chance']:.3f}"
+    )
     a_full = [la["modes"]["lora_A"]["k_at"]["0.9"] for la in analyses["lora_factors"]["layers"]]
-    a_own = [la["modes"]["lora_A"]["k_at"]["0.9"]
-             for la in analyses["lora_factors_own_a"]["layers"]]
-    lines.append(f"\nLoRA A-factor k@0.9 with the shared-init adapters: {a_full}; "
-                 f"without them: {a_own}")
-    lines.append(f"\nfinished in {time.time() - t0:.0f}s; reports: {out}/*/report.html, "
-                 f"{out}/index.html")
+    a_own = [
+        la["modes"]["lora_A"]["k_at"]["0.9"] for la in analyses["lora_factors_own_a"]["layers"]
+    ]
+    lines.append(
+        f"\nLoRA A-factor k@0.9 with the shared-init adapters: {a_full}; without them: {a_own}"
+    )
+    lines.append(
+        f"\nfinished in {time.time() - t0:.0f}s; reports: {out}/*/report.html, {out}/index.html"
+    )
     text = "\n".join(lines)
     print(text)
-    summary = {"tables": tables, "function": function, "lora_a_k90": {"all": a_full,
-                                                                     "own_a": a_own},
-               "zoos": {k: v for k, v in zoos.items()}, "seconds": time.time() - t0}
+    summary = {
+        "tables": tables,
+        "function": function,
+        "lora_a_k90": {"all": a_full, "own_a": a_own},
+        "zoos": {k: v for k, v in zoos.items()},
+        "seconds": time.time() - t0,
+    }
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(out, "index.html"), "w") as f:
         links = "".join(f'<li><a href="{n}/report.html">{n}</a></li>' for n in analyses)
-        f.write(f"<!doctype html><html><head><meta charset='utf-8'><title>universal zoo"
-                f"</title></head><body><h1>Universal weight subspace: zoo results</h1>"
-                f"<pre>{text}</pre><img src='function.png' alt='function.png'><ul>{links}"
-                f"</ul></body></html>")
+        f.write(
+            f"<!doctype html><html><head><meta charset='utf-8'><title>universal zoo"
+            f"</title></head><body><h1>Universal weight subspace: zoo results</h1>"
+            f"<pre>{text}</pre><img src='function.png' alt='function.png'><ul>{links}"
+            f"</ul></body></html>"
+        )
     return 0
 
 

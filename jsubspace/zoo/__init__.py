@@ -9,6 +9,10 @@ from jsubspace.zoo._data import load_fashion_mnist
 from jsubspace.zoo._models import ARCHITECTURES
 from jsubspace.zoo._models import CNN
 from jsubspace.zoo._models import MLP
+from jsubspace.zoo._standard import ZooConfig
+from jsubspace.zoo._standard import load_tasks
+from jsubspace.zoo._standard import make_tasks
+from jsubspace.zoo._standard import standard_zoos
 from jsubspace.zoo._train import accuracy
 from jsubspace.zoo._train import flatten
 from jsubspace.zoo._train import init_zoo
@@ -28,14 +32,18 @@ __all__ = [
     "TRANSFORMS",
     "Dataset",
     "Task",
+    "ZooConfig",
     "accuracy",
     "apply_task",
     "flatten",
     "init_zoo",
     "load_digits",
     "load_fashion_mnist",
+    "load_tasks",
     "lora_accuracy",
     "lora_init",
+    "make_tasks",
+    "standard_zoos",
     "task_data",
     "train_lora_zoo",
     "train_zoo",

@@ -21,8 +21,12 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jsubspace import io, sharding, testing
-from jsubspace.zoo._data import Dataset, Task, apply_task
+from jsubspace import io
+from jsubspace import sharding
+from jsubspace import testing
+from jsubspace.zoo._data import Dataset
+from jsubspace.zoo._data import Task
+from jsubspace.zoo._data import apply_task
 
 
 def task_data(data: Dataset, tasks: Sequence[Task]):
@@ -56,8 +60,9 @@ def _masked_ce(logits, y, mask):
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def train_zoo(model, params, data: Dataset, tasks: Sequence[Task], *, steps: int,
-              lr: float = 3e-2, mesh=None):
+def train_zoo(
+    model, params, data: Dataset, tasks: Sequence[Task], *, steps: int, lr: float = 3e-2, mesh=None
+):
     """Full-batch Adam on every model's own task; returns the trained stacked parameters."""
     x, y, train, _ = _put(task_data(data, tasks), mesh)
     opt = optax.adam(lr)
@@ -96,12 +101,19 @@ def flatten(params) -> dict[str, np.ndarray]:
 
 
 def unflatten(tensors: dict[str, np.ndarray]):
-    return flax.traverse_util.unflatten_dict({tuple(k.split(".")): jnp.asarray(v)
-                                              for k, v in tensors.items()})
+    return flax.traverse_util.unflatten_dict(
+        {tuple(k.split(".")): jnp.asarray(v) for k, v in tensors.items()}
+    )
 
 
-def write_zoo(directory: str, params, tasks: Sequence[Task], *, parent: str | None = None,
-              extra: dict | None = None) -> list[str]:
+def write_zoo(
+    directory: str,
+    params,
+    tasks: Sequence[Task],
+    *,
+    parent: str | None = None,
+    extra: dict | None = None,
+) -> list[str]:
     """One `m{i:03d}.safetensors` per model plus `zoo.json` (task, seed, parent per model)."""
     os.makedirs(directory, exist_ok=True)
     stacked = flatten(jax.device_get(params))
@@ -129,11 +141,17 @@ def lora_init(base_params, targets: Sequence[str], seeds_a: Sequence[int], rank:
         fan_in, fan_out = flat[f"{name}.kernel"].shape
         bound = 1.0 / np.sqrt(fan_in)
         salt = zlib.crc32(name.encode())  # per-module stream, stable across processes
-        a = jnp.stack([
-            jax.random.uniform(jax.random.fold_in(jax.random.key(int(s)), salt), (rank, fan_in),
-                               minval=-bound, maxval=bound)
-            for s in seeds_a
-        ])
+        a = jnp.stack(
+            [
+                jax.random.uniform(
+                    jax.random.fold_in(jax.random.key(int(s)), salt),
+                    (rank, fan_in),
+                    minval=-bound,
+                    maxval=bound,
+                )
+                for s in seeds_a
+            ]
+        )
         adapters[name] = {"A": a, "B": jnp.zeros((len(seeds_a), fan_out, rank))}
     return adapters
 
@@ -146,9 +164,19 @@ def _with_adapters(base_params, adapter, scale):
     return flax.traverse_util.unflatten_dict(flat)
 
 
-def train_lora_zoo(model, base_params, adapters, data: Dataset, tasks: Sequence[Task], *,
-                   steps: int, scale: float, lr: float = 1e-2, a_lr_scale: float = 1.0,
-                   mesh=None):
+def train_lora_zoo(
+    model,
+    base_params,
+    adapters,
+    data: Dataset,
+    tasks: Sequence[Task],
+    *,
+    steps: int,
+    scale: float,
+    lr: float = 1e-2,
+    a_lr_scale: float = 1.0,
+    mesh=None,
+):
     """Trains only the adapters, each on its own task, the base frozen.
 
     `a_lr_scale` scales the `A` gradients: 0 keeps every `A` at its initialisation (LoRA-FA),
@@ -180,20 +208,37 @@ def lora_accuracy(model, base_params, adapters, data, tasks, *, scale, split="te
     return accuracy(model, params, data, tasks, split=split)
 
 
-def write_lora_zoo(directory: str, adapters, tasks: Sequence[Task], *, rank: int, alpha: float,
-                   seeds_a: Sequence[int], parent: str) -> list[str]:
+def write_lora_zoo(
+    directory: str,
+    adapters,
+    tasks: Sequence[Task],
+    *,
+    rank: int,
+    alpha: float,
+    seeds_a: Sequence[int],
+    parent: str,
+) -> list[str]:
     """PEFT adapter directories `a{i:03d}/` (real key names and config) plus `zoo.json`."""
     adapters = jax.device_get(adapters)
     paths, entries = [], []
     for i, task in enumerate(tasks):
         name = f"a{i:03d}"
-        modules = {mod: (np.asarray(ab["A"][i], np.float32), np.asarray(ab["B"][i], np.float32))
-                   for mod, ab in adapters.items()}
-        paths.append(testing.write_peft_adapter(os.path.join(directory, name), modules, r=rank,
-                                                lora_alpha=alpha, base_model_name_or_path=parent))
-        entries.append({"name": name, "task": task.describe(), "parent": parent,
-                        "a_seed": int(seeds_a[i])})
+        modules = {
+            mod: (np.asarray(ab["A"][i], np.float32), np.asarray(ab["B"][i], np.float32))
+            for mod, ab in adapters.items()
+        }
+        paths.append(
+            testing.write_peft_adapter(
+                os.path.join(directory, name),
+                modules,
+                r=rank,
+                lora_alpha=alpha,
+                base_model_name_or_path=parent,
+            )
+        )
+        entries.append(
+            {"name": name, "task": task.describe(), "parent": parent, "a_seed": int(seeds_a[i])}
+        )
     with open(os.path.join(directory, "zoo.json"), "w") as f:
         json.dump({"models": entries}, f, indent=1)
     return paths
-

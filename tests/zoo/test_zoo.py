@@ -10,7 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from jsubspace import io, sharding, zoo
+from jsubspace import io
+from jsubspace import sharding
+from jsubspace import zoo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -18,13 +20,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_vmapped_sharded_training_equals_one_model_at_a_time(tmp_path):
     data = zoo.load_digits()
     model = zoo.MLP(hidden=16)
-    tasks = [zoo.Task(tuple(range(10)), seed=i, transform=t)
-             for i, t in enumerate(["none", "rotate", "noise", "shift"])]
+    tasks = [
+        zoo.Task(tuple(range(10)), seed=i, transform=t)
+        for i, t in enumerate(["none", "rotate", "noise", "shift"])
+    ]
     mesh = sharding.models_mesh(4)
     init = zoo.init_zoo(model, [t.seed for t in tasks], data.x, mesh)
     together = zoo.train_zoo(model, init, data, tasks, steps=30, mesh=mesh)
-    alone = zoo.train_zoo(model, zoo.init_zoo(model, [tasks[2].seed], data.x), data,
-                          [tasks[2]], steps=30)
+    alone = zoo.train_zoo(
+        model, zoo.init_zoo(model, [tasks[2].seed], data.x), data, [tasks[2]], steps=30
+    )
     for a, b in zip(jax.tree.leaves(together), jax.tree.leaves(alone)):
         np.testing.assert_allclose(np.asarray(a)[2], np.asarray(b)[0], rtol=2e-4, atol=2e-5)
     acc = zoo.accuracy(model, together, data, tasks)
@@ -33,7 +38,10 @@ def test_vmapped_sharded_training_equals_one_model_at_a_time(tmp_path):
     pop = io.open_population(str(tmp_path / "z"))
     assert pop.names == ["m000", "m001", "m002", "m003"]
     assert {la.name: la.shape for la in pop.layers} == {
-        "Dense_0.kernel": (64, 16), "Dense_1.kernel": (16, 16), "Dense_2.kernel": (16, 10)}
+        "Dense_0.kernel": (64, 16),
+        "Dense_1.kernel": (16, 16),
+        "Dense_2.kernel": (16, 10),
+    }
     manifest = json.loads((tmp_path / "z" / "zoo.json").read_text())
     assert manifest["models"][1]["task"]["transform"] == "rotate"
     assert len(paths) == 4
@@ -55,10 +63,12 @@ def test_lora_zoo_with_shared_a_writes_peft_adapters(tmp_path):
     base = jax.tree.map(lambda a: a[0], zoo.init_zoo(model, [0], data.x))
     tasks = [zoo.Task((0, 1, 2), seed=i) for i in range(4)]
     adapters = zoo.lora_init(base, ["Dense_0"], [5, 5, 6, 7], rank=2)
-    adapters = zoo.train_lora_zoo(model, base, adapters, data, tasks, steps=5, scale=2.0,
-                                  a_lr_scale=0.0)
-    zoo.write_lora_zoo(str(tmp_path / "l"), adapters, tasks, rank=2, alpha=4.0,
-                       seeds_a=[5, 5, 6, 7], parent="base")
+    adapters = zoo.train_lora_zoo(
+        model, base, adapters, data, tasks, steps=5, scale=2.0, a_lr_scale=0.0
+    )
+    zoo.write_lora_zoo(
+        str(tmp_path / "l"), adapters, tasks, rank=2, alpha=4.0, seeds_a=[5, 5, 6, 7], parent="base"
+    )
     pop = io.open_population(str(tmp_path / "l"))
     (layer,) = pop.layers
     a = [ref.read() for ref in layer.a_refs]
@@ -73,15 +83,33 @@ def test_main_job_full_size(tmp_path):
 
 
 def test_main_job_small_controls_behave(tmp_path):
-    _run_main(tmp_path, ["--models=16", "--lora_models=16", "--steps=150", "--lora_steps=100",
-                         "--null_draws=2", "--ks=1,4,16"])
+    _run_main(
+        tmp_path,
+        [
+            "--models=16",
+            "--lora_models=16",
+            "--steps=150",
+            "--lora_steps=100",
+            "--null_draws=2",
+            "--ks=1,4,16",
+        ],
+    )
 
 
 def _run_main(tmp_path, extra):
     out = tmp_path / "zoo"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "experiments", "universal_zoo.py"), f"--out={out}",
-         "--quiet", *extra], capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            os.path.join(ROOT, "experiments", "universal_zoo.py"),
+            f"--out={out}",
+            "--quiet",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "function (test accuracy" in proc.stdout
     results = json.loads((out / "results.json").read_text())
@@ -94,7 +122,8 @@ def _run_main(tmp_path, extra):
     for row in tables["trained"]:
         assert row["excess_k1"] > 1.5, row
     assert any(r["verdict"] == "structure beyond the null" for r in tables["trained"]) or any(
-        r["verdict"] == "model-specific structure, not shared" for r in tables["trained"])
+        r["verdict"] == "model-specific structure, not shared" for r in tables["trained"]
+    )
     # The shared-A LoRA zoo is flagged, and its A spectrum collapses to the null without the
     # shared-init adapters.
     for row in tables["lora"] + tables["lora_factors"]:
@@ -105,5 +134,56 @@ def _run_main(tmp_path, extra):
     assert function["original_seen"] > 0.9
     assert len(function["seen"]) == len(function["ks"])
     page = (out / "trained" / "report.html").read_text()
-    assert "<img src=\"data:image/png;base64," in page
+    assert '<img src="data:image/png;base64,' in page
     assert (out / "function.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _experiment(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(ROOT, "experiments", f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SMALL = zoo.ZooConfig(models=8, lora_models=8, steps=60, lora_steps=20, hidden=32)
+
+
+def test_merging_experiment_runs_and_centred_subspace_is_the_mean(tmp_path):
+    result = _experiment("merging").run(
+        str(tmp_path / "m"),
+        str(tmp_path / "cache"),
+        steps=20,
+        k=2,
+        seed=0,
+        log=lambda *a: None,
+        zoo_config=SMALL,
+    )
+    assert result["centred_subspace_minus_mean"] < 1e-5
+    assert result["accuracy"]["subspace, centred (= mean)"] == pytest.approx(
+        result["accuracy"]["mean"], abs=1e-9
+    )
+    assert len(result["accuracy"]["ties (density=0.2)"]) == 6
+
+
+def test_adaptation_experiment_counts_parameters_exactly(tmp_path):
+    results = _experiment("adaptation").run(
+        str(tmp_path / "a"),
+        str(tmp_path / "cache"),
+        k=4,
+        steps=30,
+        lr=1e-2,
+        seed=0,
+        log=lambda *a: None,
+        zoo_config=SMALL,
+    )
+    # MLP 64-32-32-10: coefficients 3 x 4^2; LoRA r on every kernel: r (in + out) each.
+    assert results["coefficients"]["parameters"] == 3 * 16
+    assert results["lora_r1"]["parameters"] == (64 + 32) + (32 + 32) + (32 + 10)
+    assert results["lora_r4"]["parameters"] == 4 * ((64 + 32) + (32 + 32) + (32 + 10))
+    assert results["full"]["parameters"] == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
+    for method in ("coefficients", "lora_r4", "full"):
+        assert results[method]["final_loss"] < results[method]["initial_loss"], method
