@@ -1,0 +1,338 @@
+"""LoRA-collection spectra: jsubspace against its peers, on the same files, in one run.
+
+Paths timed (each a whole process; median of --repeats; peak RSS from the kernel's rusage):
+  jsubspace          `jsubspace.analyze` whole-update spectra (all three modes, centred; no
+                     controls): factored kernels, no update ever formed
+  jsubspace_e2e      the same with the null (1 draw) and lineage controls
+  jsubspace_factors  `lora=factors`: the paper's A / B statistic
+  paper              the paper's released recipe: everything in memory, entry-wise centring,
+                     row-stacking, sklearn PCA (up to 300 components) of A and of B, per module
+  numpy_dense        materialise every dW and take exact spectra (numpy/scipy), as the
+                     re-examinations did; run on --dense_models adapters of one module and
+                     scaled to N by its cost model (Gram accumulation linear in N)
+  sklearn_rsvd       sklearn `randomized_svd` of the rows unfolding [dW_1 .. dW_N] at rank
+                     --rank, same subset and scaling as numpy_dense
+Physical references measured in the same run: reading the population's bytes once, and the
+kernel flops divided by the measured float32 GEMM rate (`achieved / roofline`).
+
+Run (quick: 2 layers = 6 modules):
+    python benchmarks/lora_spectra.py --workdir=/tmp/bench --n=100 --layers=2
+Full Mistral-7B adapter set (32 layers, 96 modules; ~2 GB written at N = 100):
+    python benchmarks/lora_spectra.py --workdir=/tmp/bench --n=100 --layers=32
+Scaling of jsubspace alone:
+    python benchmarks/lora_spectra.py --workdir=/tmp/bench --scaling=25,50,100,200,400
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+
+_WORK = flags.DEFINE_string("workdir", "/tmp/jsubspace_bench", "Populations and outputs.")
+_N = flags.DEFINE_integer("n", 100, "Adapters.")
+_LAYERS = flags.DEFINE_integer("layers", 2, "Transformer layers (3 modules each).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per path (median).")
+_DENSE = flags.DEFINE_integer("dense_models", 8, "Adapters for the materialising paths.")
+_RANK = flags.DEFINE_integer("rank", 64, "Rank of the randomized peer.")
+_PATHS = flags.DEFINE_list(
+    "paths",
+    ["jsubspace", "jsubspace_e2e", "jsubspace_factors", "paper", "numpy_dense", "sklearn_rsvd"],
+    "Paths to time.",
+)
+_SCALING = flags.DEFINE_list("scaling", [], "N values for the jsubspace scaling table.")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: run one path in this process.")
+_POP = flags.DEFINE_string("population", None, "Internal: population directory.")
+
+
+# --- workers (one path per process) ----------------------------------------------------------
+
+
+def _adapters(pop):
+    return sorted(os.path.join(pop, d) for d in os.listdir(pop) if d.startswith("adapter_"))
+
+
+def _load_factors(paths, module):
+    from safetensors.flax import load_file  # in memory, as the paper did (numpy has no bf16)
+
+    a, b = [], []
+    for p in paths:
+        t = load_file(os.path.join(p, "adapter_model.safetensors"))
+        a.append(t[f"base_model.model.{module}.lora_A.weight"].astype(np.float32))
+        b.append(t[f"base_model.model.{module}.lora_B.weight"].astype(np.float32))
+    return np.stack(a), np.stack(b)
+
+
+def _modules(pop):
+    with open(os.path.join(_adapters(pop)[0], "adapter_model.safetensors"), "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return sorted(
+        {
+            k[len("base_model.model.") : -len(".lora_A.weight")]
+            for k in header
+            if k.endswith(".lora_A.weight")
+        }
+    )
+
+
+def worker(path: str, pop: str) -> dict:
+    out = {}
+    if path.startswith("jsubspace"):
+        import jsubspace
+
+        opts = dict(null_draws=0, holdout=None, plots=False, quiet=True, overwrite=True)
+        if path == "jsubspace_e2e":
+            opts.update(null_draws=1)
+        if path == "jsubspace_factors":
+            opts.update(lora="factors")
+        result = jsubspace.analyze([pop], os.path.join(_WORK.value, f"out_{path}"), **opts)
+        first = result["layers"][0]
+        out["top"] = {m: r["eigenvalues"][:5] for m, r in first["modes"].items()}
+        return out
+    modules = _modules(pop)
+    paths = _adapters(pop)
+    scale = 2.0  # alpha / r of the written adapters
+    if path == "paper":
+        from sklearn.decomposition import PCA
+
+        for module in modules:
+            a, b = _load_factors(paths, module)
+            rows_a = a.reshape(-1, a.shape[2])  # N r x n, entry-wise centred by PCA
+            cols_b = np.concatenate(list(b), axis=1).T  # N r x m
+            pa = PCA(n_components=min(300, *rows_a.shape)).fit(rows_a)
+            pb = PCA(n_components=min(300, *cols_b.shape)).fit(cols_b)
+            if module == modules[0]:
+                out["top"] = {
+                    "lora_A": (pa.explained_variance_[:5] * (len(rows_a) - 1)).tolist(),
+                    "lora_B": (pb.explained_variance_[:5] * (len(cols_b) - 1)).tolist(),
+                }
+        return out
+    sub = paths[: _DENSE.value]
+    a, b = _load_factors(sub, modules[0])
+    dw = scale * np.einsum("imr,irn->imn", b, a)  # the materialised updates
+    x = dw - dw.mean(0)
+    if path == "numpy_dense":
+        import scipy.linalg
+
+        flat = x.reshape(len(x), -1)
+        models = scipy.linalg.eigvalsh(flat @ flat.T)[::-1]
+        rows = scipy.linalg.eigvalsh(np.einsum("imn,ikn->mk", x, x))[::-1]
+        cols = scipy.linalg.eigvalsh(np.einsum("imn,imk->nk", x, x))[::-1]
+        out["top"] = {
+            "models": models[:5].tolist(),
+            "rows": rows[:5].tolist(),
+            "cols": cols[:5].tolist(),
+        }
+    elif path == "sklearn_rsvd":
+        from sklearn.utils.extmath import randomized_svd
+
+        unfolding = np.concatenate(list(x), axis=1)  # m x N n
+        _, s, _ = randomized_svd(unfolding, _RANK.value, n_iter=4, random_state=0)
+        out["top"] = {"rows": (s[:5] ** 2).tolist()}
+    return out
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+
+def _timed(path: str, pop: str) -> tuple[float, float, dict]:
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            f"--worker={path}",
+            f"--population={pop}",
+            f"--workdir={_WORK.value}",
+            f"--dense_models={_DENSE.value}",
+            f"--rank={_RANK.value}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    if status != 0:
+        raise RuntimeError(f"{path} failed:\n{stderr[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024, json.loads(stdout.strip().splitlines()[-1])
+
+
+def _population(n: int, layers: int) -> str:
+    pop = os.path.join(_WORK.value, f"lora_n{n}_l{layers}")
+    if not os.path.exists(os.path.join(pop, "done")):
+        here = os.path.dirname(os.path.abspath(__file__))
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(here, "write_population.py"),
+                f"--out={pop}",
+                f"--n={n}",
+                f"--layers={layers}",
+                "--planted=8",
+                "--shared_a_fraction=0.25",
+            ],
+            check=True,
+        )
+        open(os.path.join(pop, "done"), "w").close()
+    return pop
+
+
+def _read_rate(pop: str) -> tuple[int, float]:
+    total, start = 0, time.perf_counter()
+    for d in _adapters(pop):
+        with open(os.path.join(d, "adapter_model.safetensors"), "rb") as f:
+            while chunk := f.read(1 << 24):
+                total += len(chunk)
+    return total, time.perf_counter() - start
+
+
+def _gemm_rate() -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((2048, 2048), jnp.float32)
+    f = jax.jit(lambda x: jnp.matmul(x, x, precision=jax.lax.Precision.HIGHEST))
+    f(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(5):
+        f(a).block_until_ready()
+    return 5 * 2 * 2048**3 / (time.perf_counter() - start)
+
+
+def _flops(n: int, modules: list[tuple[int, int]], r: int = 16) -> float:
+    """Factored kernel flops: two cross-Grams, four (Nr)^3 eigen-solves, the small products."""
+    nr = n * r
+    return sum(2 * nr * nr * (m + k) + 4 * 9 * nr**3 + 6 * nr**3 for m, k in modules)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    if _WORKER.value:
+        print(json.dumps(worker(_WORKER.value, _POP.value)))
+        return 0
+    n, layers = _N.value, _LAYERS.value
+    os.makedirs(_WORK.value, exist_ok=True)
+    if _SCALING.value:
+        print(f"{'N':>5} {'seconds':>9} {'peak RSS MB':>12}")
+        rows = []
+        for value in (int(v) for v in _SCALING.value):
+            pop = _population(value, layers)
+            seconds, rss, _ = _timed("jsubspace", pop)
+            rows.append({"n": value, "seconds": seconds, "rss_mb": rss})
+            print(f"{value:>5} {seconds:>9.1f} {rss:>12.0f}", flush=True)
+        with open(os.path.join(_WORK.value, "scaling.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        return 0
+    pop = _population(n, layers)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _shapes import lora_modules
+
+    shapes = list(lora_modules(layers, 4096, 1024).values())
+    n_modules = len(shapes)
+    results = {}
+    for path in _PATHS.value:
+        repeats = 1 if path in ("numpy_dense", "sklearn_rsvd") else _REPEATS.value
+        runs = [_timed(path, pop) for _ in range(repeats)]
+        seconds = statistics.median(r[0] for r in runs)
+        results[path] = {
+            "seconds": seconds,
+            "rss_mb": max(r[1] for r in runs),
+            "top": runs[0][2].get("top"),
+        }
+        print(
+            f"  {path:<18} {seconds:8.1f} s  peak RSS {results[path]['rss_mb']:8.0f} MB", flush=True
+        )
+    # Per-module times. The materialising paths ran one module on --dense_models adapters;
+    # their cost (forming N updates, accumulating the Grams) grows linearly in N.
+    per_module = {}
+    for path, res in results.items():
+        if path in ("numpy_dense", "sklearn_rsvd"):
+            per_module[path] = res["seconds"] * n / _DENSE.value
+        else:
+            per_module[path] = res["seconds"] / n_modules
+    # Same numbers: jsubspace on the materialising paths' subset, and the factor statistic.
+    checks = {}
+    if "numpy_dense" in results:
+        import jsubspace
+
+        subset = _adapters(pop)[: _DENSE.value]
+        first = _modules(pop)[0]
+        small = jsubspace.analyze(
+            subset,
+            os.path.join(_WORK.value, "out_check"),
+            null_draws=0,
+            holdout=None,
+            plots=False,
+            quiet=True,
+            overwrite=True,
+            include="^" + first.replace(".", r"\.") + "$",
+        )
+        ours = small["layers"][0]["modes"]
+        theirs = results["numpy_dense"]["top"]
+        checks["delta_vs_numpy"] = max(
+            abs(a - b) / abs(theirs[mode][0])
+            for mode in ("models", "rows", "cols")
+            for a, b in zip(ours[mode]["eigenvalues"][:5], theirs[mode])
+        )
+    if "jsubspace_factors" in results and "paper" in results:
+        ours, theirs = results["jsubspace_factors"]["top"], results["paper"]["top"]
+        checks["factors_vs_paper"] = max(
+            abs(a - b) / abs(theirs[mode][0])
+            for mode in ("lora_A", "lora_B")
+            for a, b in zip(ours[mode], theirs[mode])
+        )
+    nbytes, read_seconds = _read_rate(pop)
+    gemm = _gemm_rate()
+    flops = _flops(n, shapes)
+    roofline = read_seconds + flops / gemm
+    report = {
+        "n": n,
+        "layers": layers,
+        "modules": n_modules,
+        "results": results,
+        "per_module_seconds": per_module,
+        "checks": checks,
+        "bytes": nbytes,
+        "read_seconds": read_seconds,
+        "gemm_flops_per_s": gemm,
+        "kernel_flops": flops,
+        "roofline_seconds": roofline,
+    }
+    with open(os.path.join(_WORK.value, f"lora_n{n}_l{layers}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nN = {n} adapters, {n_modules} modules (rank 16, bf16); per module:")
+    base = per_module.get("jsubspace")
+    print(f"  {'path':<18} {'s/module':>10} {'x jsubspace':>12}")
+    for path, t in per_module.items():
+        ratio = t / base if base else float("nan")
+        print(f"  {path:<18} {t:>10.3f} {ratio:>12.1f}")
+    if "jsubspace_factors" in per_module and "paper" in per_module:
+        print(
+            f"  paper recipe / jsubspace factors: "
+            f"{per_module['paper'] / per_module['jsubspace_factors']:.1f}x"
+        )
+    print(f"\nchecks (max difference of the top-5 eigenvalues, relative to the largest): {checks}")
+    print(
+        f"read once: {nbytes / 2**20:.0f} MB in {read_seconds:.2f} s; GEMM "
+        f"{gemm / 1e9:.1f} GFLOP/s; kernel {flops / 1e9:.1f} GFLOP; roofline "
+        f"{roofline:.1f} s; jsubspace {results.get('jsubspace', {}).get('seconds', 0):.1f} s "
+        f"(achieved / roofline = "
+        f"{results.get('jsubspace', {}).get('seconds', 0) / roofline:.1f})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))
