@@ -198,3 +198,39 @@ def test_cli_compress_and_reconstruct(tmp_path):
     )
     assert bad.returncode == 2 and "jsubspace: error:" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_cli_merge_and_missing_base(tmp_path):
+    values = _dense_population(tmp_path / "pop")
+    base = {
+        "a.weight": np.zeros((40, 30), np.float32),
+        "conv.kernel": np.zeros((12, 4, 5), np.float32),
+        "a.bias": np.ones(40, np.float32),
+    }
+    testing.write_safetensors(tmp_path / "base.safetensors", base)
+    run = [sys.executable, "-m", "jsubspace.cli.main", "merge", f"--models={tmp_path / 'pop'}"]
+    out = subprocess.run(
+        run
+        + [
+            f"--base={tmp_path / 'base.safetensors'}",
+            f"--out={tmp_path / 'merged.safetensors'}",
+            "--merge_method=task_arithmetic",
+            "--lambda=0.5",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    header = io.read_header(tmp_path / "merged.safetensors")
+    merged = io.read_tensor(tmp_path / "merged.safetensors", header.tensors["a.weight"])
+    np.testing.assert_allclose(merged, 0.5 * values["a.weight"].sum(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(
+        io.read_tensor(tmp_path / "merged.safetensors", header.tensors["a.bias"]), np.ones(40)
+    )
+    missing = subprocess.run(
+        run + [f"--base={tmp_path / 'nope.safetensors'}", f"--out={tmp_path / 'm2.safetensors'}"],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "nope.safetensors: no such file" in missing.stderr
+    assert not (tmp_path / "m2.safetensors").exists()
