@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -25,6 +26,7 @@ import numpy as np
 from jsubspace import io
 from jsubspace import sharding
 from jsubspace import spectra
+from jsubspace.errors import CheckpointError
 from jsubspace.errors import JsubspaceError
 from jsubspace.errors import PopulationError
 from jsubspace.report._atomic import atomic_write_text
@@ -94,21 +96,18 @@ def _progress(i: int, total: int, name: str, seconds: float, *, quiet: bool) -> 
         print(file=sys.stderr, flush=True)
 
 
-def _load_base(path: str, population: io.Population) -> dict[str, np.ndarray]:
+def _load_base(path: str, population: io.Population) -> dict[str, io.TensorRef]:
+    """The base model's tensor of every layer (for `center='base'`); headers only."""
     base = io.load_model(path)
-    values = {}
+    refs = {}
     for layer in population.layers:
         ref = base.tensors.get(layer.name)
-        if ref is None or math_prod(ref.shape) != layer.shape[0] * layer.shape[1]:
-            raise OutputError(
-                f"{path}: base model lacks layer {layer.name!r} of shape {list(layer.shape)}"
+        if ref is None or math.prod(ref.shape) != layer.shape[0] * layer.shape[1]:
+            raise CheckpointError(
+                path, f"base model lacks layer {layer.name!r} of shape {list(layer.shape)}"
             )
-        values[layer.name] = ref
-    return values
-
-
-def math_prod(shape) -> int:
-    return int(np.prod(shape)) if len(shape) else 1
+        refs[layer.name] = ref
+    return refs
 
 
 def analyze(

@@ -359,3 +359,39 @@ def test_cli_under_two_distributed_processes_equals_one(demo, tmp_path):
                 atol=2e-6 * top,
             )
         assert a["verdict"]["label"] == b["verdict"]["label"]
+
+
+def test_center_base_uses_task_vectors(tmp_path):
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal((10, 8)).astype(np.float32)
+    tau = 0.1 * rng.standard_normal((5, 10, 8)).astype(np.float32)
+    testing.write_safetensors(tmp_path / "base.safetensors", {"w": base})
+    for i in range(5):
+        testing.write_safetensors(tmp_path / "pop" / f"m{i}.safetensors", {"w": base + tau[i]})
+    res = jsubspace.analyze(
+        [str(tmp_path / "pop")],
+        str(tmp_path / "o"),
+        center="base",
+        base=str(tmp_path / "base.safetensors"),
+        null_draws=1,
+        holdout=None,
+        num_devices=1,
+        quiet=True,
+        plots=False,
+    )
+    x = (base + tau).astype(np.float64) - base
+    (layer,) = res["layers"]
+    assert layer["total_energy"] == pytest.approx(np.sum(x**2), rel=1e-4)
+    want = np.linalg.eigvalsh(np.einsum("imn,jmn->ij", x, x))[::-1]
+    np.testing.assert_allclose(layer["modes"]["models"]["eigenvalues"], want, rtol=1e-3)
+    testing.write_safetensors(tmp_path / "other.safetensors", {"v": base})
+    with pytest.raises(jsubspace.CheckpointError, match="base model lacks layer 'w'"):
+        jsubspace.analyze(
+            [str(tmp_path / "pop")],
+            str(tmp_path / "o2"),
+            center="base",
+            base=str(tmp_path / "other.safetensors"),
+            quiet=True,
+        )
+    with pytest.raises(OutputError, match="needs a base model"):
+        jsubspace.analyze([str(tmp_path / "pop")], str(tmp_path / "o3"), center="base")
