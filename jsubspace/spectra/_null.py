@@ -99,6 +99,14 @@ def _gaussian_factors(key, mask, *, mesh, r, n, m):
     )(key, mask)
 
 
+@jax.jit
+def _update_norms(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`f32[N_pad]`: `||B_i A_i||_F^2 = tr((B_i^T B_i)(A_i A_i^T))`, per model, in factor space."""
+    btb = jnp.einsum("imr,ims->irs", b, b, precision=kernels.HIGHEST)
+    aat = jnp.einsum("irn,isn->irs", a, a, precision=kernels.HIGHEST)
+    return jnp.einsum("irs,isr->i", btb, aat, precision=kernels.HIGHEST)
+
+
 def null_population(
     placed, spectra: _layer.LayerSpectra, *, key, mesh, ranks=None, uncentred_norms=None
 ):
@@ -120,10 +128,7 @@ def null_population(
     a, b = _gaussian_factors(
         key, jax.device_put(mask, stacked_sharding(mesh)), mesh=mesh, r=r, n=n, m=m
     )
-    unit = kernels.lora_grams(
-        a, b, jnp.ones(n_pad, jnp.float32), mesh=mesh, n_models=placed.n_models, center="none"
-    )
-    null_sq = np.diag(host_array(unit.models).astype(np.float64))
+    null_sq = host_array(_update_norms(a, b)).astype(np.float64)[: placed.n_models]
     scales = np.zeros(n_pad, np.float32)
     scales[: placed.n_models] = np.sqrt(uncentred_norms / np.maximum(null_sq, 1e-30))
     return PlacedLora(a, b, jax.device_put(scales, placed.scales.sharding), placed.n_models)
