@@ -48,22 +48,34 @@ def similarity(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def average_linkage(dist: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """Average-linkage agglomerative clustering (scipy `linkage` format) and the leaf order."""
+    """Average-linkage agglomerative clustering (scipy `linkage` format) and the leaf order.
+
+    Lance–Williams updates on the distance matrix: O(N^2) numpy work per merge.
+    """
     n = len(dist)
-    clusters = {i: [i] for i in range(n)}
-    d = {(i, j): dist[i, j] for i in range(n) for j in range(i + 1, n)}
+    d = np.array(dist, np.float64)
+    np.fill_diagonal(d, np.inf)
+    size = np.ones(n)
+    ids = list(range(n))
+    members = {i: [i] for i in range(n)}
     merges = []
-    next_id = n
-    while len(clusters) > 1:
-        (a, b), best = min(d.items(), key=lambda kv: kv[1])
-        members = clusters.pop(a) + clusters.pop(b)
-        d = {k: v for k, v in d.items() if a not in k and b not in k}
-        for c, cm in clusters.items():
-            d[(c, next_id)] = float(np.mean(dist[np.ix_(cm, members)]))
-        clusters[next_id] = members
-        merges.append([a, b, float(best), len(members)])
-        next_id += 1
-    order = clusters[next(iter(clusters))] if clusters else []
+    last = 0
+    for step in range(n - 1):
+        i, j = np.unravel_index(np.argmin(d), d.shape)
+        i, j = min(i, j), max(i, j)
+        height = d[i, j]
+        merged = (size[i] * d[i] + size[j] * d[j]) / (size[i] + size[j])
+        d[i, :] = merged
+        d[:, i] = merged
+        d[j, :] = np.inf
+        d[:, j] = np.inf
+        d[i, i] = np.inf
+        merges.append([ids[i], ids[j], float(height), size[i] + size[j]])
+        members[n + step] = members.pop(ids[i]) + members.pop(ids[j])
+        ids[i] = n + step
+        size[i] += size[j]
+        last = n + step
+    order = members[last] if n > 1 else list(range(n))
     return np.asarray(merges, np.float64).reshape(-1, 4), order
 
 
@@ -120,7 +132,7 @@ def lineage_record(
     n = len(names)
     off = ~np.eye(n, dtype=bool)
     exact, near = identical_groups(rel, prints, threshold)
-    linkage, order = average_linkage(1.0 - cos) if n <= 200 else (np.zeros((0, 4)), list(range(n)))
+    linkage, order = average_linkage(1.0 - cos) if n <= 2000 else (np.zeros((0, 4)), list(range(n)))
     record = {
         "cosine": cos.tolist(),
         "norms": np.sqrt(np.clip(np.diag(np.asarray(gram, np.float64)), 0, None)).tolist(),

@@ -144,3 +144,19 @@ def test_verdict_reads_every_control():
         spectra.verdict(record(0.2, 0.3, 0.0, shared=0.5))["label"]
         == "explained by shared initialisation"
     )
+
+
+def test_average_linkage_matches_scipy():
+    from scipy.cluster.hierarchy import linkage
+    from scipy.spatial.distance import squareform
+
+    from jsubspace.spectra._lineage import average_linkage
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((25, 4))
+    dist = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    ours, order = average_linkage(dist)
+    theirs = linkage(squareform(dist, checks=False), "average")
+    np.testing.assert_allclose(ours[:, 2], theirs[:, 2], atol=1e-12)
+    np.testing.assert_array_equal(ours[:, 3], theirs[:, 3])
+    assert sorted(order) == list(range(25))
