@@ -173,6 +173,7 @@ def open_population(
     exclude: str | None = None,
     skip_mismatched: bool = False,
     min_models: int = 2,
+    progress=None,
 ) -> Population:
     """Reads the headers of every model and aligns their layers.
 
@@ -183,6 +184,7 @@ def open_population(
         skip_mismatched: drop layers that some models lack or disagree on (listed in
             `Population.skipped`) instead of raising.
         min_models: the fewest models accepted (spectra need two).
+        progress: called as `progress(done, total)` after each model's headers are read.
 
     Returns:
         The aligned population.
@@ -200,7 +202,12 @@ def open_population(
     if sources and all(isinstance(s, Model) for s in sources):
         models = list(sources)
     else:
-        models = [_formats.load_model(p) for p in resolve_sources(sources)]
+        paths = resolve_sources(sources)
+        models = []
+        for path in paths:
+            models.append(_formats.load_model(path))
+            if progress is not None:
+                progress(len(models), len(paths))
     if not models:
         raise PopulationError(f"no models found in {sources!r}")
     if len(models) < min_models:

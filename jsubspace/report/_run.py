@@ -163,8 +163,22 @@ def analyze(
         raise OutputError("center='base' needs a base model (--base=PATH)")
     if holdout not in (None, "loo"):
         holdout = int(holdout)
+
+    def reading(done, total):
+        if not quiet and jax.process_index() == 0 and total >= 8:
+            print(
+                f"\rreading headers {done}/{total}",
+                end="\n" if done == total else "",
+                file=sys.stderr,
+                flush=True,
+            )
+
     population = io.open_population(
-        models, include=include, exclude=exclude, skip_mismatched=skip_mismatched
+        models,
+        include=include,
+        exclude=exclude,
+        skip_mismatched=skip_mismatched,
+        progress=reading,
     )
     spectra_config = spectra.SpectraConfig(
         modes=tuple(modes), center=center, lora=lora, method=method, rank=rank

@@ -311,3 +311,10 @@ def test_indexing_reads_no_tensor_bytes(tmp_path, monkeypatch):
     assert sum(counted) < 16 * 200, sum(counted)  # headers only: ~100 bytes each
     size = os.path.getsize(tmp_path / "m00.safetensors")
     assert size > 4 * 1024 * 1024
+
+
+def test_progress_is_reported_while_reading_headers(tmp_path):
+    _dense_models(tmp_path, n=3)
+    seen = []
+    io.open_population(str(tmp_path), progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
