@@ -106,7 +106,9 @@ def lora_basis(
         mesh, n_models, center: as in `kernels.lora_grams`.
         k: basis size (at most `N r`).
     """
-    g = kernels.lora_grams(a, b, scales, mesh=mesh, n_models=n_models, center=center)
+    g = kernels.lora_grams(
+        a, b, scales, mesh=mesh, n_models=n_models, center=center, modes=("models",)
+    )
     n_pad, r, _ = a.shape
     nr = n_pad * r
 

@@ -68,7 +68,7 @@ def psd_root(gram: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.clip(evals, 0.0))[:, None] * evecs.T
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "n_models", "center"))
+@functools.partial(jax.jit, static_argnames=("mesh", "n_models", "center", "modes"))
 def lora_grams(
     a: jax.Array,
     b: jax.Array,
@@ -77,6 +77,7 @@ def lora_grams(
     mesh: Mesh,
     n_models: int,
     center: str = "mean",
+    modes: tuple[str, ...] = ("models", "rows", "cols"),
 ) -> LoraGrams:
     """Factor-space Grams of the three modes of `{s_i B_i A_i}`.
 
@@ -87,6 +88,7 @@ def lora_grams(
         mesh: the mesh the factors live on.
         n_models: the true N.
         center: 'mean' or 'none' ('base' means 'none': adapters are updates from their base).
+        modes: which of 'rows' / 'cols' to build ('models' and the cross-Grams always are).
 
     Returns:
         LoraGrams.
@@ -110,14 +112,17 @@ def lora_grams(
     models = (h @ k0 @ h.T)[:n_models, :n_models]
     weight = (mm * jnp.outer(s, s))[:, None, :, None]
     nr = n_pad * r
-    mid_a = (weight * ga).reshape(nr, nr)
-    mid_b = (weight * gb).reshape(nr, nr)
-    root_b = psd_root(gb.reshape(nr, nr))
-    root_a = psd_root(ga.reshape(nr, nr))
-    rows = root_b @ mid_a @ root_b.T
-    cols = root_a @ mid_b @ root_a.T
-    rows = (rows + rows.T) / 2
-    cols = (cols + cols.T) / 2
+    rows = cols = None
+    # The rows / cols matrices need an (Nr)^3 eigendecomposition each; skip them when unused
+    # (the factor statistic and lineage need only the cross-Grams).
+    if "rows" in modes:
+        root_b = psd_root(gb.reshape(nr, nr))
+        rows = root_b @ (weight * ga).reshape(nr, nr) @ root_b.T
+        rows = (rows + rows.T) / 2
+    if "cols" in modes:
+        root_a = psd_root(ga.reshape(nr, nr))
+        cols = root_a @ (weight * gb).reshape(nr, nr) @ root_a.T
+        cols = (cols + cols.T) / 2
     return LoraGrams(models, rows, cols, jnp.trace(models), ga, gb, k0[:n_models, :n_models])
 
 

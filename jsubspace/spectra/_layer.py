@@ -200,8 +200,15 @@ def _centred_sample_gram(gram: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> LayerSpectra:
+    wanted = tuple(m for m in config.modes if m != "models") if config.lora == "delta" else ()
     g = kernels.lora_grams(
-        placed.a, placed.b, placed.scales, mesh=mesh, n_models=placed.n_models, center=config.center
+        placed.a,
+        placed.b,
+        placed.scales,
+        mesh=mesh,
+        n_models=placed.n_models,
+        center=config.center,
+        modes=("models",) + wanted,
     )
     n_pad, r, n = placed.a.shape
     m = placed.b.shape[1]
