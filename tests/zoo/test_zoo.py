@@ -138,28 +138,51 @@ def _run_main(tmp_path, extra):
     assert (out / "function.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def _experiment(name):
-    import importlib.util
+_RUN_EXPERIMENT = """
+import dataclasses, importlib.util, json, sys
+from jsubspace import zoo
+name, path, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+spec = importlib.util.spec_from_file_location(name, path)
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+kwargs["zoo_config"] = zoo.ZooConfig(**kwargs["zoo_config"])
+print(json.dumps(module.run(log=lambda *a: None, **kwargs)))
+"""
 
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(ROOT, "experiments", f"{name}.py")
+
+def _experiment(name, **kwargs):
+    """Runs `experiments/<name>.py`'s `run` in its own process (each script defines flags)."""
+    import dataclasses
+
+    kwargs["zoo_config"] = dataclasses.asdict(kwargs["zoo_config"])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _RUN_EXPERIMENT,
+            name,
+            os.path.join(ROOT, "experiments", f"{name}.py"),
+            json.dumps(kwargs),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 SMALL = zoo.ZooConfig(models=8, lora_models=8, steps=60, lora_steps=20, hidden=32)
 
 
 def test_merging_experiment_runs_and_centred_subspace_is_the_mean(tmp_path):
-    result = _experiment("merging").run(
-        str(tmp_path / "m"),
-        str(tmp_path / "cache"),
+    result = _experiment(
+        "merging",
+        out=str(tmp_path / "m"),
+        cache=str(tmp_path / "cache"),
         steps=20,
         k=2,
         seed=0,
-        log=lambda *a: None,
         zoo_config=SMALL,
     )
     assert result["centred_subspace_minus_mean"] < 1e-5
@@ -170,14 +193,14 @@ def test_merging_experiment_runs_and_centred_subspace_is_the_mean(tmp_path):
 
 
 def test_adaptation_experiment_counts_parameters_exactly(tmp_path):
-    results = _experiment("adaptation").run(
-        str(tmp_path / "a"),
-        str(tmp_path / "cache"),
+    results = _experiment(
+        "adaptation",
+        out=str(tmp_path / "a"),
+        cache=str(tmp_path / "cache"),
         k=4,
         steps=30,
         lr=1e-2,
         seed=0,
-        log=lambda *a: None,
         zoo_config=SMALL,
     )
     # MLP 64-32-32-10: coefficients 3 x 4^2; LoRA r on every kernel: r (in + out) each.
