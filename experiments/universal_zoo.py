@@ -43,6 +43,7 @@ _TRAIN_A = flags.DEFINE_float(
     "Learning-rate scale of the LoRA A factors: 0 keeps A at its initialisation (LoRA-FA), as in "
     "the released adapters whose shared A was never trained away; 1 trains A like B.",
 )
+_ARCH = flags.DEFINE_enum("arch", "mlp", ["mlp", "cnn", "vit"], "Architecture of every zoo.")
 _HIDDEN = flags.DEFINE_integer("hidden", 64, "Hidden width of the MLP.")
 _KS = flags.DEFINE_list("ks", ["1", "2", "4", "8", "16", "32"], "Basis sizes to evaluate.")
 _NULL = flags.DEFINE_integer("null_draws", 3, "Gaussian null draws per layer.")
@@ -207,7 +208,10 @@ def main(argv):
     os.makedirs(out, exist_ok=True)
     cache = _CACHE.value or os.path.join(out, "cache")
     data = zoo.load_digits(seed=_SEED.value)
-    model = zoo.MLP(hidden=_HIDDEN.value, num_classes=data.num_classes)
+    if _ARCH.value == "mlp":
+        model = zoo.MLP(hidden=_HIDDEN.value, num_classes=data.num_classes)
+    else:
+        model = zoo.ARCHITECTURES[_ARCH.value](num_classes=data.num_classes)
     devices = len(jax.devices())
     mesh = sharding.models_mesh(
         max(
@@ -225,6 +229,7 @@ def main(argv):
         shared_a_fraction=_SHARED.value,
         a_lr_scale=_TRAIN_A.value,
         hidden=_HIDDEN.value,
+        arch=_ARCH.value,
         seed=_SEED.value,
     )
     zoos = zoo.standard_zoos(cache, config, data, model, mesh=mesh, log=say)

@@ -9,6 +9,7 @@ from jsubspace.zoo._data import load_fashion_mnist
 from jsubspace.zoo._models import ARCHITECTURES
 from jsubspace.zoo._models import CNN
 from jsubspace.zoo._models import MLP
+from jsubspace.zoo._models import ViT
 from jsubspace.zoo._standard import ZooConfig
 from jsubspace.zoo._standard import load_tasks
 from jsubspace.zoo._standard import make_tasks
@@ -32,6 +33,7 @@ __all__ = [
     "TRANSFORMS",
     "Dataset",
     "Task",
+    "ViT",
     "ZooConfig",
     "accuracy",
     "apply_task",

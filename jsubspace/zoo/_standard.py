@@ -46,6 +46,7 @@ class ZooConfig:
     shared_a_fraction: float = 0.5
     a_lr_scale: float = 0.0
     hidden: int = 64
+    arch: str = "mlp"
     seed: int = 0
 
 
@@ -115,7 +116,10 @@ def standard_zoos(
     )
     base = jax.tree.map(lambda a: a[0], base)
     io.write_safetensors(paths["base"], flatten(base))
-    targets = sorted({k.split(".")[0] for k in flatten(base) if k.endswith("kernel")})[:-1]
+    # LoRA on every 2-D kernel but the output layer (as PEFT targets linear layers).
+    flat = flatten(base)
+    dense = [k[: -len(".kernel")] for k in flat if k.endswith("kernel") and flat[k].ndim == 2]
+    targets = sorted(dense)[:-1] or sorted(dense)
     lora_tasks = make_tasks(
         config.lora_models, config.seed, num_classes=data.num_classes, offset=500
     )

@@ -210,3 +210,35 @@ def test_adaptation_experiment_counts_parameters_exactly(tmp_path):
     assert results["full"]["parameters"] == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
     for method in ("coefficients", "lora_r4", "full"):
         assert results[method]["final_loss"] < results[method]["initial_loss"], method
+
+
+@pytest.mark.parametrize("arch", ["cnn", "vit"])
+def test_cnn_and_vit_zoos_train_and_analyse(tmp_path, arch):
+    import jsubspace
+
+    data = zoo.load_digits()
+    model = zoo.ARCHITECTURES[arch]()
+    tasks = [zoo.Task(tuple(range(10)), seed=i) for i in range(2)]
+    mesh = sharding.models_mesh(2)
+    init = zoo.init_zoo(model, [t.seed for t in tasks], data.x, mesh)
+    trained = zoo.train_zoo(model, init, data, tasks, steps=25, lr=3e-2, mesh=mesh)
+    acc = zoo.accuracy(model, trained, data, tasks)
+    assert np.all(acc > 0.3), acc  # chance is 0.1
+    zoo.write_zoo(str(tmp_path / "z"), trained, tasks)
+    result = jsubspace.analyze(
+        [str(tmp_path / "z")],
+        str(tmp_path / "o"),
+        null_draws=1,
+        holdout=None,
+        num_devices=2,
+        quiet=True,
+        plots=False,
+    )
+    names = {layer["name"]: layer["shape"] for layer in result["layers"]}
+    if arch == "cnn":
+        assert names["Conv_0.kernel"] == [3, 3 * 1 * 8]  # (kh, kw, in, out) as a matrix
+    else:
+        assert names["Attn_0.query.kernel"] == [32, 2 * 16]  # (dim, heads, head_dim)
+    for layer in result["layers"]:
+        trace = sum(layer["modes"]["models"]["eigenvalues"])
+        assert trace == pytest.approx(layer["total_energy"], rel=1e-4)
