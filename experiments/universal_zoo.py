@@ -43,6 +43,12 @@ _TRAIN_A = flags.DEFINE_float(
     "Learning-rate scale of the LoRA A factors: 0 keeps A at its initialisation (LoRA-FA), as in "
     "the released adapters whose shared A was never trained away; 1 trains A like B.",
 )
+_DATASET = flags.DEFINE_enum(
+    "dataset",
+    "digits",
+    ["digits", "fashion-mnist"],
+    "digits: scikit-learn's bundled set; fashion-mnist: Debian's dataset-fashion-mnist package.",
+)
 _ARCH = flags.DEFINE_enum("arch", "mlp", ["mlp", "cnn", "vit"], "Architecture of every zoo.")
 _HIDDEN = flags.DEFINE_integer("hidden", 64, "Hidden width of the MLP.")
 _KS = flags.DEFINE_list("ks", ["1", "2", "4", "8", "16", "32"], "Basis sizes to evaluate.")
@@ -207,7 +213,15 @@ def main(argv):
     out = _OUT.value
     os.makedirs(out, exist_ok=True)
     cache = _CACHE.value or os.path.join(out, "cache")
-    data = zoo.load_digits(seed=_SEED.value)
+    if _DATASET.value == "fashion-mnist":
+        data = zoo.load_fashion_mnist()
+        if data is None:
+            raise app.UsageError(
+                f"Fashion-MNIST not found in {zoo.FASHION_DIR}: "
+                "apt-get install dataset-fashion-mnist"
+            )
+    else:
+        data = zoo.load_digits(seed=_SEED.value)
     if _ARCH.value == "mlp":
         model = zoo.MLP(hidden=_HIDDEN.value, num_classes=data.num_classes)
     else:

@@ -1,5 +1,6 @@
 """Model zoos trained in JAX/Flax on real bundled data: the populations of the experiments."""
 
+from jsubspace.zoo._data import FASHION_DIR
 from jsubspace.zoo._data import TRANSFORMS
 from jsubspace.zoo._data import Dataset
 from jsubspace.zoo._data import Task
@@ -29,6 +30,7 @@ from jsubspace.zoo._train import write_zoo
 __all__ = [
     "ARCHITECTURES",
     "CNN",
+    "FASHION_DIR",
     "MLP",
     "TRANSFORMS",
     "Dataset",

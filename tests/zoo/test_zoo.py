@@ -242,3 +242,30 @@ def test_cnn_and_vit_zoos_train_and_analyse(tmp_path, arch):
     for layer in result["layers"]:
         trace = sum(layer["modes"]["models"]["eigenvalues"])
         assert trace == pytest.approx(layer["total_energy"], rel=1e-4)
+
+
+def test_fashion_mnist_reader_on_idx_files(tmp_path):
+    import gzip
+    import struct
+
+    rng = np.random.default_rng(0)
+
+    def idx(path, array):
+        header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(
+            ">" + "I" * array.ndim, *array.shape
+        )
+        with gzip.open(path, "wb") as f:
+            f.write(header + array.astype(np.uint8).tobytes())
+
+    images = rng.integers(0, 256, (12, 28, 28))
+    labels = rng.integers(0, 10, 12)
+    idx(tmp_path / "train-images-idx3-ubyte.gz", images[:8])
+    idx(tmp_path / "train-labels-idx1-ubyte.gz", labels[:8])
+    idx(tmp_path / "t10k-images-idx3-ubyte.gz", images[8:])
+    idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels[8:])
+    data = zoo.load_fashion_mnist(str(tmp_path), limit=100)
+    assert data.x.shape == (12, 28, 28) and data.x.max() <= 1.0
+    np.testing.assert_array_equal(data.y, labels)
+    np.testing.assert_allclose(data.x[9], images[9] / 255.0, rtol=1e-6)
+    assert data.train.sum() == 8
+    assert zoo.load_fashion_mnist(str(tmp_path / "absent")) is None
