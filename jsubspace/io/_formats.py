@@ -427,8 +427,8 @@ def load_model(path: str) -> Model:
         raise CheckpointError(
             path,
             "pickle-based checkpoints are never loaded (they can run code). Convert to "
-            "safetensors first, e.g. safetensors.torch.save_file(torch.load(f, weights_only=True), "
-            "'model.safetensors')",
+            "safetensors first, in a trusted environment: load the state dict with torch "
+            "(weights_only=True) and write it with safetensors.torch.save_file",
         )
     if not os.path.exists(path):
         raise CheckpointError(path, "no such file or directory")
