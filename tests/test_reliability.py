@@ -6,7 +6,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from jsubspace import PopulationError
 from jsubspace import io
 from jsubspace import testing
 from jsubspace.report import OutputError
+from tests._distributed import launch_analyze
 
 
 def _population(path, n=6, layers=6, shape=(24, 20), seed=0):
@@ -231,35 +231,11 @@ def test_sigkill_at_twenty_seeded_points(tmp_path):
 @pytest.mark.multiprocess
 def test_dead_peer_process_ends_the_survivor_with_a_clear_message(tmp_path):
     pop = _population(tmp_path / "pop", n=8, layers=40, shape=(48, 40))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "out"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jsubspace.cli.main",
-                "analyze",
-                f"--models={pop}",
-                f"--out={out}",
-                "--quiet",
-                "--noplots",
-                "--num_cpu_devices=2",
-                "--holdout=none",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={pid}",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for pid in range(2)
-    ]
+    procs = launch_analyze(
+        [f"--models={pop}", f"--out={out}", "--quiet", "--noplots", "--holdout=none"],
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 180
     while time.time() < deadline and not (out / "layers" / "00002.json").exists():
         time.sleep(0.05)

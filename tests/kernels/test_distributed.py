@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,8 @@ import numpy as np
 import pytest
 
 from jsubspace import testing
+from tests._distributed import free_port
+from tests._distributed import wait_all
 
 pytestmark = pytest.mark.multiprocess
 
@@ -56,12 +57,6 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _eig64(x):
     return {
         "models": np.linalg.eigvalsh(np.einsum("imn,jmn->ij", x, x))[::-1],
@@ -89,7 +84,7 @@ def test_two_processes_equal_one(tmp_path, kind):
             )
         x = 2.0 * np.einsum("imr,irn->imn", b.astype(np.float64), a)
     x = x - x.mean(0)
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     procs = [
@@ -110,14 +105,7 @@ def test_two_processes_equal_one(tmp_path, kind):
         )
         for pid in range(2)
     ]
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed workers hung")
-        assert p.returncode == 0, out[-3000:]
+    wait_all(procs, timeout=240, what="distributed workers")
     outs = [json.loads((tmp_path / f"out{pid}.json").read_text()) for pid in range(2)]
     want = _eig64(x)
     for out in outs:

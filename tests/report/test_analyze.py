@@ -18,6 +18,8 @@ from jsubspace import testing
 from jsubspace.cli._demo import TRUTH
 from jsubspace.cli._demo import write_demo_population
 from jsubspace.report import OutputError
+from tests._distributed import launch_analyze
+from tests._distributed import wait_all
 
 
 @pytest.fixture(scope="module")
@@ -306,46 +308,12 @@ def test_sigkill_mid_run_resumes_to_identical_output(tmp_path):
 
 @pytest.mark.multiprocess
 def test_cli_under_two_distributed_processes_equals_one(demo, tmp_path):
-    import socket
-
     _, paths, _, _ = demo
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     common = [f"--models={paths['dense']}", "--quiet", "--noplots", "--null_draws=2"]
     single = _cli(["analyze", f"--out={tmp_path / 'one'}", "--num_cpu_devices=4", *common])
     assert single.returncode == 0, single.stderr[-2000:]
     out = tmp_path / "two"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jsubspace.cli.main",
-                "analyze",
-                f"--out={out}",
-                "--num_cpu_devices=2",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={pid}",
-                *common,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        for pid in range(2)
-    ]
-    for p in procs:
-        try:
-            log, _ = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed analyze hung")
-        assert p.returncode == 0, log[-3000:]
+    wait_all(launch_analyze([f"--out={out}", *common]), timeout=300, what="distributed analyze")
     one, two = _numbers(tmp_path / "one" / "spectra.json"), _numbers(out / "spectra.json")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["process_count"] == 2 and manifest["mesh"]["size"] == 4
