@@ -168,36 +168,6 @@ def plot_function(result, path):
     plt.close(fig)
 
 
-def headline(result: dict) -> list[dict]:
-    rows = []
-    for layer in result["layers"]:
-        mode = layer["verdict"]["mode"]
-        rec = layer["modes"][mode]
-        null = (layer.get("null") or {}).get(mode) or {}
-        hold = layer.get("holdout") or {}
-        rows.append(
-            {
-                "layer": layer["name"],
-                "mode": mode,
-                "k90": rec["k_at"]["0.9"],
-                "excess_k1": (null.get("excess") or {}).get("1"),
-                "holdout": hold["two_sided"][-1] if hold.get("ks") else None,
-                "random": hold["random"]["two_sided"][-1] if hold.get("ks") else None,
-                "mean_only": hold.get("mean_only"),
-                "verdict": layer["verdict"]["label"],
-            }
-        )
-    return rows
-
-
-def fmt(v, w=7, p=3):
-    return (
-        f"{'-':>{w}}"
-        if v is None
-        else (f"{v:>{w}.{p}f}" if isinstance(v, float) else f"{v!s:>{w}}")
-    )
-
-
 def main(argv):
     del argv
     import jax
@@ -206,6 +176,7 @@ def main(argv):
     if _DEVICES.value:
         jax.config.update("jax_num_cpu_devices", _DEVICES.value)
     import jsubspace
+    from jsubspace import report
     from jsubspace import sharding
     from jsubspace import zoo
 
@@ -274,20 +245,10 @@ def main(argv):
     function = function_eval(zoos, data, model, out)
     plot_function(function, os.path.join(out, "function.png"))
 
-    tables = {name: headline(res) for name, res in analyses.items()}
+    tables = {name: report.verdict_rows(res) for name, res in analyses.items()}
     lines = []
-    for name, rows in tables.items():
-        lines.append(f"\n{name}")
-        lines.append(
-            f"  {'layer':<34}{'mode':>7}{'k@0.9':>6}{'excess':>8}{'held':>7}"
-            f"{'random':>7}{'mean':>7}  verdict"
-        )
-        for r in rows:
-            lines.append(
-                f"  {r['layer'][-34:]:<34}{r['mode']:>7}{fmt(r['k90'], 6)}"
-                f"{fmt(r['excess_k1'], 8, 2)}{fmt(r['holdout'])}{fmt(r['random'])}"
-                f"{fmt(r['mean_only'])}  {r['verdict']}"
-            )
+    for name, res in analyses.items():
+        lines += [f"\n{name}", report.verdict_table(res)]
     lines.append("\nfunction (test accuracy on each model's own task; trained zoo)")
     lines.append(f"  {'k':>4}{'seen':>8}{'held-out':>10}")
     for k, s, h in zip(function["ks"], function["seen"], function["held_out"]):

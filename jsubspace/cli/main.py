@@ -117,39 +117,16 @@ def _options() -> dict:
     )
 
 
-def _summary_table(result: dict) -> str:
-    lines = [
-        f"{'layer':<36} {'mode':<7} {'k@0.9':>5} {'excess@k=1':>10} {'held-out':>8} "
-        f"{'random':>7} {'mean-only':>9}  verdict"
-    ]
-    for layer in result["layers"]:
-        mode = layer["verdict"]["mode"]
-        rec = layer["modes"][mode]
-        ex = ((layer.get("null") or {}).get(mode) or {}).get("excess", {}).get("1")
-        hold = layer.get("holdout") or {}
-        two = hold["two_sided"][-1] if hold.get("ks") else None
-        rnd = hold["random"]["two_sided"][-1] if hold.get("ks") else None
-        mo = hold.get("mean_only")
-
-        def f(v, w):
-            return f"{'-':>{w}}" if v is None else f"{v:>{w}.3f}"
-
-        lines.append(
-            f"{layer['name'][-36:]:<36} {mode:<7} {str(rec['k_at']['0.9']):>5} "
-            f"{f(ex, 10)} {f(two, 8)} {f(rnd, 7)} {f(mo, 9)}  {layer['verdict']['label']}"
-        )
-    return "\n".join(lines)
-
-
 def _analyze(argv):
     del argv
     from jsubspace.report import analyze
+    from jsubspace.report import verdict_table
 
     if not _MODELS.value or not _OUT.value:
         raise app.UsageError("analyze needs --models and --out")
     _setup_jax()
     result = analyze(_MODELS.value, _OUT.value, **_options())
-    print(_summary_table(result))
+    print(verdict_table(result))
     print(f"\nwrote {os.path.join(_OUT.value, 'spectra.json')} and report.html")
 
 
@@ -157,6 +134,7 @@ def _demo(argv):
     del argv
     from jsubspace.cli._demo import write_demo_population
     from jsubspace.report import analyze
+    from jsubspace.report import verdict_table
 
     out = _OUT.value or "demo_out"
     _setup_jax()
@@ -168,7 +146,7 @@ def _demo(argv):
         report = os.path.join(out, f"{name}_report")
         print(f"\n== {name}: {path} -> {report}")
         result = analyze([path], report, **options)
-        print(_summary_table(result))
+        print(verdict_table(result))
     print(f"\nopen {out}/dense_report/report.html and {out}/adapters_report/report.html")
 
 

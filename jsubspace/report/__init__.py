@@ -2,6 +2,8 @@
 
 from jsubspace.report._atomic import atomic_write_json
 from jsubspace.report._outputs import layer_family
+from jsubspace.report._outputs import verdict_rows
+from jsubspace.report._outputs import verdict_table
 from jsubspace.report._outputs import whole_model_cosine
 from jsubspace.report._run import DistributedError
 from jsubspace.report._run import OutputError
@@ -13,5 +15,7 @@ __all__ = [
     "analyze",
     "atomic_write_json",
     "layer_family",
+    "verdict_rows",
+    "verdict_table",
     "whole_model_cosine",
 ]

@@ -60,6 +60,47 @@ def _headline(layer: dict, mode: str) -> dict:
     return row
 
 
+def verdict_rows(result: dict) -> list[dict]:
+    """Per layer: the verdict's mode, its k_at(0.9), null excess at k=1, held-out capture at the
+    largest k beside a random subspace, the mean-only baseline, and the verdict."""
+    rows = []
+    for layer in result["layers"]:
+        mode = layer["verdict"]["mode"]
+        null = (layer.get("null") or {}).get(mode) or {}
+        hold = layer.get("holdout") or {}
+        rows.append(
+            {
+                "layer": layer["name"],
+                "mode": mode,
+                "k90": layer["modes"][mode]["k_at"]["0.9"],
+                "excess_k1": (null.get("excess") or {}).get("1"),
+                "holdout": hold["two_sided"][-1] if hold.get("ks") else None,
+                "random": hold["random"]["two_sided"][-1] if hold.get("ks") else None,
+                "mean_only": hold.get("mean_only"),
+                "verdict": layer["verdict"]["label"],
+            }
+        )
+    return rows
+
+
+def verdict_table(result: dict) -> str:
+    """`verdict_rows` as a fixed-width text table for the terminal."""
+
+    def f(v, w):
+        return f"{'-':>{w}}" if v is None else f"{v:>{w}.3f}"
+
+    lines = [
+        f"{'layer':<36} {'mode':<7} {'k@0.9':>5} {'excess@k=1':>10} {'held-out':>8} "
+        f"{'random':>7} {'mean-only':>9}  verdict"
+    ]
+    for r in verdict_rows(result):
+        lines.append(
+            f"{r['layer'][-36:]:<36} {r['mode']:<7} {str(r['k90']):>5} {f(r['excess_k1'], 10)} "
+            f"{f(r['holdout'], 8)} {f(r['random'], 7)} {f(r['mean_only'], 9)}  {r['verdict']}"
+        )
+    return "\n".join(lines)
+
+
 def write_csv(path: str, result: dict) -> None:
     """One row per layer and mode with the headline numbers."""
     rows = [_headline(layer, mode) for layer in result["layers"] for mode in layer["modes"]]
