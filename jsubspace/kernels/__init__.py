@@ -16,8 +16,10 @@ from jsubspace.kernels._hosvd import Tucker
 from jsubspace.kernels._hosvd import hosvd
 from jsubspace.kernels._lora import LoraGrams
 from jsubspace.kernels._lora import centering_matrix
+from jsubspace.kernels._lora import factor_root
 from jsubspace.kernels._lora import lora_grams
 from jsubspace.kernels._lora import materialized_updates
+from jsubspace.kernels._lora import mode_matrices
 from jsubspace.kernels._lora import psd_root
 from jsubspace.kernels._rsvd import Eig
 from jsubspace.kernels._rsvd import exact_eigh
@@ -37,7 +39,9 @@ __all__ = [
     "exact_eigh",
     "hosvd",
     "lora_grams",
+    "factor_root",
     "materialized_updates",
+    "mode_matrices",
     "mode_grams",
     "model_mask",
     "orthonormalize",

@@ -6,12 +6,13 @@ With `B_i: [m, r]`, `A_i: [r, n]` and the centring matrix `H` (`I - 11^T/N` for 
   * models: `K = H K0 H` with `K0[j,k] = s_j s_k sum(G^B[j,k] * G^A[j,k])`;
   * rows:   `sum_i X_i X_i^T = Bs Mid_A Bs^T` with `Bs = [B_1 .. B_N]` and
     `Mid_A[j,k] = M_jk s_j s_k G^A[j,k]`;
-    its nonzero eigenvalues are those of `R Mid_A R^T` for any `R` with `R^T R = G^B = Bs^T Bs`;
+    its nonzero eigenvalues are those of `F Mid_A F^T` for any `F` with `F^T F = G^B`;
   * cols:   the same with the roles of A and B exchanged.
-`R = Lambda^{1/2} V^T` from the eigendecomposition of `G^B`: the rank-revealing form of the R factor
-of a QR of `Bs`. Unlike Cholesky it does not break when factors are rank-deficient (e.g. many
-adapters sharing one `A` initialisation). Every product costs `O((m + n) (Nr)^2)`; the largest
-array is `Nr x Nr`, never `m x n` per model.
+`F` is whichever is shorter: `Bs` itself (`m x Nr`, when `m < Nr`), or a square root of `G^B`
+(`Nr x Nr`): its Cholesky factor, or, when `G^B` is singular (adapters sharing one `A`
+initialisation, say), the rank-revealing root `Lambda^{1/2} V^T` of its eigendecomposition.
+Every product costs `O((m + n) (Nr)^2)`; the largest array is `Nr x Nr` (or `m x Nr`), never an
+`m x n` update per model.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -34,21 +36,23 @@ class LoraGrams(NamedTuple):
 
     Attributes:
         models: `f32[N, N]`, the centred models Gram itself.
-        rows: `f32[Nr, Nr]`, same nonzero eigenvalues as `sum_i X_i X_i^T` (m x m).
-        cols: `f32[Nr, Nr]`, same nonzero eigenvalues as `sum_i X_i^T X_i` (n x n).
+        rows: `f32[min(m, Nr), min(m, Nr)]`, same nonzero eigenvalues as `sum_i X_i X_i^T`.
+        cols: `f32[min(n, Nr), min(n, Nr)]`, same nonzero eigenvalues as `sum_i X_i^T X_i`.
         total_energy: `f32[]`.
         factor_a: `f32[N, r, N, r]`, the cross-Gram `A_j A_k^T` (unscaled).
         factor_b: `f32[N, r, N, r]`, the cross-Gram `B_j^T B_k` (unscaled).
         uncentred: `f32[N, N]`, `<dW_i, dW_j>` before centring (for lineage).
+        scales: `f32[N_pad]`, the per-model scales `s_i` used.
     """
 
     models: jax.Array
-    rows: jax.Array
-    cols: jax.Array
+    rows: jax.Array | None
+    cols: jax.Array | None
     total_energy: jax.Array
     factor_a: jax.Array
     factor_b: jax.Array
     uncentred: jax.Array
+    scales: jax.Array
 
 
 def centering_matrix(n_pad: int, n_models: int, center: str) -> jax.Array:
@@ -66,6 +70,68 @@ def psd_root(gram: jax.Array) -> jax.Array:
     """`R` with `R^T R = gram` (rank-revealing; negative rounding noise clipped to zero)."""
     evals, evecs = jnp.linalg.eigh(gram)
     return jnp.sqrt(jnp.clip(evals, 0.0))[:, None] * evecs.T
+
+
+def factor_root(gram: jax.Array) -> jax.Array:
+    """`R` with `R^T R = gram`: the Cholesky factor, or `psd_root` when Cholesky breaks down.
+
+    Rows and columns that are exactly zero (ranks zero-padded to the population's largest, padding
+    models) get a unit pivot for the factorisation and a zero column in `R`, so they alone never
+    force the (Nr)^3 eigendecomposition. A singular remainder (several adapters sharing one
+    factor) makes Cholesky produce NaNs; then the eigen root is taken instead.
+    """
+    zero = jnp.diag(gram) == 0
+    chol = jnp.linalg.cholesky(gram + jnp.diag(zero.astype(gram.dtype)))
+    ok = jnp.all(jnp.isfinite(chol))
+    return lax.cond(ok, lambda: chol.T * (~zero)[None, :], lambda: psd_root(gram))
+
+
+def _matmul(x, y):
+    return jnp.matmul(x, y, precision=HIGHEST)
+
+
+def _sandwich(f: jax.Array, mid: jax.Array) -> jax.Array:
+    out = _matmul(_matmul(f, mid), f.T)
+    return (out + out.T) / 2
+
+
+def mode_matrices(
+    ga: jax.Array,
+    gb: jax.Array,
+    scales: jax.Array,
+    *,
+    n_models: int,
+    center: str,
+    root_a: jax.Array | None = None,
+    root_b: jax.Array | None = None,
+) -> LoraGrams:
+    """The three mode matrices from the factor cross-Grams (replicated arrays; inside jit).
+
+    Args:
+        ga: `f32[Nr, Nr]`, `A_j A_k^T` blocks; gb: `f32[Nr, Nr]`, `B_j^T B_k` blocks.
+        scales: `f32[N_pad]`, zero for padding models.
+        n_models: the true N.
+        center: 'mean', 'none' or 'base'.
+        root_a: `F_A` with `F_A^T F_A = ga` (for 'cols'; None skips the mode).
+        root_b: `F_B` with `F_B^T F_B = gb` (for 'rows'; None skips the mode).
+    """
+    n_pad = scales.shape[0]
+    nr = ga.shape[0]
+    r = nr // n_pad
+    ga4 = ga.reshape(n_pad, r, n_pad, r)
+    gb4 = gb.reshape(n_pad, r, n_pad, r)
+    s = scales.astype(jnp.float32)
+    h = centering_matrix(n_pad, n_models, center)
+    mm = h.T @ h
+    k0 = jnp.einsum("j,k,jakc,jakc->jk", s, s, ga4, gb4, precision=HIGHEST)
+    models = _matmul(_matmul(h, k0), h.T)[:n_models, :n_models]
+    weight = (mm * jnp.outer(s, s))[:, None, :, None]
+    rows = cols = None
+    if root_b is not None:
+        rows = _sandwich(root_b, (weight * ga4).reshape(nr, nr))
+    if root_a is not None:
+        cols = _sandwich(root_a, (weight * gb4).reshape(nr, nr))
+    return LoraGrams(models, rows, cols, jnp.trace(models), ga4, gb4, k0[:n_models, :n_models], s)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "n_models", "center", "modes"))
@@ -94,7 +160,8 @@ def lora_grams(
         LoraGrams.
     """
     d = mesh.devices.size
-    n_pad, r, _ = a.shape
+    n_pad, r, n = a.shape
+    m = b.shape[1]
 
     def body(ab, bb):
         # ab: dtype[N/d, r, n]; bb: dtype[N/d, m, r]
@@ -105,25 +172,19 @@ def lora_grams(
     ga, gb = jax.shard_map(
         body, mesh=mesh, in_specs=(P(MODELS), P(MODELS)), out_specs=(P(MODELS), P(MODELS))
     )(a, b)
-    s = scales.astype(jnp.float32)
-    h = centering_matrix(n_pad, n_models, center)
-    mm = h.T @ h
-    k0 = jnp.einsum("j,k,jakc,jakc->jk", s, s, ga, gb, precision=HIGHEST)
-    models = (h @ k0 @ h.T)[:n_models, :n_models]
-    weight = (mm * jnp.outer(s, s))[:, None, :, None]
     nr = n_pad * r
-    rows = cols = None
-    # The rows / cols matrices need an (Nr)^3 eigendecomposition each; skip them when unused
-    # (the factor statistic and lineage need only the cross-Grams).
+    ga, gb = ga.reshape(nr, nr), gb.reshape(nr, nr)
+    # The shorter of the stacked factors (side < Nr) and a root of their Gram.
+    root_a = root_b = None
     if "rows" in modes:
-        root_b = psd_root(gb.reshape(nr, nr))
-        rows = root_b @ (weight * ga).reshape(nr, nr) @ root_b.T
-        rows = (rows + rows.T) / 2
+        stacked = jnp.transpose(b, (1, 0, 2)).reshape(m, nr).astype(jnp.float32)
+        root_b = stacked if m < nr else factor_root(gb)
     if "cols" in modes:
-        root_a = psd_root(ga.reshape(nr, nr))
-        cols = root_a @ (weight * gb).reshape(nr, nr) @ root_a.T
-        cols = (cols + cols.T) / 2
-    return LoraGrams(models, rows, cols, jnp.trace(models), ga, gb, k0[:n_models, :n_models])
+        stacked = jnp.transpose(a, (2, 0, 1)).reshape(n, nr).astype(jnp.float32)
+        root_a = stacked if n < nr else factor_root(ga)
+    return mode_matrices(
+        ga, gb, scales, n_models=n_models, center=center, root_a=root_a, root_b=root_b
+    )
 
 
 def materialized_updates(a, b, scales) -> jax.Array:

@@ -17,6 +17,7 @@ from jsubspace import kernels
 from jsubspace.io import PlacedDense
 from jsubspace.io import PlacedLora
 from jsubspace.sharding import host_array
+from jsubspace.spectra import _factored
 
 MODES = ("models", "rows", "cols")
 FACTOR_MODES = ("lora_A", "lora_B")
@@ -100,12 +101,27 @@ def solver_costs(n_models: int, m: int, n: int, *, mode: str, rank: int, iterati
 
 @jax.jit
 def _descending_eigvalsh(gram: jax.Array) -> jax.Array:
-    # Eigenvalues only: several times cheaper than a full eigh with vectors.
     return jnp.linalg.eigvalsh(gram)[::-1]
 
 
 def _eigvals(gram) -> np.ndarray:
-    return np.clip(host_array(_descending_eigvalsh(gram)).astype(np.float64), 0.0, None)
+    """Descending eigenvalues (float64, clipped at zero) of a symmetric `f32[d, d]` jax.Array.
+
+    On CPU the matrix is already in host memory, and LAPACK's `?syevr` without eigenvectors is
+    called directly: XLA's CPU eigh always computes the vectors too, which costs 2-3x more for
+    the (Nr)^2 matrices of LoRA layers. Accelerators solve on the device.
+    """
+    if isinstance(gram, jax.Array) and next(iter(gram.devices())).platform == "cpu":
+        import scipy.linalg
+
+        matrix = host_array(gram)
+        if not np.all(np.isfinite(matrix)):  # as the device solvers do: NaNs, not an exception
+            return np.full(matrix.shape[0], np.nan)
+        values = scipy.linalg.eigh(matrix, eigvals_only=True, driver="evr", check_finite=False)
+        values = values[::-1]
+    else:
+        values = host_array(_descending_eigvalsh(gram))
+    return np.clip(values.astype(np.float64), 0.0, None)
 
 
 def _dense_spectra(
@@ -193,35 +209,61 @@ def factor_sample_mask(n_pad: int, rank: int, ranks) -> np.ndarray:
 
 @jax.jit
 def _centred_sample_gram(gram: jax.Array, mask: jax.Array) -> jax.Array:
-    # gram: f32[Nr, Nr] inner products of the samples; centre on the mean of the real samples.
+    # gram: f32[Nr, Nr] inner products of the samples; centre on the mean of the real samples:
+    # H G H with H = diag(mask) - mask mask^T / count, as rank-one updates (no (Nr)^3 products).
     count = jnp.sum(mask)
-    h = jnp.diag(mask) - jnp.outer(mask, mask) / count
-    return h @ gram @ h
-
-
-def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> LayerSpectra:
-    wanted = tuple(m for m in config.modes if m != "models") if config.lora == "delta" else ()
-    g = kernels.lora_grams(
-        placed.a,
-        placed.b,
-        placed.scales,
-        mesh=mesh,
-        n_models=placed.n_models,
-        center=config.center,
-        modes=("models",) + wanted,
+    g = gram * mask[:, None] * mask[None, :]
+    col = g @ mask / count  # f32[Nr]: each sample's mean inner product
+    return (
+        g
+        - col[:, None] * mask[None, :]
+        - mask[:, None] * col[None, :]
+        + (jnp.dot(mask, col) / count) * jnp.outer(mask, mask)
     )
-    n_pad, r, n = placed.a.shape
-    m = placed.b.shape[1]
+
+
+def factored_on_host(array: jax.Array) -> bool:
+    """Whether LoRA rows / cols spectra that need a root of an `(Nr)^2` Gram are solved with host
+    LAPACK (`spectra._factored`): on the CPU backend, where host memory is device memory."""
+    return next(iter(array.devices())).platform == "cpu"
+
+
+def lora_spectra_from_grams(
+    g: kernels.LoraGrams, ranks, *, config: SpectraConfig, m: int, n: int, roots=None
+) -> LayerSpectra:
+    """Spectra of a LoRA layer from its factor-space Grams (of the real or of a null population).
+
+    Modes whose matrix `g` does not hold (`None`) are solved on the host from the cross-Grams:
+    with `roots[mode]`, an upper-triangular `F` with `F^T F` = that mode's own Gram, when given,
+    else a pivoted Cholesky factor of the Gram.
+    """
+    n_pad, r = g.factor_a.shape[:2]
+    nr = n_pad * r
+    k = g.models.shape[0]
     out = {}
     if config.lora == "delta":
-        sides = {"models": placed.n_models, "rows": m, "cols": n}
+        sides = {"models": k, "rows": m, "cols": n}
+        weights = None
         for mode in config.modes:
-            lam = _eigvals(getattr(g, mode))[: sides[mode]]
+            matrix = getattr(g, mode)
+            if matrix is not None:
+                lam = _eigvals(matrix)
+            else:
+                if weights is None:
+                    weights = _factored.centred_weights(host_array(g.scales), k, config.center)
+                own, other = (
+                    (g.factor_b, g.factor_a) if mode == "rows" else (g.factor_a, g.factor_b)
+                )
+                mid = _factored.mid_matrix(host_array(other), weights)
+                root = (roots or {}).get(mode)
+                if root is not None:
+                    lam = _factored.sandwich_eigvalsh(mid, root=host_array(root))
+                else:
+                    lam = _factored.sandwich_eigvalsh(mid, gram=host_array(own).reshape(nr, nr))
+            lam = lam[: sides[mode]]
             out[mode] = ModeResult(lam, "exact-factored", sides[mode])
-        energy = float(host_array(g.total_energy))
     else:
         mask = jnp.asarray(factor_sample_mask(n_pad, r, ranks))
-        nr = n_pad * r
         ga = _centred_sample_gram(g.factor_a.reshape(nr, nr), mask)
         gb = _centred_sample_gram(g.factor_b.reshape(nr, nr), mask)
         # Each factor statistic has its own trace, recorded with its mode.
@@ -229,11 +271,34 @@ def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> 
         energy_b = float(np.trace(host_array(gb).astype(np.float64)))
         out["lora_A"] = ModeResult(_eigvals(ga)[:n], "exact-factor-pca", n, total_energy=energy_a)
         out["lora_B"] = ModeResult(_eigvals(gb)[:m], "exact-factor-pca", m, total_energy=energy_b)
-        energy = float(host_array(g.total_energy))
+    energy = float(host_array(g.total_energy))
     norms = np.diag(host_array(g.models).astype(np.float64)).copy()
-    k = placed.n_models
     a_gram = np.einsum("jaka->jk", host_array(g.factor_a).astype(np.float64))[:k, :k]
     return LayerSpectra(out, energy, norms, host_array(g.uncentred).astype(np.float64), a_gram)
+
+
+def device_modes(wanted, *, m: int, n: int, nr: int, host: bool) -> tuple[str, ...]:
+    """The rows / cols modes the jitted kernel builds: all of them off CPU; on CPU those whose
+    side is shorter than `Nr` (no root needed), the others go to host LAPACK."""
+    sides = {"rows": m, "cols": n}
+    return tuple(mode for mode in wanted if not host or sides[mode] < nr)
+
+
+def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> LayerSpectra:
+    wanted = tuple(m for m in config.modes if m != "models") if config.lora == "delta" else ()
+    n_pad, r, n = placed.a.shape
+    m = placed.b.shape[1]
+    g = kernels.lora_grams(
+        placed.a,
+        placed.b,
+        placed.scales,
+        mesh=mesh,
+        n_models=placed.n_models,
+        center=config.center,
+        modes=("models",)
+        + device_modes(wanted, m=m, n=n, nr=n_pad * r, host=factored_on_host(placed.a)),
+    )
+    return lora_spectra_from_grams(g, ranks, config=config, m=m, n=n)
 
 
 def layer_spectra(

@@ -19,9 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from jsubspace import kernels
 from jsubspace.io import PlacedDense
-from jsubspace.io import PlacedLora
 from jsubspace.sharding._mesh import MODELS
-from jsubspace.sharding._mesh import host_array
 from jsubspace.sharding._mesh import stacked_sharding
 from jsubspace.spectra import _layer
 from jsubspace.spectra._summary import cev
@@ -84,33 +82,79 @@ def _mp_for_mode(mode: str, n_models: int, shape, centred: bool) -> tuple[int, i
     return {"models": (k, m * n), "rows": (m, k * n), "cols": (n, k * m)}[mode]
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "r", "n", "m"))
-def _gaussian_factors(key, mask, *, mesh, r, n, m):
-    def body(k, mb):
-        keys = _model_keys(k, mb.shape[0])
-        ka = jax.vmap(lambda kk: jax.random.fold_in(kk, 0))(keys)
-        kb = jax.vmap(lambda kk: jax.random.fold_in(kk, 1))(keys)
-        a = jax.vmap(lambda kk: jax.random.normal(kk, (r, n), jnp.float32))(ka)
-        b = jax.vmap(lambda kk: jax.random.normal(kk, (m, r), jnp.float32))(kb)
-        return a * mb, b * jnp.swapaxes(mb, 1, 2)
+def gram_factor(key: jax.Array, dim: int, dof: int) -> jax.Array:
+    """`F` with `F^T F` distributed as the Gram `Z^T Z` of a `dof x dim` iid N(0, 1) matrix `Z`.
 
-    return jax.shard_map(
-        body, mesh=mesh, in_specs=(P(), P(MODELS)), out_specs=(P(MODELS), P(MODELS))
-    )(key, mask)
-
-
-@jax.jit
-def _update_norms(a: jax.Array, b: jax.Array) -> jax.Array:
-    """`f32[N_pad]`: `||B_i A_i||_F^2 = tr((B_i^T B_i)(A_i A_i^T))`, per model, in factor space."""
-    btb = jnp.einsum("imr,ims->irs", b, b, precision=kernels.HIGHEST)
-    aat = jnp.einsum("irn,isn->irs", a, a, precision=kernels.HIGHEST)
-    return jnp.einsum("irs,isr->i", btb, aat, precision=kernels.HIGHEST)
+    `F = Z` itself when `dof < dim`; otherwise the transposed Bartlett factor `L^T` of the
+    Wishart_dim(dof, I) law (`L` lower triangular, `L_ii^2 ~ chi^2(dof - i)`, `L_ij ~ N(0, 1)`
+    below the diagonal): `dim x dim` draws instead of `dof x dim`, and `F` is already the
+    triangular root the rows / cols matrices need.
+    """
+    if dof < dim:
+        return jax.random.normal(key, (dof, dim), jnp.float32)
+    k_off, k_diag = jax.random.split(key)
+    below = jnp.tril(jax.random.normal(k_off, (dim, dim), jnp.float32), -1)
+    df = (dof - jnp.arange(dim)).astype(jnp.float32)
+    diag = jnp.sqrt(jax.random.chisquare(k_diag, df, shape=(dim,), dtype=jnp.float32))
+    return (below + jnp.diag(diag)).T
 
 
-def null_population(
-    placed, spectra: _layer.LayerSpectra, *, key, mesh, ranks=None, uncentred_norms=None
-):
-    """One draw of the matched Gaussian population, placed like the real one."""
+@functools.partial(jax.jit, static_argnames=("m", "n", "r", "n_pad", "n_models", "center", "modes"))
+def null_lora_grams(
+    key: jax.Array,
+    mask: jax.Array,
+    energies: jax.Array,
+    *,
+    m: int,
+    n: int,
+    r: int,
+    n_pad: int,
+    n_models: int,
+    center: str,
+    modes: tuple[str, ...],
+) -> tuple[kernels.LoraGrams, jax.Array, jax.Array]:
+    """Factor-space Grams of a matched Gaussian LoRA population, drawn without its factors.
+
+    Model i gets iid Gaussian `B_i` (m x r) and `A_i` (r x n), its missing rank slots zeroed
+    (`mask`), and a scale that gives its update `s_i B_i A_i` the energy `energies[i]` of the real
+    one. Only the Gram (or root) of the stacked factors is drawn (`gram_factor`), so a draw costs
+    `O((Nr)^3)` instead of `O((m + n) (Nr)^2)` and reads nothing. The draw depends on the key and
+    the shapes only, not on the mesh (it is computed whole, replicated).
+
+    Args:
+        key: PRNG key.
+        mask: `f32[N_pad * r]`, 1 for existing factor rows / columns.
+        energies: `f32[N_pad]`, `||dW_i||_F^2` of the real models (zero for padding).
+        m, n, r, n_pad, n_models: shapes; center: as in `kernels.lora_grams`.
+        modes: which of 'rows' / 'cols' to build.
+
+    Returns:
+        `(grams, F_A, F_B)`: the Grams and the drawn factors with `F^T F = G` (upper triangular
+        when square), for modes solved on the host.
+    """
+    nr = n_pad * r
+    k_a, k_b = jax.random.split(key)
+    f_a = gram_factor(k_a, nr, n) * mask[None, :]
+    f_b = gram_factor(k_b, nr, m) * mask[None, :]
+    ga = jnp.matmul(f_a.T, f_a, precision=kernels.HIGHEST)
+    gb = jnp.matmul(f_b.T, f_b, precision=kernels.HIGHEST)
+    # ||B_i A_i||_F^2 = tr((B_i^T B_i)(A_i A_i^T)) from the diagonal blocks.
+    own = jnp.einsum("iaic,iaic->i", ga.reshape(n_pad, r, n_pad, r), gb.reshape(n_pad, r, n_pad, r))
+    scales = jnp.where(energies > 0, jnp.sqrt(energies / jnp.maximum(own, 1e-30)), 0.0)
+    grams = kernels.mode_matrices(
+        ga,
+        gb,
+        scales,
+        n_models=n_models,
+        center=center,
+        root_a=f_a if "cols" in modes else None,
+        root_b=f_b if "rows" in modes else None,
+    )
+    return grams, f_a, f_b
+
+
+def _null_spectra(placed, spectra, *, key, mesh, config, ranks, uncentred_norms):
+    """The spectra of one draw of the matched Gaussian population."""
     if isinstance(placed, PlacedDense):
         n_pad = placed.x.shape[0]
         norms = np.zeros(n_pad, np.float32)
@@ -121,17 +165,29 @@ def null_population(
             mesh=mesh,
             shape=tuple(placed.x.shape[1:]),
         )
-        return PlacedDense(z, placed.n_models)
+        null = PlacedDense(z, placed.n_models)
+        return _layer.layer_spectra(null, mesh=mesh, config=config, key=key, lineage=False)
     n_pad, r, n = placed.a.shape
     m = placed.b.shape[1]
-    mask = _layer.factor_sample_mask(n_pad, r, ranks).reshape(n_pad, r, 1)
-    a, b = _gaussian_factors(
-        key, jax.device_put(mask, stacked_sharding(mesh)), mesh=mesh, r=r, n=n, m=m
+    ranks = ranks or [r] * placed.n_models
+    energies = np.zeros(n_pad, np.float32)
+    energies[: placed.n_models] = np.clip(uncentred_norms, 0, None)
+    wanted = tuple(mo for mo in config.modes if mo != "models") if config.lora == "delta" else ()
+    host = _layer.factored_on_host(placed.a)
+    g, f_a, f_b = null_lora_grams(
+        key,
+        _layer.factor_sample_mask(n_pad, r, ranks),
+        energies,
+        m=m,
+        n=n,
+        r=r,
+        n_pad=n_pad,
+        n_models=placed.n_models,
+        center=config.center,
+        modes=_layer.device_modes(wanted, m=m, n=n, nr=n_pad * r, host=host),
     )
-    null_sq = host_array(_update_norms(a, b)).astype(np.float64)[: placed.n_models]
-    scales = np.zeros(n_pad, np.float32)
-    scales[: placed.n_models] = np.sqrt(uncentred_norms / np.maximum(null_sq, 1e-30))
-    return PlacedLora(a, b, jax.device_put(scales, placed.scales.sharding), placed.n_models)
+    roots = {"rows": f_b, "cols": f_a} if host else None
+    return _layer.lora_spectra_from_grams(g, ranks, config=config, m=m, n=n, roots=roots)
 
 
 def null_control(
@@ -156,11 +212,14 @@ def null_control(
     per_mode: dict[str, list[np.ndarray]] = {mode: [] for mode in spectra.modes}
     for draw in range(draws):
         sub = jax.random.fold_in(key, draw)
-        null = null_population(
-            placed, spectra, key=sub, mesh=mesh, ranks=ranks, uncentred_norms=uncentred_norms
-        )
-        ns = _layer.layer_spectra(
-            null, mesh=mesh, config=config, key=sub, ranks=ranks, lineage=False
+        ns = _null_spectra(
+            placed,
+            spectra,
+            key=sub,
+            mesh=mesh,
+            config=config,
+            ranks=ranks,
+            uncentred_norms=uncentred_norms,
         )
         for mode, result in ns.modes.items():
             energy = result.total_energy if result.total_energy is not None else ns.total_energy

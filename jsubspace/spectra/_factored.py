@@ -1,0 +1,83 @@
+"""Rows / cols spectra of LoRA layers from their factor Grams, with host LAPACK (CPU backend).
+
+The rows spectrum is that of `F Mid F^T` for any `F` with `F^T F = G` (see `kernels.lora_grams`),
+i.e. of the symmetric-definite pencil `(Mid, G)`. On CPU the arrays already live in host memory and
+LAPACK has the three steps as single calls: a pivoted Cholesky factor of `G` (`?pstrf`, rank-
+revealing, so adapters sharing one factor need no eigendecomposition), the congruence
+`U Mid U^T` exploiting symmetry and triangularity (`?sygst`, a quarter of the flops of two GEMMs)
+and the eigenvalues alone (`?syevr`). Accelerators run the jitted kernel instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+from scipy.linalg import lapack
+
+
+def centred_weights(scales: np.ndarray, n_models: int, center: str) -> np.ndarray:
+    """`f32[N_pad, N_pad]`: `M_jk s_j s_k` with `M = H^T H` (host twin of the kernel's weights)."""
+    n_pad = len(scales)
+    mask = (np.arange(n_pad) < n_models).astype(np.float64)
+    if center == "mean":
+        h = np.diag(mask) - np.outer(mask, mask) / n_models
+    elif center in ("none", "base"):
+        h = np.diag(mask)
+    else:
+        raise ValueError(f"center must be 'mean', 'none' or 'base', got {center!r}")
+    s = np.asarray(scales, np.float64)
+    return (h.T @ h * np.outer(s, s)).astype(np.float32)
+
+
+def mid_matrix(other: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """`f32[Nr, Nr]`: the other factor's cross-Gram `[N, r, N, r]` weighted block-wise."""
+    n_pad, r = other.shape[:2]
+    mid = np.asarray(other, np.float32) * weights[:, None, :, None]
+    return mid.reshape(n_pad * r, n_pad * r)
+
+
+def _eigvalsh(a: np.ndarray, *, lower: bool) -> np.ndarray:
+    if not np.all(np.isfinite(a)):
+        return np.full(a.shape[0], np.nan)
+    values = scipy.linalg.eigh(
+        a, lower=lower, eigvals_only=True, driver="evr", check_finite=False, overwrite_a=True
+    )
+    return np.clip(values[::-1].astype(np.float64), 0.0, None)
+
+
+def sandwich_eigvalsh(
+    mid: np.ndarray, *, gram: np.ndarray | None = None, root: np.ndarray | None = None
+) -> np.ndarray:
+    """Descending eigenvalues of `F mid F^T` where `F^T F = gram`, or `F = root`.
+
+    Args:
+        mid: `f32[d, d]` symmetric PSD.
+        gram: `f32[d, d]` symmetric PSD, possibly singular; or
+        root: `f32[d, d]` upper triangular (a Bartlett factor, say).
+
+    Returns:
+        float64, clipped at zero; as many eigenvalues as the numerical rank of `gram` (d for
+        `root`). NaNs when an input is not finite, as the device solvers give.
+    """
+    mid = np.asarray(mid, np.float32)
+    d = len(mid)
+    if root is None:
+        gram = np.asarray(gram, np.float32)
+        if not (np.all(np.isfinite(gram)) and np.all(np.isfinite(mid))):
+            return np.full(d, np.nan)
+        # Pivoted Cholesky: P^T G P = U^T U, where only the leading `rank` rows of U count.
+        u, piv, rank, info = lapack.spstrf(gram, tol=-1.0, lower=0)
+        if info < 0:
+            raise ValueError(f"?pstrf: argument {-info} is invalid")
+        root = np.triu(u)
+        root[rank:] = 0.0
+        perm = piv - 1
+        mid = mid[np.ix_(perm, perm)]
+    else:
+        root = np.asarray(root, np.float32)
+        rank = d
+    # U (P^T mid P) U^T: zero outside its leading rank x rank block.
+    out, info = lapack.ssygst(mid, root, itype=2, lower=0)
+    if info != 0:
+        raise ValueError(f"?sygst failed with info={info}")
+    return _eigvalsh(out[:rank, :rank], lower=False)
