@@ -11,6 +11,7 @@ from jsubspace.kernels._gram import centered_block
 from jsubspace.kernels._gram import mode_grams
 from jsubspace.kernels._gram import model_mask
 from jsubspace.kernels._gram import ring_cross_gram
+from jsubspace.kernels._gram import self_gram
 from jsubspace.kernels._gram import streaming_mode_grams
 from jsubspace.kernels._hosvd import Tucker
 from jsubspace.kernels._hosvd import hosvd
@@ -49,5 +50,6 @@ __all__ = [
     "randomized_eigh",
     "randomized_mode_eigh",
     "ring_cross_gram",
+    "self_gram",
     "streaming_mode_grams",
 ]

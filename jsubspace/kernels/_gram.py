@@ -77,6 +77,38 @@ def centered_block(
     return (x - c) * mask
 
 
+def self_gram(x: jax.Array, *, min_rows: int = 256) -> jax.Array:
+    """`einsum("ipa,jpb->iajb", x, x)` computing each pair of row blocks once.
+
+    The Gram is symmetric, so with the `b q` rows split into `c` blocks only the `c (c + 1) / 2`
+    blocks on and above the diagonal are multiplied (up to 4 blocks of at least `min_rows` rows:
+    62% of the flops, each product still a large GEMM); the others are transposes.
+
+    Args:
+        x: `f32[b, p, q]`.
+
+    Returns:
+        `f32[b, q, b, q]`.
+    """
+    b, p, q = x.shape
+    chunks = max(1, min(4, (b * q) // min_rows, b))
+    if chunks == 1:
+        return jnp.einsum("ipa,jpb->iajb", x, x, precision=HIGHEST)
+    rows = jnp.swapaxes(x, 1, 2).reshape(b * q, p)
+    # Block boundaries on model boundaries, as even as possible.
+    edges = [round(k * b / chunks) * q for k in range(chunks + 1)]
+    parts = [rows[lo:hi] for lo, hi in zip(edges[:-1], edges[1:])]
+    grid = [[None] * chunks for _ in range(chunks)]
+    for i in range(chunks):
+        for j in range(i, chunks):
+            block = jnp.matmul(parts[i], parts[j].T, precision=HIGHEST)
+            grid[i][j] = block
+            if j != i:
+                grid[j][i] = block.T
+    full = jnp.concatenate([jnp.concatenate(row, axis=1) for row in grid], axis=0)
+    return full.reshape(b, q, b, q)
+
+
 def ring_cross_gram(x: jax.Array, *, num_devices: int) -> jax.Array:
     """All cross-Grams `G[i, a, j, b] = sum_p x_i[p, a] x_j[p, b]` of a models-sharded stack.
 
@@ -97,7 +129,10 @@ def ring_cross_gram(x: jax.Array, *, num_devices: int) -> jax.Array:
     other = x
     for step in range(num_devices):
         # other: f32[N/d, p, q], the shard that started on device (me - step) mod d.
-        block = jnp.einsum("ipa,jpb->iajb", x, other, precision=HIGHEST)
+        if step == 0:
+            block = self_gram(x)
+        else:
+            block = jnp.einsum("ipa,jpb->iajb", x, other, precision=HIGHEST)
         start = ((me - step) % num_devices) * b
         gram = lax.dynamic_update_slice(gram, block, (0, 0, start, 0))
         if step + 1 < num_devices:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import tempfile
+
+import numpy as np
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -42,5 +45,37 @@ def finite(value):
     return value
 
 
-def atomic_write_json(path: str, value) -> None:
-    atomic_write_text(path, json.dumps(finite(value), indent=1, allow_nan=False))
+def plain(value):
+    """`value` as JSON types: numpy scalars and arrays, tuples and dataclasses converted, NaN / Inf
+    floats as None. One walk, instead of a `json.loads(json.dumps(...))` round trip; long lists
+    of floats are checked at C speed."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            return [plain(v) for v in value.astype(object).tolist()]
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        if value and all(type(v) is float for v in value):
+            if np.all(np.isfinite(np.fromiter(value, np.float64, len(value)))):
+                return list(value)
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain(dataclasses.asdict(value))
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def atomic_write_json(path: str, value, *, compact: bool = False) -> None:
+    """`compact` for large machine-read files: no indentation, no spaces."""
+    options = {"separators": (",", ":")} if compact else {"indent": 1}
+    try:
+        text = json.dumps(value, allow_nan=False, **options)
+    except ValueError:  # NaN or Inf somewhere: strict JSON has neither
+        text = json.dumps(finite(value), allow_nan=False, **options)
+    atomic_write_text(path, text)

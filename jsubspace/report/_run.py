@@ -8,7 +8,6 @@ byte is read, and a failed peer process ends a multi-host run with a clear messa
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -30,6 +29,7 @@ from jsubspace.errors import CheckpointError
 from jsubspace.errors import JsubspaceError
 from jsubspace.errors import PopulationError
 from jsubspace.report._atomic import atomic_write_text
+from jsubspace.report._atomic import plain
 from jsubspace.report._outputs import write_csv
 from jsubspace.report._outputs import write_plots
 from jsubspace.report._outputs import write_report_html
@@ -253,7 +253,7 @@ def analyze(
                     ) from None
                 raise
             rec["fingerprint"] = fingerprint
-            rec = json.loads(json.dumps(rec, default=_jsonable))
+            rec = plain(rec)
             rundir.write_layer(i, rec)
             records[i] = rec
             done = sum(r is not None for r in records)
@@ -278,7 +278,7 @@ def analyze(
                     lambda path: atomic_write_text(path, write_report_html(result, images, out)),
                 )
             # Last: spectra.json's presence means the run is complete.
-            rundir.write_json("spectra.json", result)
+            rundir.write_json("spectra.json", result, compact=True)
     return result
 
 
@@ -316,13 +316,3 @@ def check_layer_memory(layer, mesh, budget: int) -> None:
             "use more devices or hosts, fewer models, --exclude this layer, or raise "
             "--memory_budget"
         )
-
-
-def _jsonable(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    raise TypeError(f"cannot serialise {type(value).__name__}")

@@ -144,10 +144,10 @@ class RunDirectory:
 
     def write_layer(self, i: int, record: dict) -> None:
         if self.lead:
-            self.write_json(os.path.relpath(self.layer_path(i), self.out), record)
+            self.write_json(os.path.relpath(self.layer_path(i), self.out), record, compact=True)
 
-    def write_json(self, name: str, value) -> None:
-        self.write(name, lambda path: atomic_write_json(path, value))
+    def write_json(self, name: str, value, *, compact: bool = False) -> None:
+        self.write(name, lambda path: atomic_write_json(path, value, compact=compact))
 
     def write(self, name: str, writer) -> None:
         """Runs `writer(path)` for `out/name`, turning I/O failures into one clear error."""

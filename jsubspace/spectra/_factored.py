@@ -65,18 +65,28 @@ def sandwich_eigvalsh(
         gram = np.asarray(gram, np.float32)
         if not (np.all(np.isfinite(gram)) and np.all(np.isfinite(mid))):
             return np.full(d, np.nan)
-        # Pivoted Cholesky: P^T G P = U^T U, where only the leading `rank` rows of U count.
-        u, piv, rank, info = lapack.spstrf(gram, tol=-1.0, lower=0)
-        if info < 0:
-            raise ValueError(f"?pstrf: argument {-info} is invalid")
-        root = np.triu(u)
-        root[rank:] = 0.0
-        perm = piv - 1
-        mid = mid[np.ix_(perm, perm)]
+        # Plain Cholesky when G is definite (zero rows of padded ranks get a unit pivot and a
+        # zero row in U); pivoted Cholesky, P^T G P = U^T U with only the leading `rank` rows of
+        # U meaningful, when it is not (adapters sharing one factor).
+        zero = np.diag(gram) == 0
+        shifted = gram + np.diag(zero.astype(np.float32)) if zero.any() else gram
+        u, info = lapack.spotrf(shifted, lower=0, clean=0)
+        if info == 0:
+            root, rank = u, d
+            root[zero] = 0.0
+        else:
+            u, piv, rank, info = lapack.spstrf(gram, tol=-1.0, lower=0)
+            if info < 0:
+                raise ValueError(f"?pstrf: argument {-info} is invalid")
+            root = u
+            root[rank:] = 0.0
+            perm = piv - 1
+            mid = mid[np.ix_(perm, perm)]
     else:
         root = np.asarray(root, np.float32)
         rank = d
-    # U (P^T mid P) U^T: zero outside its leading rank x rank block.
+    # U (P^T mid P) U^T (?sygst reads the upper triangle of U only): zero outside its leading
+    # rank x rank block.
     out, info = lapack.ssygst(mid, root, itype=2, lower=0)
     if info != 0:
         raise ValueError(f"?sygst failed with info={info}")

@@ -284,11 +284,12 @@ def device_modes(wanted, *, m: int, n: int, nr: int, host: bool) -> tuple[str, .
     return tuple(mode for mode in wanted if not host or sides[mode] < nr)
 
 
-def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> LayerSpectra:
+def dispatch_lora(placed: PlacedLora, *, mesh, config: SpectraConfig) -> kernels.LoraGrams:
+    """Starts the device work of a LoRA layer's spectra (`lora_spectra_from_grams` finishes it)."""
     wanted = tuple(m for m in config.modes if m != "models") if config.lora == "delta" else ()
     n_pad, r, n = placed.a.shape
     m = placed.b.shape[1]
-    g = kernels.lora_grams(
+    return kernels.lora_grams(
         placed.a,
         placed.b,
         placed.scales,
@@ -298,7 +299,13 @@ def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> 
         modes=("models",)
         + device_modes(wanted, m=m, n=n, nr=n_pad * r, host=factored_on_host(placed.a)),
     )
-    return lora_spectra_from_grams(g, ranks, config=config, m=m, n=n)
+
+
+def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> LayerSpectra:
+    g = dispatch_lora(placed, mesh=mesh, config=config)
+    return lora_spectra_from_grams(
+        g, ranks, config=config, m=placed.b.shape[1], n=placed.a.shape[2]
+    )
 
 
 def layer_spectra(

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from jsubspace import kernels
 from jsubspace.io import PlacedDense
+from jsubspace.io import PlacedLora
 from jsubspace.sharding._mesh import MODELS
 from jsubspace.sharding._mesh import stacked_sharding
 from jsubspace.spectra import _layer
@@ -153,7 +154,41 @@ def null_lora_grams(
     return grams, f_a, f_b
 
 
-def _null_spectra(placed, spectra, *, key, mesh, config, ranks, uncentred_norms):
+def dispatch_lora_null(placed: PlacedLora, *, key, config, draws: int, ranks, energies) -> list:
+    """Starts the device work of every null draw of a LoRA layer and returns at once.
+
+    `energies` (`[N]`) are the real updates' `||dW_i||_F^2`. (Overlapping this device work with
+    the real layer's host LAPACK was measured slower on 2 CPU cores: the thread pools contend.)
+    """
+    n_pad, r, n = placed.a.shape
+    m = placed.b.shape[1]
+    ranks = ranks or [r] * placed.n_models
+    energies = jnp.pad(
+        jnp.clip(jnp.asarray(energies, jnp.float32), 0.0), (0, n_pad - placed.n_models)
+    )
+    wanted = tuple(mo for mo in config.modes if mo != "models") if config.lora == "delta" else ()
+    modes = _layer.device_modes(
+        wanted, m=m, n=n, nr=n_pad * r, host=_layer.factored_on_host(placed.a)
+    )
+    mask = _layer.factor_sample_mask(n_pad, r, ranks)
+    return [
+        null_lora_grams(
+            jax.random.fold_in(key, draw),
+            mask,
+            energies,
+            m=m,
+            n=n,
+            r=r,
+            n_pad=n_pad,
+            n_models=placed.n_models,
+            center=config.center,
+            modes=modes,
+        )
+        for draw in range(draws)
+    ]
+
+
+def _null_spectra(placed, spectra, *, key, mesh, config, ranks, pending):
     """The spectra of one draw of the matched Gaussian population."""
     if isinstance(placed, PlacedDense):
         n_pad = placed.x.shape[0]
@@ -167,26 +202,10 @@ def _null_spectra(placed, spectra, *, key, mesh, config, ranks, uncentred_norms)
         )
         null = PlacedDense(z, placed.n_models)
         return _layer.layer_spectra(null, mesh=mesh, config=config, key=key, lineage=False)
-    n_pad, r, n = placed.a.shape
-    m = placed.b.shape[1]
-    ranks = ranks or [r] * placed.n_models
-    energies = np.zeros(n_pad, np.float32)
-    energies[: placed.n_models] = np.clip(uncentred_norms, 0, None)
-    wanted = tuple(mo for mo in config.modes if mo != "models") if config.lora == "delta" else ()
-    host = _layer.factored_on_host(placed.a)
-    g, f_a, f_b = null_lora_grams(
-        key,
-        _layer.factor_sample_mask(n_pad, r, ranks),
-        energies,
-        m=m,
-        n=n,
-        r=r,
-        n_pad=n_pad,
-        n_models=placed.n_models,
-        center=config.center,
-        modes=_layer.device_modes(wanted, m=m, n=n, nr=n_pad * r, host=host),
-    )
-    roots = {"rows": f_b, "cols": f_a} if host else None
+    g, f_a, f_b = pending
+    m, n = placed.b.shape[1], placed.a.shape[2]
+    ranks = ranks or [placed.a.shape[1]] * placed.n_models
+    roots = {"rows": f_b, "cols": f_a} if _layer.factored_on_host(placed.a) else None
     return _layer.lora_spectra_from_grams(g, ranks, config=config, m=m, n=n, roots=roots)
 
 
@@ -203,6 +222,8 @@ def null_control(
 ) -> dict:
     """The null record of one layer: per mode, null CEV band, MP expectation and the excess.
 
+    LoRA draws are matched to `uncentred_norms`; all their device work is started first.
+
     Returns:
         `{mode: {"cev_mean": [...], "cev_std": [...], "cev_max": [...], "mp_cev": [...] | None,
         "excess": {k: CEV_obs(k) / CEV_null(k)}}, "draws": R}`.
@@ -210,6 +231,11 @@ def null_control(
     if draws <= 0:
         return {"draws": 0}
     per_mode: dict[str, list[np.ndarray]] = {mode: [] for mode in spectra.modes}
+    pending = None
+    if isinstance(placed, PlacedLora):
+        pending = dispatch_lora_null(
+            placed, key=key, config=config, draws=draws, ranks=ranks, energies=uncentred_norms
+        )
     for draw in range(draws):
         sub = jax.random.fold_in(key, draw)
         ns = _null_spectra(
@@ -219,7 +245,7 @@ def null_control(
             mesh=mesh,
             config=config,
             ranks=ranks,
-            uncentred_norms=uncentred_norms,
+            pending=pending[draw] if pending is not None else None,
         )
         for mode, result in ns.modes.items():
             energy = result.total_energy if result.total_energy is not None else ns.total_energy

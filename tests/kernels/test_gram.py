@@ -95,6 +95,17 @@ def test_ring_cross_gram_blocks():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("b, q, min_rows", [(7, 3, 4), (10, 16, 32), (3, 5, 256), (9, 1, 2)])
+def test_self_gram_computes_the_symmetric_blocks_once(b, q, min_rows):
+    rng = np.random.default_rng(b)
+    x = rng.standard_normal((b, 11, q)).astype(np.float32)
+    got = np.asarray(kernels.self_gram(jnp.asarray(x), min_rows=min_rows))
+    want = np.einsum("ipa,jpb->iajb", x.astype(np.float64), x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    flat = got.reshape(b * q, b * q)
+    np.testing.assert_allclose(flat, flat.T, rtol=1e-6, atol=1e-6)
+
+
 def test_same_shaped_layers_compile_once():
     mesh = sharding.models_mesh(4)
     kernels.mode_grams._clear_cache()
