@@ -76,6 +76,12 @@ _COORD = flags.DEFINE_string(
 )
 _NPROC = flags.DEFINE_integer("num_processes", None, "jax.distributed process count.")
 _PID = flags.DEFINE_integer("process_id", None, "jax.distributed process id.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    os.path.join("~", ".cache", "jsubspace", "xla"),
+    "Directory of JAX's persistent compilation cache ('none': off). A later run on layers of the "
+    "same shapes loads the compiled kernels instead of compiling them again.",
+)
 
 
 def _setup_jax():
@@ -86,6 +92,11 @@ def _setup_jax():
 
     if _CPU_DEVICES.value:
         jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+    if _CACHE.value != "none" and not jax.config.jax_compilation_cache_dir:
+        # Not when the user configured a cache of their own (JAX_COMPILATION_CACHE_DIR).
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
+        # Our kernels compile in 0.1-1 s each; JAX only caches compilations over 1 s by default.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     if _COORD.value:
         from jsubspace import sharding
 
@@ -127,7 +138,8 @@ def _analyze(argv):
     _setup_jax()
     result = analyze(_MODELS.value, _OUT.value, **_options())
     print(verdict_table(result))
-    print(f"\nwrote {os.path.join(_OUT.value, 'spectra.json')} and report.html")
+    extra = " and report.html" if _PLOTS.value else ""
+    print(f"\nwrote {os.path.join(_OUT.value, 'spectra.json')}{extra}")
 
 
 def _demo(argv):

@@ -71,6 +71,14 @@ def plain(value):
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
+def compact_json(value) -> str:
+    """Strict compact JSON (NaN / Inf become null)."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(finite(value), separators=(",", ":"), allow_nan=False)
+
+
 def atomic_write_json(path: str, value, *, compact: bool = False) -> None:
     """`compact` for large machine-read files: no indentation, no spaces."""
     options = {"separators": (",", ":")} if compact else {"indent": 1}

@@ -29,6 +29,7 @@ from jsubspace.errors import CheckpointError
 from jsubspace.errors import JsubspaceError
 from jsubspace.errors import PopulationError
 from jsubspace.report._atomic import atomic_write_text
+from jsubspace.report._atomic import compact_json
 from jsubspace.report._atomic import plain
 from jsubspace.report._outputs import write_csv
 from jsubspace.report._outputs import write_plots
@@ -215,6 +216,10 @@ def analyze(
     base_refs = _load_base(base, population) if base else {}
     with RunDirectory(out, fingerprint=fingerprint, config=config, overwrite=overwrite) as rundir:
         records = rundir.finished([layer.name for layer in population.layers])
+        for rec in records:
+            if rec is not None:
+                rec.pop("fingerprint", None)
+        encoded: list[str | None] = [None] * len(records)
         todo = [i for i, r in enumerate(records) if r is None]
         root = jax.random.key(seed)
         start = time.time()
@@ -252,9 +257,10 @@ def analyze(
                         "restart every process to resume"
                     ) from None
                 raise
-            rec["fingerprint"] = fingerprint
             rec = plain(rec)
-            rundir.write_layer(i, rec)
+            # Encoded once: the layer file and spectra.json reuse the same text.
+            encoded[i] = compact_json(rec)
+            rundir.write_layer(i, rec, encoded[i])
             records[i] = rec
             done = sum(r is not None for r in records)
             _progress(done, len(records), layer.name, time.time() - start, quiet=quiet)
@@ -265,7 +271,7 @@ def analyze(
             "config": config,
             "manifest": run_manifest(config, mesh, population),
             "skipped_layers": [{"name": n, "reason": r} for n, r in population.skipped],
-            "layers": [{k: v for k, v in r.items() if k != "fingerprint"} for r in records],
+            "layers": records,
         }
         if rundir.lead:
             rundir.write_json("manifest.json", result["manifest"])
@@ -278,7 +284,14 @@ def analyze(
                     lambda path: atomic_write_text(path, write_report_html(result, images, out)),
                 )
             # Last: spectra.json's presence means the run is complete.
-            rundir.write_json("spectra.json", result, compact=True)
+            layers = ",".join(
+                e if e is not None else compact_json(r) for e, r in zip(encoded, records)
+            )
+            head = compact_json({k: v for k, v in result.items() if k != "layers"})
+            rundir.write(
+                "spectra.json",
+                lambda path: atomic_write_text(path, f'{head[:-1]},"layers":[{layers}]}}'),
+            )
     return result
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from jsubspace.errors import JsubspaceError
 from jsubspace.report._atomic import atomic_write_json
+from jsubspace.report._atomic import atomic_write_text
 
 FINAL_FILES = ("spectra.json", "layers.csv", "report.html", "manifest.json")
 
@@ -142,9 +143,14 @@ class RunDirectory:
                     )
         return records
 
-    def write_layer(self, i: int, record: dict) -> None:
+    def write_layer(self, i: int, record: dict, encoded: str) -> None:
+        """Writes layer i's record (`encoded`: its compact JSON without the run fingerprint)."""
         if self.lead:
-            self.write_json(os.path.relpath(self.layer_path(i), self.out), record, compact=True)
+            text = f'{{"fingerprint":{json.dumps(self.fingerprint)},{encoded[1:]}'
+            self.write(
+                os.path.relpath(self.layer_path(i), self.out),
+                lambda path: atomic_write_text(path, text),
+            )
 
     def write_json(self, name: str, value, *, compact: bool = False) -> None:
         self.write(name, lambda path: atomic_write_json(path, value, compact=compact))

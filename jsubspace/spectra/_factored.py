@@ -16,7 +16,11 @@ from scipy.linalg import lapack
 
 
 def centred_weights(scales: np.ndarray, n_models: int, center: str) -> np.ndarray:
-    """`f32[N_pad, N_pad]`: `M_jk s_j s_k` with `M = H^T H` (host twin of the kernel's weights)."""
+    """`f32[N_pad, N_pad]`: `M_jk s_j s_k` with `M = H^T H` (host twin of the kernel's weights).
+
+    `H` is symmetric and idempotent for both centres, so `M = H`: no matrix product (a numpy
+    BLAS call here would leave numpy's own OpenBLAS threads spinning beside scipy's LAPACK).
+    """
     n_pad = len(scales)
     mask = (np.arange(n_pad) < n_models).astype(np.float64)
     if center == "mean":
@@ -26,7 +30,7 @@ def centred_weights(scales: np.ndarray, n_models: int, center: str) -> np.ndarra
     else:
         raise ValueError(f"center must be 'mean', 'none' or 'base', got {center!r}")
     s = np.asarray(scales, np.float64)
-    return (h.T @ h * np.outer(s, s)).astype(np.float32)
+    return (h * np.outer(s, s)).astype(np.float32)
 
 
 def mid_matrix(other: np.ndarray, weights: np.ndarray) -> np.ndarray:

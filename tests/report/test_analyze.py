@@ -229,10 +229,12 @@ def test_cli_on_8_devices_equals_1_device(demo, tmp_path):
                 "--quiet",
                 "--noplots",
                 "--null_draws=2",
+                f"--compilation_cache={tmp_path / 'xla'}",
             ]
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs[d] = _numbers(out / "spectra.json")
+    assert len(list((tmp_path / "xla").iterdir())) >= 4  # compiled kernels kept for later runs
     for one, eight in zip(outs[1], outs[8]):
         for mode in one["modes"]:
             top = one["modes"][mode]["eigenvalues"][0]

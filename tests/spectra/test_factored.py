@@ -186,3 +186,11 @@ def test_eigvals_on_cpu_equal_float64():
         rtol=1e-4,
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("dim", [300, 301])
+def test_gram_of_a_triangular_factor(dim):
+    f = _null.gram_factor(jax.random.key(dim), dim, dim + 50)
+    got = np.asarray(_null._gram_of_factor(f), np.float64)
+    f64 = np.asarray(f, np.float64)
+    np.testing.assert_allclose(got, f64.T @ f64, rtol=1e-5, atol=1e-3)
