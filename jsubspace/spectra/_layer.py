@@ -229,13 +229,21 @@ def factored_on_host(array: jax.Array) -> bool:
 
 
 def lora_spectra_from_grams(
-    g: kernels.LoraGrams, ranks, *, config: SpectraConfig, m: int, n: int, roots=None
+    g: kernels.LoraGrams,
+    ranks,
+    *,
+    config: SpectraConfig,
+    m: int,
+    n: int,
+    roots=None,
+    lineage: bool = True,
 ) -> LayerSpectra:
     """Spectra of a LoRA layer from its factor-space Grams (of the real or of a null population).
 
     Modes whose matrix `g` does not hold (`None`) are solved on the host from the cross-Grams:
     with `roots[mode]`, an upper-triangular `F` with `F^T F` = that mode's own Gram, when given,
-    else a pivoted Cholesky factor of the Gram.
+    else a pivoted Cholesky factor of the Gram. `lineage=False` (null draws) skips the
+    uncentred Gram and the A-factor Gram.
     """
     n_pad, r = g.factor_a.shape[:2]
     nr = n_pad * r
@@ -273,7 +281,11 @@ def lora_spectra_from_grams(
         out["lora_B"] = ModeResult(_eigvals(gb)[:m], "exact-factor-pca", m, total_energy=energy_b)
     energy = float(host_array(g.total_energy))
     norms = np.diag(host_array(g.models).astype(np.float64)).copy()
-    a_gram = np.einsum("jaka->jk", host_array(g.factor_a).astype(np.float64))[:k, :k]
+    if not lineage:
+        return LayerSpectra(out, energy, norms, None)
+    # <A_j, A_k>: the trace of each r x r block (lineage's shared-A test).
+    ga = host_array(g.factor_a)
+    a_gram = np.trace(ga, axis1=1, axis2=3).astype(np.float64)[:k, :k]
     return LayerSpectra(out, energy, norms, host_array(g.uncentred).astype(np.float64), a_gram)
 
 

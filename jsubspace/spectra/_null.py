@@ -222,7 +222,9 @@ def _null_spectra(placed, spectra, *, key, mesh, config, ranks, pending):
     m, n = placed.b.shape[1], placed.a.shape[2]
     ranks = ranks or [placed.a.shape[1]] * placed.n_models
     roots = {"rows": f_b, "cols": f_a} if _layer.factored_on_host(placed.a) else None
-    return _layer.lora_spectra_from_grams(g, ranks, config=config, m=m, n=n, roots=roots)
+    return _layer.lora_spectra_from_grams(
+        g, ranks, config=config, m=m, n=n, roots=roots, lineage=False
+    )
 
 
 def null_control(
