@@ -83,25 +83,45 @@ def _mp_for_mode(mode: str, n_models: int, shape, centred: bool) -> tuple[int, i
     return {"models": (k, m * n), "rows": (m, k * n), "cols": (n, k * m)}[mode]
 
 
-def gram_factor(key: jax.Array, dim: int, dof: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("dim",))
+def bartlett_diagonal(key: jax.Array, dof, *, dim: int) -> jax.Array:
+    """`f32[dim]`: `sqrt(chi^2(dof - i))`, the diagonal of a Bartlett factor.
+
+    Jitted apart (with `dof` traced): JAX's gamma sampler takes seconds to compile on CPU, and
+    this way it compiles once per `dim` instead of inside every null kernel.
+    """
+    df = jnp.asarray(dof, jnp.float32) - jnp.arange(dim, dtype=jnp.float32)
+    return jnp.sqrt(jax.random.chisquare(key, df, shape=(dim,), dtype=jnp.float32))
+
+
+def gram_factor(key: jax.Array, dim: int, dof: int, diagonal: jax.Array | None = None) -> jax.Array:
     """`F` with `F^T F` distributed as the Gram `Z^T Z` of a `dof x dim` iid N(0, 1) matrix `Z`.
 
     `F = Z` itself when `dof < dim`; otherwise the transposed Bartlett factor `L^T` of the
     Wishart_dim(dof, I) law (`L` lower triangular, `L_ii^2 ~ chi^2(dof - i)`, `L_ij ~ N(0, 1)`
     below the diagonal): its Gram needs no `dof`-long products, and `F` is already the
-    triangular root the rows / cols matrices need.
+    triangular root the rows / cols matrices need. `diagonal`: `bartlett_diagonal` of
+    `split(key)[1]`, when computed beforehand (`null_diagonals`).
     """
     if dof < dim:
         return jax.random.normal(key, (dof, dim), jnp.float32)
     k_off, k_diag = jax.random.split(key)
     below = jnp.tril(jax.random.normal(k_off, (dim, dim), jnp.float32), -1)
-    # chi^2(dof - i) as the squared norm of dof - i standard normals: as cheap as one Gaussian
-    # factor to draw, and it compiles in a fraction of a second (jax.random.chisquare's
-    # rejection sampler took 3 s to compile on CPU).
-    z = jax.random.normal(k_diag, (dim, dof), jnp.float32)
-    keep = jnp.arange(dof)[None, :] < (dof - jnp.arange(dim))[:, None]
-    diag = jnp.sqrt(jnp.sum(jnp.where(keep, z * z, 0.0), axis=1))
-    return (below + jnp.diag(diag)).T
+    if diagonal is None:
+        diagonal = bartlett_diagonal(k_diag, dof, dim=dim)
+    return (below + jnp.diag(diagonal)).T
+
+
+def null_diagonals(key: jax.Array, *, nr: int, m: int, n: int) -> tuple[jax.Array, jax.Array]:
+    """The Bartlett diagonals `null_lora_grams(key, ...)` uses for its A and B factors (zeros
+    where a factor is drawn as a plain Gaussian matrix)."""
+    k_a, k_b = jax.random.split(key)
+    return tuple(
+        bartlett_diagonal(jax.random.split(k)[1], dof, dim=nr)
+        if dof >= nr
+        else jnp.zeros(nr, jnp.float32)
+        for k, dof in ((k_a, n), (k_b, m))
+    )
 
 
 def _gram_of_factor(f: jax.Array) -> jax.Array:
@@ -126,6 +146,7 @@ def null_lora_grams(
     key: jax.Array,
     mask: jax.Array,
     energies: jax.Array,
+    diagonals: tuple[jax.Array, jax.Array],
     *,
     m: int,
     n: int,
@@ -147,6 +168,7 @@ def null_lora_grams(
         key: PRNG key.
         mask: `f32[N_pad * r]`, 1 for existing factor rows / columns.
         energies: `f32[N_pad]`, `||dW_i||_F^2` of the real models (zero for padding).
+        diagonals: `null_diagonals(key, ...)`.
         m, n, r, n_pad, n_models: shapes; center: as in `kernels.lora_grams`.
         modes: which of 'rows' / 'cols' to build.
 
@@ -156,8 +178,8 @@ def null_lora_grams(
     """
     nr = n_pad * r
     k_a, k_b = jax.random.split(key)
-    f_a = gram_factor(k_a, nr, n) * mask[None, :]
-    f_b = gram_factor(k_b, nr, m) * mask[None, :]
+    f_a = gram_factor(k_a, nr, n, diagonals[0]) * mask[None, :]
+    f_b = gram_factor(k_b, nr, m, diagonals[1]) * mask[None, :]
     ga, gb = _gram_of_factor(f_a), _gram_of_factor(f_b)
     # ||B_i A_i||_F^2 = tr((B_i^T B_i)(A_i A_i^T)) from the diagonal blocks.
     own = jnp.einsum("iaic,iaic->i", ga.reshape(n_pad, r, n_pad, r), gb.reshape(n_pad, r, n_pad, r))
@@ -191,11 +213,13 @@ def dispatch_lora_null(placed: PlacedLora, *, key, config, draws: int, ranks, en
         wanted, m=m, n=n, nr=n_pad * r, host=_layer.factored_on_host(placed.a)
     )
     mask = _layer.factor_sample_mask(n_pad, r, ranks)
+    keys = [jax.random.fold_in(key, draw) for draw in range(draws)]
     return [
         null_lora_grams(
-            jax.random.fold_in(key, draw),
+            k,
             mask,
             energies,
+            null_diagonals(k, nr=n_pad * r, m=m, n=n),
             m=m,
             n=n,
             r=r,
@@ -204,7 +228,7 @@ def dispatch_lora_null(placed: PlacedLora, *, key, config, draws: int, ranks, en
             center=config.center,
             modes=modes,
         )
-        for draw in range(draws)
+        for k in keys
     ]
 
 

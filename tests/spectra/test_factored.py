@@ -155,10 +155,12 @@ def test_null_drawn_as_gram_factors_matches_explicit_gaussian_factors():
     mask = _layer.factor_sample_mask(n_models, r, [r] * n_models)
     curves = []
     for draw in range(40):
+        key = jax.random.key(draw)
         g, f_a, f_b = _null.null_lora_grams(
-            jax.random.key(draw),
+            key,
             mask,
             energies.astype(np.float32),
+            _null.null_diagonals(key, nr=n_models * r, m=m, n=k),
             m=m,
             n=k,
             r=r,
