@@ -79,11 +79,10 @@ def compact_json(value) -> str:
         return json.dumps(finite(value), separators=(",", ":"), allow_nan=False)
 
 
-def atomic_write_json(path: str, value, *, compact: bool = False) -> None:
-    """`compact` for large machine-read files: no indentation, no spaces."""
-    options = {"separators": (",", ":")} if compact else {"indent": 1}
+def atomic_write_json(path: str, value) -> None:
+    """Indented strict JSON (NaN / Inf become null), for the small human-read files."""
     try:
-        text = json.dumps(value, allow_nan=False, **options)
-    except ValueError:  # NaN or Inf somewhere: strict JSON has neither
-        text = json.dumps(finite(value), allow_nan=False, **options)
+        text = json.dumps(value, indent=1, allow_nan=False)
+    except ValueError:
+        text = json.dumps(finite(value), indent=1, allow_nan=False)
     atomic_write_text(path, text)

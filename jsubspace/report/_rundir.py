@@ -152,8 +152,8 @@ class RunDirectory:
                 lambda path: atomic_write_text(path, text),
             )
 
-    def write_json(self, name: str, value, *, compact: bool = False) -> None:
-        self.write(name, lambda path: atomic_write_json(path, value, compact=compact))
+    def write_json(self, name: str, value) -> None:
+        self.write(name, lambda path: atomic_write_json(path, value))
 
     def write(self, name: str, writer) -> None:
         """Runs `writer(path)` for `out/name`, turning I/O failures into one clear error."""
