@@ -40,11 +40,13 @@ def mid_matrix(other: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return mid.reshape(n_pad * r, n_pad * r)
 
 
-def _eigvalsh(a: np.ndarray, *, lower: bool) -> np.ndarray:
+def eigvalsh(a: np.ndarray, *, lower: bool = True, overwrite: bool = False) -> np.ndarray:
+    """Descending eigenvalues (float64, clipped at zero) of a symmetric host matrix, by LAPACK's
+    `?syevr` without eigenvectors; NaNs when `a` is not finite, as the device solvers give."""
     if not np.all(np.isfinite(a)):
         return np.full(a.shape[0], np.nan)
     values = scipy.linalg.eigh(
-        a, lower=lower, eigvals_only=True, driver="evr", check_finite=False, overwrite_a=True
+        a, lower=lower, eigvals_only=True, driver="evr", check_finite=False, overwrite_a=overwrite
     )
     return np.clip(values[::-1].astype(np.float64), 0.0, None)
 
@@ -94,4 +96,4 @@ def sandwich_eigvalsh(
     out, info = lapack.ssygst(mid, root, itype=2, lower=0)
     if info != 0:
         raise ValueError(f"?sygst failed with info={info}")
-    return _eigvalsh(out[:rank, :rank], lower=False)
+    return eigvalsh(out[:rank, :rank], lower=False, overwrite=True)

@@ -112,15 +112,8 @@ def _eigvals(gram) -> np.ndarray:
     the (Nr)^2 matrices of LoRA layers. Accelerators solve on the device.
     """
     if isinstance(gram, jax.Array) and next(iter(gram.devices())).platform == "cpu":
-        import scipy.linalg
-
-        matrix = host_array(gram)
-        if not np.all(np.isfinite(matrix)):  # as the device solvers do: NaNs, not an exception
-            return np.full(matrix.shape[0], np.nan)
-        values = scipy.linalg.eigh(matrix, eigvals_only=True, driver="evr", check_finite=False)
-        values = values[::-1]
-    else:
-        values = host_array(_descending_eigvalsh(gram))
+        return _factored.eigvalsh(host_array(gram))
+    values = host_array(_descending_eigvalsh(gram))
     return np.clip(values.astype(np.float64), 0.0, None)
 
 
@@ -249,6 +242,14 @@ def lora_spectra_from_grams(
     nr = n_pad * r
     k = g.models.shape[0]
     out = {}
+    # Each cross-Gram is fetched from the device at most once per layer.
+    fetched = {}
+
+    def factor(name):
+        if name not in fetched:
+            fetched[name] = host_array(getattr(g, name))
+        return fetched[name]
+
     if config.lora == "delta":
         sides = {"models": k, "rows": m, "cols": n}
         weights = None
@@ -259,15 +260,13 @@ def lora_spectra_from_grams(
             else:
                 if weights is None:
                     weights = _factored.centred_weights(host_array(g.scales), k, config.center)
-                own, other = (
-                    (g.factor_b, g.factor_a) if mode == "rows" else (g.factor_a, g.factor_b)
-                )
-                mid = _factored.mid_matrix(host_array(other), weights)
+                own, other = ("factor_b", "factor_a")[:: 1 if mode == "rows" else -1]
+                mid = _factored.mid_matrix(factor(other), weights)
                 root = (roots or {}).get(mode)
                 if root is not None:
                     lam = _factored.sandwich_eigvalsh(mid, root=host_array(root))
                 else:
-                    lam = _factored.sandwich_eigvalsh(mid, gram=host_array(own).reshape(nr, nr))
+                    lam = _factored.sandwich_eigvalsh(mid, gram=factor(own).reshape(nr, nr))
             lam = lam[: sides[mode]]
             out[mode] = ModeResult(lam, "exact-factored", sides[mode])
     else:
@@ -284,8 +283,7 @@ def lora_spectra_from_grams(
     if not lineage:
         return LayerSpectra(out, energy, norms, None)
     # <A_j, A_k>: the trace of each r x r block (lineage's shared-A test).
-    ga = host_array(g.factor_a)
-    a_gram = np.trace(ga, axis1=1, axis2=3).astype(np.float64)[:k, :k]
+    a_gram = np.trace(factor("factor_a"), axis1=1, axis2=3).astype(np.float64)[:k, :k]
     return LayerSpectra(out, energy, norms, host_array(g.uncentred).astype(np.float64), a_gram)
 
 
