@@ -268,9 +268,13 @@ def _scaling_plot(rows: list[dict], path: str, layers: int) -> None:
 
     n = [r["n"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    left.plot(n, [r["seconds"] for r in rows], "o-")
+    left.plot(n, [r["seconds"] for r in rows], "o-", label="warm")
+    left.plot(n, [r["seconds_cold"] for r in rows], "s--", label="cold (compiles)")
     left.set(xlabel="adapters N", ylabel="seconds (whole process)", title="time")
-    right.plot(n, [r["rss_mb"] for r in rows], "o-")
+    left.legend()
+    right.plot(n, [r["rss_mb"] for r in rows], "o-", label="warm")
+    right.plot(n, [r["rss_mb_cold"] for r in rows], "s--", label="cold (compiles)")
+    right.legend()
     right.set(xlabel="adapters N", ylabel="peak RSS (MB)", title="memory")
     right.set_ylim(bottom=0)
     fig.suptitle(f"jsubspace analyze, {3 * layers} Mistral-shaped LoRA modules, null + lineage")
@@ -287,14 +291,28 @@ def main(argv):
     n, layers = _N.value, _LAYERS.value
     os.makedirs(_WORK.value, exist_ok=True)
     if _SCALING.value:
-        print(f"{'N':>5} {'seconds':>9} {'peak RSS MB':>12}   (jsubspace analyze, null + lineage)")
+        print("jsubspace analyze, null + lineage; cold: first run, compiles; warm: second run")
+        print(f"{'N':>5} {'s cold':>8} {'s warm':>8} {'RSS MB cold':>12} {'RSS MB warm':>12}")
         rows = []
         cache = os.path.join(_WORK.value, "xla_cache_scaling")
+        shutil.rmtree(cache, ignore_errors=True)
         for value in (int(v) for v in _SCALING.value):
             pop = _population(value, layers)
+            cold, cold_rss, _ = _timed("jsubspace_e2e", pop, cache=cache)
             seconds, rss, _ = _timed("jsubspace_e2e", pop, cache=cache)
-            rows.append({"n": value, "seconds": seconds, "rss_mb": rss})
-            print(f"{value:>5} {seconds:>9.1f} {rss:>12.0f}", flush=True)
+            rows.append(
+                {
+                    "n": value,
+                    "seconds": seconds,
+                    "rss_mb": rss,
+                    "seconds_cold": cold,
+                    "rss_mb_cold": cold_rss,
+                }
+            )
+            print(
+                f"{value:>5} {cold:>8.1f} {seconds:>8.1f} {cold_rss:>12.0f} {rss:>12.0f}",
+                flush=True,
+            )
         with open(os.path.join(_WORK.value, "scaling.json"), "w") as f:
             json.dump(rows, f, indent=1)
         _scaling_plot(rows, os.path.join(_WORK.value, "scaling.png"), layers)

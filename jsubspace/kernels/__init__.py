@@ -22,6 +22,14 @@ from jsubspace.kernels._lora import lora_grams
 from jsubspace.kernels._lora import materialized_updates
 from jsubspace.kernels._lora import mode_matrices
 from jsubspace.kernels._lora import psd_root
+from jsubspace.kernels._lora_side import BLOCK_ROWS
+from jsubspace.kernels._lora_side import SideModels
+from jsubspace.kernels._lora_side import side_block_models
+from jsubspace.kernels._lora_side import side_block_terms
+from jsubspace.kernels._lora_side import side_means
+from jsubspace.kernels._lora_side import side_mode_matrix
+from jsubspace.kernels._lora_side import side_models
+from jsubspace.kernels._lora_side import uses_side_space
 from jsubspace.kernels._rsvd import Eig
 from jsubspace.kernels._rsvd import exact_eigh
 from jsubspace.kernels._rsvd import orthonormalize
@@ -51,5 +59,13 @@ __all__ = [
     "randomized_mode_eigh",
     "ring_cross_gram",
     "self_gram",
+    "BLOCK_ROWS",
+    "SideModels",
+    "side_block_models",
+    "side_block_terms",
+    "side_means",
+    "side_mode_matrix",
+    "side_models",
+    "uses_side_space",
     "streaming_mode_grams",
 ]

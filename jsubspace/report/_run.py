@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from jsubspace import io
+from jsubspace import kernels
 from jsubspace import sharding
 from jsubspace import spectra
 from jsubspace.errors import CheckpointError
@@ -212,7 +213,7 @@ def analyze(
     mesh = sharding.models_mesh(num_devices)
     budget = memory_budget if memory_budget is not None else default_memory_budget(mesh)
     for layer in population.layers:
-        check_layer_memory(layer, mesh, budget)
+        check_layer_memory(layer, mesh, budget, lora)
     base_refs = _load_base(base, population) if base else {}
     with RunDirectory(out, fingerprint=fingerprint, config=config, overwrite=overwrite) as rundir:
         records = rundir.finished([layer.name for layer in population.layers])
@@ -224,7 +225,11 @@ def analyze(
         root = jax.random.key(seed)
         start = time.time()
         _progress(len(records) - len(todo), len(records), "", 0.0, quiet=quiet)
-        stream = io.stream_layers(population, mesh, layers=[population.layers[i] for i in todo])
+        layers = [population.layers[i] for i in todo]
+        # Reading ahead holds one more layer in memory. Side-space LoRA layers (N r past both
+        # sides) compute for seconds per read, so they are read in turn and memory stays flat.
+        ahead = 0 if any(_side_space(layer, mesh, lora) for layer in layers) else 1
+        stream = io.stream_layers(population, mesh, layers=layers, prefetch=ahead)
         for i, (layer, placed) in zip(todo, stream):
             base_value = None
             if layer.name in base_refs:
@@ -295,6 +300,15 @@ def analyze(
     return result
 
 
+def _side_space(layer, mesh, lora: str) -> bool:
+    """Whether a layer's spectra are computed in side space (`spectra.side_space`)."""
+    if layer.kind == "dense" or lora != "delta":
+        return False
+    m, n = layer.shape
+    n_pad = sharding.padded_count(len(layer.a_refs), mesh)
+    return kernels.uses_side_space(n_pad=n_pad, rank=layer.rank, m=m, n=n)
+
+
 def default_memory_budget(mesh) -> int:
     """Bytes a layer may use: half the host's RAM on CPU, 80% of the smallest device's memory
     times the device count on accelerators."""
@@ -305,7 +319,7 @@ def default_memory_budget(mesh) -> int:
     return int(0.8 * min(limits) * len(devices)) if all(limits) else 2**62
 
 
-def layer_working_set(layer, mesh) -> int:
+def layer_working_set(layer, mesh, lora: str = "delta") -> int:
     """Estimated peak bytes of one layer's analysis: the stored stack, its float32 centred copy
     and temporaries (x3), the prefetched next layer, and the Grams."""
     n_pad = sharding.padded_count(len(layer.refs if layer.kind == "dense" else layer.a_refs), mesh)
@@ -316,12 +330,19 @@ def layer_working_set(layer, mesh) -> int:
         return int(stack * (2 * itemsize + 3 * 4) + 4 * (m * m + n * n + n_pad * n_pad))
     r = layer.rank
     factors = n_pad * r * (m + n)
+    if _side_space(layer, mesh, lora):
+        # The stored factors and the null's drawn ones (no read-ahead); one side matrix, the
+        # sum of the updates, a few float32 blocks and the models Grams.
+        blocks = 8 * kernels.BLOCK_ROWS * (m + n)
+        return int(
+            3 * factors * itemsize + 4 * (max(m, n) ** 2 + m * n + 3 * n_pad**2) + 4 * blocks
+        )
     return int(factors * (2 * itemsize + 3 * 4) + 4 * 6 * (n_pad * r) ** 2)
 
 
-def check_layer_memory(layer, mesh, budget: int) -> None:
+def check_layer_memory(layer, mesh, budget: int, lora: str = "delta") -> None:
     """Refuses, before anything is read, a layer whose working set exceeds the budget."""
-    need = layer_working_set(layer, mesh)
+    need = layer_working_set(layer, mesh, lora)
     if need > budget:
         raise PopulationError(
             f"layer {layer.name!r} ({list(layer.shape)}, {np.dtype(layer.dtype)}) needs about "

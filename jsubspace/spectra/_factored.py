@@ -10,9 +10,13 @@ and the eigenvalues alone (`?syevr`). Accelerators run the jitted kernel instead
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
+from scipy.linalg import blas
 from scipy.linalg import lapack
+
+from jsubspace import kernels
 
 
 def centred_weights(scales: np.ndarray, n_models: int, center: str) -> np.ndarray:
@@ -97,3 +101,63 @@ def sandwich_eigvalsh(
     if info != 0:
         raise ValueError(f"?sygst failed with info={info}")
     return eigvalsh(out[:rank, :rank], lower=False, overwrite=True)
+
+
+def side_matrix(
+    a, b, scales, *, mesh, n_models: int, center: str, mode: str, shift: bool = False
+) -> np.ndarray:
+    """The rows / cols matrix of `kernels.side_mode_matrix`, accumulated in host memory.
+
+    Each model block's terms come from the jitted `kernels.side_block_terms`; BLAS adds them into
+    one Fortran-ordered accumulator in place (`?syrk` on the lower triangle, half the flops of a
+    product, or `?syr2k` for shifted factors; `?gemm` for the sum of the updates), where XLA's
+    CPU backend would allocate each `p x p` product beside its accumulator. Single-process CPU
+    backend only.
+
+    Returns:
+        `f32[p, p]`, Fortran order, its lower triangle holding the matrix (for `eigvalsh`).
+    """
+    d = mesh.devices.size
+    n_local = a.shape[0] // d
+    m, n = b.shape[1], a.shape[2]
+    p, q = (m, n) if mode == "rows" else (n, m)
+    stack = (a, b, scales)
+    centred = center == "mean"
+    means = kernels.side_means(stack, mesh=mesh, n_models=n_models) if shift and centred else None
+    size = kernels.side_block_models(n_local, a.shape[1])
+    acc = np.zeros((p, p), np.float32, order="F")
+    total = np.zeros((p, q), np.float32, order="F") if centred else None
+    for j in range(-(-n_local // size)):
+        terms = kernels.side_block_terms(
+            stack,
+            means,
+            jnp.int32(j),
+            mesh=mesh,
+            size=size,
+            n_models=n_models,
+            mode=mode,
+            root=means is None,
+        )
+        f, wide, rgt = (np.asarray(x) for x in terms)
+        for k in range(d):
+            # Transposed views of C-ordered blocks are Fortran-ordered: no copies.
+            if means is None:
+                acc = blas.ssyrk(1.0, f[k].T, beta=1.0, c=acc, trans=1, lower=1, overwrite_c=1)
+            else:
+                acc = blas.ssyr2k(
+                    0.5, f[k].T, wide[k].T, beta=1.0, c=acc, trans=1, lower=1, overwrite_c=1
+                )
+            if centred:
+                total = blas.sgemm(
+                    1.0,
+                    wide[k].T,
+                    rgt[k].T,
+                    beta=1.0,
+                    c=total,
+                    trans_a=1,
+                    trans_b=1,
+                    overwrite_c=1,
+                )
+    if centred:
+        acc = blas.ssyrk(-1.0 / n_models, total, beta=1.0, c=acc, lower=1, overwrite_c=1)
+    return acc

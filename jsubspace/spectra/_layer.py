@@ -20,6 +20,9 @@ from jsubspace.sharding import host_array
 from jsubspace.spectra import _factored
 
 MODES = ("models", "rows", "cols")
+# Side-space LoRA sums are shifted first when the uncentred energy exceeds the centred one by
+# more than this (see `kernels.side_mode_matrix`).
+SHIFT_RATIO = 8.0
 FACTOR_MODES = ("lora_A", "lora_B")
 
 
@@ -311,7 +314,70 @@ def dispatch_lora(placed: PlacedLora, *, mesh, config: SpectraConfig) -> kernels
     )
 
 
+def side_space(placed: PlacedLora, config: SpectraConfig) -> bool:
+    """Whether a LoRA layer's whole-update spectra are computed in side space
+    (`kernels.side_mode_matrix`): when its `Nr` factor rows outnumber both sides."""
+    n_pad, r, n = placed.a.shape
+    return config.lora == "delta" and kernels.uses_side_space(
+        n_pad=n_pad, rank=r, m=placed.b.shape[1], n=n
+    )
+
+
+def _side_eigvals(a, b, scales, *, mesh, mode: str, **kwargs) -> np.ndarray:
+    """Eigenvalues of a side-space rows / cols matrix; on a single-process CPU backend the
+    matrix is accumulated and solved in host memory (`_factored.side_matrix`), in place."""
+    if factored_on_host(a) and jax.process_count() == 1:
+        matrix = _factored.side_matrix(a, b, scales, mesh=mesh, mode=mode, **kwargs)
+        return _factored.eigvalsh(matrix, lower=True, overwrite=True)
+    return _eigvals(kernels.side_mode_matrix(a, b, scales, mesh=mesh, mode=mode, **kwargs))
+
+
+def side_lora_spectra(
+    a: jax.Array,
+    b: jax.Array,
+    scales: jax.Array,
+    n_models: int,
+    *,
+    mesh: Mesh,
+    config: SpectraConfig,
+    lineage: bool = True,
+) -> LayerSpectra:
+    """Whole-update spectra of a LoRA population (real or null) from side-space matrices.
+
+    One mode matrix lives at a time: each is built, solved and released before the next, so the
+    working set is the stored factors plus `max(m, n)^2 + m n` floats and two model blocks.
+    """
+    m, n = b.shape[1], a.shape[2]
+    sides = {"models": n_models, "rows": m, "cols": n}
+    common = dict(mesh=mesh, n_models=n_models, center=config.center)
+    found = kernels.side_models(a, b, scales, **common)
+    energy = float(host_array(found.total_energy))
+    uncentred = host_array(found.uncentred).astype(np.float64)
+    # Close to their mean, the updates' sums would cancel in float32: shift them first.
+    shift = bool(np.trace(uncentred) > SHIFT_RATIO * energy)
+    lineage_found = found
+    if shift:
+        found = kernels.side_models(a, b, scales, shift=True, **common)
+        energy = float(host_array(found.total_energy))
+    out = {}
+    for mode in config.modes:
+        if mode == "models":
+            lam = _eigvals(found.models)
+        else:
+            lam = _side_eigvals(a, b, scales, mode=mode, shift=shift, **common)
+        out[mode] = ModeResult(lam[: sides[mode]], "exact-side", sides[mode])
+    norms = np.diag(host_array(found.models).astype(np.float64)).copy()
+    if not lineage:
+        return LayerSpectra(out, energy, norms, None)
+    a_gram = host_array(lineage_found.a_gram).astype(np.float64)
+    return LayerSpectra(out, energy, norms, uncentred, a_gram)
+
+
 def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> LayerSpectra:
+    if side_space(placed, config):
+        return side_lora_spectra(
+            placed.a, placed.b, placed.scales, placed.n_models, mesh=mesh, config=config
+        )
     g = dispatch_lora(placed, mesh=mesh, config=config)
     return lora_spectra_from_grams(
         g, ranks, config=config, m=placed.b.shape[1], n=placed.a.shape[2]

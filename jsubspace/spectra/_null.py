@@ -196,6 +196,52 @@ def null_lora_grams(
     return grams, f_a, f_b
 
 
+@functools.partial(jax.jit, static_argnames=("mesh", "m", "n", "dtype"))
+def null_lora_factors(
+    key: jax.Array, mask: jax.Array, energies: jax.Array, *, mesh: Mesh, m: int, n: int, dtype
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A matched Gaussian LoRA population as stored factors, for the side-space kernels.
+
+    Model i draws `A_i` (r x n) and `B_i` (m x r) iid N(0, 1) from `fold_in(key, i)`, whatever
+    the mesh; rank slots it lacks are zero (`mask`). The factors are kept in the real population's
+    stored `dtype`, so the null costs the memory of the real factors and no more; its scale is
+    computed from the rounded factors, so `s_i B_i A_i` has exactly the energy `energies[i]`.
+    Models are drawn one after another (`lax.map`): no float32 copy of the whole stack is made.
+
+    Args:
+        key: PRNG key.
+        mask: `f32[N_pad, r]` sharded over `models`, 1 for existing rank slots.
+        energies: `f32[N_pad]` sharded over `models`, `||dW_i||_F^2` (zero for padding).
+        mesh: the mesh; m, n: the sides; dtype: the stored dtype.
+
+    Returns:
+        `(a dtype[N_pad, r, n], b dtype[N_pad, m, r], scales f32[N_pad])`, sharded over `models`.
+    """
+
+    def one(args):
+        k, row, energy = args
+        k_a, k_b = jax.random.split(k)
+        a = (jax.random.normal(k_a, (row.shape[0], n), jnp.float32) * row[:, None]).astype(dtype)
+        b = (jax.random.normal(k_b, (m, row.shape[0]), jnp.float32) * row[None, :]).astype(dtype)
+        a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
+        own = jnp.sum(
+            jnp.matmul(b32.T, b32, precision=kernels.HIGHEST)
+            * jnp.matmul(a32, a32.T, precision=kernels.HIGHEST)
+        )
+        return a, b, jnp.where(energy > 0, jnp.sqrt(energy / jnp.maximum(own, 1e-30)), 0.0)
+
+    def body(k, mask_local, energies_local):
+        keys = _model_keys(k, mask_local.shape[0])
+        return lax.map(one, (keys, mask_local, energies_local))
+
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P(), P(MODELS), P(MODELS)),
+        out_specs=(P(MODELS), P(MODELS), P(MODELS)),
+    )(key, mask, energies)
+
+
 def dispatch_lora_null(placed: PlacedLora, *, key, config, draws: int, ranks, energies) -> list:
     """Starts the device work of every null draw of a LoRA layer and returns at once.
 
@@ -232,8 +278,9 @@ def dispatch_lora_null(placed: PlacedLora, *, key, config, draws: int, ranks, en
     ]
 
 
-def _null_spectra(placed, spectra, *, key, mesh, config, ranks, pending):
-    """The spectra of one draw of the matched Gaussian population."""
+def _null_spectra(placed, spectra, *, key, mesh, config, ranks, pending, energies):
+    """The spectra of one draw of the matched Gaussian population (LoRA: `pending` is the draw's
+    `dispatch_lora_null` result, `energies` the real updates' `||dW_i||_F^2`)."""
     if isinstance(placed, PlacedDense):
         n_pad = placed.x.shape[0]
         norms = np.zeros(n_pad, np.float32)
@@ -246,9 +293,27 @@ def _null_spectra(placed, spectra, *, key, mesh, config, ranks, pending):
         )
         null = PlacedDense(z, placed.n_models)
         return _layer.layer_spectra(null, mesh=mesh, config=config, key=key, lineage=False)
-    g, f_a, f_b = pending
     m, n = placed.b.shape[1], placed.a.shape[2]
-    ranks = ranks or [placed.a.shape[1]] * placed.n_models
+    n_pad, r = placed.a.shape[:2]
+    ranks = ranks or [r] * placed.n_models
+    if _layer.side_space(placed, config):
+        sharded = stacked_sharding(mesh)
+        matched = np.zeros(n_pad, np.float32)
+        matched[: placed.n_models] = np.clip(np.asarray(energies, np.float32), 0.0, None)
+        mask = _layer.factor_sample_mask(n_pad, r, ranks).reshape(n_pad, r)
+        a, b, scales = null_lora_factors(
+            key,
+            jax.device_put(mask, sharded),
+            jax.device_put(matched, sharded),
+            mesh=mesh,
+            m=m,
+            n=n,
+            dtype=placed.a.dtype,
+        )
+        return _layer.side_lora_spectra(
+            a, b, scales, placed.n_models, mesh=mesh, config=config, lineage=False
+        )
+    g, f_a, f_b = pending
     roots = {"rows": f_b, "cols": f_a} if _layer.factored_on_host(placed.a) else None
     return _layer.lora_spectra_from_grams(
         g, ranks, config=config, m=m, n=n, roots=roots, lineage=False
@@ -278,7 +343,7 @@ def null_control(
         return {"draws": 0}
     per_mode: dict[str, list[np.ndarray]] = {mode: [] for mode in spectra.modes}
     pending = None
-    if isinstance(placed, PlacedLora):
+    if isinstance(placed, PlacedLora) and not _layer.side_space(placed, config):
         pending = dispatch_lora_null(
             placed, key=key, config=config, draws=draws, ranks=ranks, energies=uncentred_norms
         )
@@ -292,6 +357,7 @@ def null_control(
             config=config,
             ranks=ranks,
             pending=pending[draw] if pending is not None else None,
+            energies=uncentred_norms,
         )
         for mode, result in ns.modes.items():
             energy = result.total_energy if result.total_energy is not None else ns.total_energy

@@ -59,7 +59,7 @@ def test_all_modes_share_one_trace(demo):
     _, _, dense, lora = demo
     for layer in dense["layers"] + lora["layers"]:
         for _mode, rec in layer["modes"].items():
-            if rec["method"] == "exact" or rec["method"] == "exact-factored":
+            if rec["method"] in ("exact", "exact-factored", "exact-side"):
                 np.testing.assert_allclose(
                     sum(rec["eigenvalues"]), layer["total_energy"], rtol=1e-4
                 )

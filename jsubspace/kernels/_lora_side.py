@@ -1,0 +1,408 @@
+"""Mode matrices of a large LoRA population in side space: memory that does not grow with `N^2`.
+
+`kernels.lora_grams` works in factor space, with `(Nr) x (Nr)` cross-Grams: the right choice while
+`Nr` is shorter than the sides. Past them (N > 256 adapters of rank 16 on 4096-wide modules) those
+Grams grow as `N^2` and their eigenproblems as `N^3`, while the side-space matrices stay
+`m x m` and `n x n`. Here model blocks of the stacks are visited in a loop, so besides the stored
+factors only side-sized accumulators and one or two blocks are ever live:
+  * rows: `sum_i X_i X_i^T = sum_j s_j^2 B_j (A_j A_j^T) B_j^T - N mu mu^T`, with the mean update
+    `mu = (1/N) sum_j s_j B_j A_j` (`m x n`) accumulated in the same pass; `center='none'` drops
+    the mean term;
+  * cols: the same for the transposed updates `A_j^T B_j^T`;
+  * models: `K0[j, k] = s_j s_k <B_j^T B_k, A_j A_k^T>` from pairs of model blocks (each pair
+    once: the Gram is symmetric), passed around the device ring as `ring_cross_gram` does, and
+    centred as `H K0 H`. The same pairs give `<A_j, A_k>` for the lineage control.
+The rows / cols sums subtract the mean term after the products (the one-pass form that
+`kernels.mode_grams` avoids for dense models). For LoRA updates, whose mean is small beside their
+spread, the float32 error this adds is measured against float64 in the tests.
+
+Blocks are read from the stored stacks (`dtype[N_pad, ...]`, the real factors or the null's drawn
+ones) and converted to float32 one block at a time. The loop over blocks runs on the host, one
+jitted step per block with the accumulators donated: inside one jitted loop XLA hoists the
+conversion of the whole stack out of the loop (measured: a float32 copy of every factor), which is
+the memory this module exists to avoid. Each device works on its own models; the per-device
+accumulators are added at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jsubspace.kernels._gram import HIGHEST
+from jsubspace.kernels._lora import centering_matrix
+from jsubspace.sharding._mesh import MODELS
+from jsubspace.sharding._mesh import stacked_sharding
+
+# Models per block: blocks of about this many factor rows keep every product a large GEMM.
+BLOCK_ROWS = 512
+
+
+class SideModels(NamedTuple):
+    """The models mode of a LoRA population computed from pairs of model blocks.
+
+    Attributes:
+        models: `f32[N, N]`, the centred models Gram.
+        uncentred: `f32[N, N]`, `<dW_i, dW_j>` before centring.
+        a_gram: `f32[N, N]`, `<A_i, A_j>` of the unscaled A factors (lineage).
+        total_energy: `f32[]`, the trace every mode shares.
+    """
+
+    models: jax.Array
+    uncentred: jax.Array
+    a_gram: jax.Array
+    total_energy: jax.Array
+
+
+def uses_side_space(*, n_pad: int, rank: int, m: int, n: int) -> bool:
+    """Whether `Nr` exceeds both sides, so that side-space matrices are the smaller ones."""
+    return n_pad * rank > max(m, n)
+
+
+def side_block_models(n_local: int, rank: int) -> int:
+    """Models per block for a device holding `n_local` of them."""
+    return max(1, min(n_local, BLOCK_ROWS // max(rank, 1)))
+
+
+def _matmul(x, y):
+    return jnp.matmul(x, y, precision=HIGHEST)
+
+
+def _starts(j, size: int, n_local: int):
+    """Block j's first model and the weights of its models: blocks are `size` long, so the last
+    one is moved back to end at `n_local`, and its models counted before get weight 0."""
+    start = jnp.minimum(j * size, n_local - size)
+    return start, (start + jnp.arange(size) >= j * size).astype(jnp.float32)
+
+
+def _factors(stack, start, size: int, *, first, n_models: int, means=None, weight=None):
+    """Block `start:start + size` of a device's stored stack `(a, b, scales)` whose first model
+    is model `first` of the population, in float32: `(A [size, r, n], s B [size, m, r])`, zero
+    for padding models; the rank-2r shifted factors when `means = (Abar, Bbar)` (see
+    `side_mode_matrix`); `weight` multiplies each model's update."""
+    a, b, s = (lax.dynamic_slice_in_dim(x, start, size, axis=0) for x in stack)
+    keep = (first + start + jnp.arange(size) < n_models).astype(jnp.float32)
+    if weight is not None:
+        keep = keep * weight
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32) * (s * keep)[:, None, None]
+    if means is None:
+        return a, b
+    a_bar, b_bar = means
+    b = jnp.concatenate([b - b_bar * keep[:, None, None], b_bar * keep[:, None, None]], axis=2)
+    return jnp.concatenate([a, a - a_bar], axis=1), b
+
+
+def _first(n_local: int, owner=None):
+    """The population index of the first model on device `owner` (this one by default)."""
+    return (lax.axis_index(MODELS) if owner is None else owner) * n_local
+
+
+def _local(x):
+    """This device's slice of a `[d, ...]` per-device accumulator (inside shard_map)."""
+    return x[0]
+
+
+STACK = (P(MODELS), P(MODELS), P(MODELS))
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "size", "n_models"), donate_argnums=(0, 1))
+def _means_step(a_sum, b_sum, stack, j, *, mesh, size, n_models):
+    def body(a_acc, b_acc, j, *local):
+        n_local = local[0].shape[0]
+        start, fresh = _starts(j, size, n_local)
+        a_blk, b_blk = _factors(
+            local, start, size, first=_first(n_local), n_models=n_models, weight=fresh
+        )
+        # A_j counts for every real model whatever its scale.
+        keep = fresh * (_first(n_local) + start + jnp.arange(size) < n_models)
+        return (
+            (_local(a_acc) + jnp.einsum("i,irn->rn", keep, a_blk))[None],
+            (_local(b_acc) + b_blk.sum(0))[None],
+        )
+
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P(MODELS), P(MODELS), P(), *STACK),
+        out_specs=(P(MODELS),) * 2,
+    )(a_sum, b_sum, j, *stack)
+
+
+def _side_factors(local, means, j, *, size: int, n_models: int, mode: str):
+    """Block j of this device as `(L [b, p, w], R [b, w, q])` with `X_i = L_i R_i` (the model
+    for rows, its transpose for cols); models counted in an earlier block weigh zero."""
+    n_local = local[0].shape[0]
+    start, fresh = _starts(j, size, n_local)
+    a_blk, b_blk = _factors(
+        local, start, size, first=_first(n_local), n_models=n_models, means=means, weight=fresh
+    )
+    if mode == "rows":  # X_i = (s_i B_i) A_i
+        return b_blk, a_blk
+    return jnp.swapaxes(a_blk, 1, 2), jnp.swapaxes(b_blk, 1, 2)  # X_i^T = A_i^T (s_i B_i)^T
+
+
+@functools.partial(
+    jax.jit, static_argnames=("mesh", "size", "n_models", "mode"), donate_argnums=(0, 1)
+)
+def _side_step(acc, total, stack, means, j, *, mesh, size, n_models, mode):
+    """Adds block j's terms of `sum_i L_i (R_i R_i^T) L_i^T` and `sum_i L_i R_i` to the
+    per-device accumulators `acc [d, p, p]` and `total [d, p, q]`."""
+
+    def body(acc, total, means, j, *local):
+        lft, rgt = _side_factors(local, means, j, size=size, n_models=n_models, mode=mode)
+        b, p, w = lft.shape
+        inner = jnp.einsum("iaq,icq->iac", rgt, rgt, precision=HIGHEST)  # f32[b, w, w]
+        y = jnp.einsum("ipa,iac->ipc", lft, inner, precision=HIGHEST)
+        wide = jnp.swapaxes(lft, 0, 1).reshape(p, b * w)
+        y = jnp.swapaxes(y, 0, 1).reshape(p, b * w)
+        acc = _local(acc) + _matmul(y, wide.T)
+        total = _local(total) + _matmul(wide, rgt.reshape(b * w, -1))
+        return acc[None], total[None]
+
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P(MODELS), P(MODELS), P(), P(), *STACK),
+        out_specs=(P(MODELS), P(MODELS)),
+    )(acc, total, means, j, *stack)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "size", "n_models", "mode", "root"))
+def side_block_terms(stack, means, j, *, mesh, size: int, n_models: int, mode: str, root: bool):
+    """Block j's terms for an accumulation outside XLA (host BLAS, which adds a product into
+    its output in place, where XLA's CPU backend allocates the product apart):
+
+    `(F [d, p, b w], L [d, p, b w], R [d, b w, q])` per device, with `L R = sum_i L_i R_i` over
+    the block's models and, with `root`, `F F^T = sum_i L_i (R_i R_i^T) L_i^T` (`F_i = L_i S_i`,
+    `S_i S_i^T = R_i R_i^T` from a `w x w` eigendecomposition: a rank-k update, half the flops);
+    without, `F = L (R R^T)` blockwise, so that `(F L^T + L F^T) / 2` is that sum. The shifted
+    factors (`means`) need the latter: their `R_i` stacks rows of very different sizes, whose
+    small eigen-directions a float32 root would not resolve.
+    """
+
+    def body(means, j, *local):
+        lft, rgt = _side_factors(local, means, j, size=size, n_models=n_models, mode=mode)
+        b, p, w = lft.shape
+        inner = jnp.einsum("iaq,icq->iac", rgt, rgt, precision=HIGHEST)  # f32[b, w, w]
+        if root:
+            values, vectors = jnp.linalg.eigh(inner)
+            inner = vectors * jnp.sqrt(jnp.clip(values, 0.0))[:, None, :]
+        f = jnp.einsum("ipa,iac->pic", lft, inner, precision=HIGHEST).reshape(p, b * w)
+        wide = jnp.swapaxes(lft, 0, 1).reshape(p, b * w)
+        return f[None], wide[None], rgt.reshape(b * w, -1)[None]
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), *STACK), out_specs=(P(MODELS),) * 3)(
+        means, j, *stack
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("n_models", "center"), donate_argnums=(0,))
+def _side_finish(acc, total, *, n_models: int, center: str):
+    acc = acc[0] if acc.shape[0] == 1 else jnp.sum(acc, axis=0)
+    if center == "mean":
+        total = total[0] if total.shape[0] == 1 else jnp.sum(total, axis=0)
+        acc = acc - _matmul(total, total.T) / n_models
+    return (acc + acc.T) / 2
+
+
+def _per_device(mesh, *shape):
+    d = mesh.devices.size
+    return jax.device_put(jnp.zeros((d, *shape), jnp.float32), stacked_sharding(mesh))
+
+
+def side_means(stack, *, mesh, n_models: int):
+    """`(Abar, Bbar)`: the means of `A_j` and `s_j B_j` over the real models (replicated)."""
+    n_local = stack[0].shape[0] // mesh.devices.size
+    r, n = stack[0].shape[1:]
+    m = stack[1].shape[1]
+    size = side_block_models(n_local, r)
+    a_sum, b_sum = _per_device(mesh, r, n), _per_device(mesh, m, r)
+    for j in range(-(-n_local // size)):
+        a_sum, b_sum = _means_step(
+            a_sum, b_sum, stack, jnp.int32(j), mesh=mesh, size=size, n_models=n_models
+        )
+    replicated = NamedSharding(mesh, P())
+    return tuple(jax.device_put(jnp.sum(x, axis=0) / n_models, replicated) for x in (a_sum, b_sum))
+
+
+def side_mode_matrix(
+    a: jax.Array,
+    b: jax.Array,
+    scales: jax.Array,
+    *,
+    mesh: Mesh,
+    n_models: int,
+    center: str,
+    mode: str,
+    shift: bool = False,
+) -> jax.Array:
+    """`f32[p, p]`: the rows (`p = m`) or cols (`p = n`) matrix `sum_i X_i X_i^T` itself.
+
+    Args:
+        a: `dtype[N_pad, r, n]` sharded over `models`.
+        b: `dtype[N_pad, m, r]` sharded over `models`.
+        scales: `f32[N_pad]` sharded over `models`, zero for padding models.
+        mesh: the mesh.
+        n_models: the true N.
+        center: 'mean', 'none' or 'base' (the latter two: no centring, as in `lora_grams`).
+        mode: 'rows' or 'cols'.
+        shift: for 'mean' populations that sit close to their mean (the mean term subtracted after
+            the products would cancel most of the sum in float32): first subtract the rank-r
+            update `Bbar Abar` (`Bbar` the mean of `s_j B_j`, `Abar` of `A_j`), which centring
+            removes again, from every model. `s_j B_j A_j - Bbar Abar` has the rank-2r factors
+            `[s_j B_j - Bbar, Bbar] [A_j; A_j - Abar]` and a mean that is small (second order in
+            the spread of the factors); the products cost twice as much.
+    """
+    if mode not in ("rows", "cols"):
+        raise ValueError(f"mode must be 'rows' or 'cols', got {mode!r}")
+    if center not in ("mean", "none", "base"):
+        raise ValueError(f"center must be 'mean', 'none' or 'base', got {center!r}")
+    stack = (a, b, scales)
+    means = side_means(stack, mesh=mesh, n_models=n_models) if shift and center == "mean" else None
+    n_local = a.shape[0] // mesh.devices.size
+    m, n = b.shape[1], a.shape[2]
+    p, q = (m, n) if mode == "rows" else (n, m)
+    size = side_block_models(n_local, a.shape[1])
+    acc, total = _per_device(mesh, p, p), _per_device(mesh, p, q)
+    for j in range(-(-n_local // size)):
+        acc, total = _side_step(
+            acc,
+            total,
+            stack,
+            means,
+            jnp.int32(j),
+            mesh=mesh,
+            size=size,
+            n_models=n_models,
+            mode=mode,
+        )
+    return _side_finish(acc, total, n_models=n_models, center=center)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("mesh", "size", "n_models", "symmetric"),
+    donate_argnums=(0, 1),
+)
+def _pair_step(k0, a_gram, mine, theirs, means, step, j, k, *, mesh, size, n_models, symmetric):
+    """Writes `s_i s_l <B_i^T B_l, A_i A_l^T>` and `<A_i, A_l>` for this device's block j and
+    block k of `theirs`, the shard that started on device `(me - step) mod d`, into this
+    device's rows `k0 [N/d, N_pad]`, `a_gram` (and their mirror images when `symmetric`)."""
+    d = mesh.devices.size
+
+    def body(k0, a_gram, means, step, j, k, *stacks):
+        mine, theirs = stacks[:3], stacks[3:]
+        n_local = mine[0].shape[0]
+        me = lax.axis_index(MODELS)
+        owner = (me - step) % d
+        sj, _ = _starts(j, size, n_local)
+        sk, _ = _starts(k, size, n_local)
+        col = owner * n_local
+        aj, bj = _factors(mine, sj, size, first=_first(n_local), n_models=n_models, means=means)
+        ak, bk = _factors(
+            theirs, sk, size, first=_first(n_local, owner), n_models=n_models, means=means
+        )
+        w = aj.shape[1]
+        ga = _matmul(aj.reshape(size * w, -1), ak.reshape(size * w, -1).T)
+        gb = _matmul(
+            jnp.swapaxes(bj, 1, 2).reshape(size * w, -1),
+            jnp.swapaxes(bk, 1, 2).reshape(size * w, -1).T,
+        )
+        ga, gb = ga.reshape(size, w, size, w), gb.reshape(size, w, size, w)
+        # Blocks that overlap (the last one is moved back) write the same values twice.
+        t = jnp.einsum("iakc,iakc->ik", ga, gb, precision=HIGHEST)
+        tr = jnp.einsum("iaka->ik", ga)
+        k0 = lax.dynamic_update_slice(k0, t, (sj, col + sk))
+        a_gram = lax.dynamic_update_slice(a_gram, tr, (sj, col + sk))
+        if symmetric:
+            k0 = lax.dynamic_update_slice(k0, t.T, (sk, col + sj))
+            a_gram = lax.dynamic_update_slice(a_gram, tr.T, (sk, col + sj))
+        return k0, a_gram
+
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P(MODELS), P(MODELS), P(), P(), P(), P(), *STACK, *STACK),
+        out_specs=(P(MODELS), P(MODELS)),
+    )(k0, a_gram, means, step, j, k, *mine, *theirs)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _pass_on(stack, *, mesh):
+    """Each device's shard to the next device of the ring."""
+    d = mesh.devices.size
+    perm = [(i, (i + 1) % d) for i in range(d)]
+    return jax.shard_map(
+        lambda *xs: tuple(lax.ppermute(x, MODELS, perm) for x in xs),
+        mesh=mesh,
+        in_specs=STACK,
+        out_specs=STACK,
+    )(*stack)
+
+
+@functools.partial(jax.jit, static_argnames=("n_models", "center"))
+def _models_finish(k0, a_gram, *, n_models: int, center: str) -> SideModels:
+    h = centering_matrix(k0.shape[0], n_models, center)
+    models = _matmul(_matmul(h, k0), h.T)[:n_models, :n_models]
+    return SideModels(
+        models, k0[:n_models, :n_models], a_gram[:n_models, :n_models], jnp.trace(models)
+    )
+
+
+def side_models(
+    a: jax.Array,
+    b: jax.Array,
+    scales: jax.Array,
+    *,
+    mesh: Mesh,
+    n_models: int,
+    center: str,
+    shift: bool = False,
+) -> SideModels:
+    """The models mode from pairs of model blocks (arguments as in `side_mode_matrix`; with
+    `shift`, `uncentred` and `a_gram` are those of the shifted models and factors, and only
+    `models` and `total_energy` mean what they say).
+
+    Each device keeps its rows of the `N x N` Gram and passes its stored factors around a ring
+    (`ppermute`), so no device holds more than two shards of the stacks.
+    """
+    if center not in ("mean", "none", "base"):
+        raise ValueError(f"center must be 'mean', 'none' or 'base', got {center!r}")
+    d = mesh.devices.size
+    n_pad = a.shape[0]
+    n_local = n_pad // d
+    stack = (a, b, scales)
+    means = side_means(stack, mesh=mesh, n_models=n_models) if shift and center == "mean" else None
+    size = side_block_models(n_local, a.shape[1])
+    blocks = -(-n_local // size)
+    sharded = stacked_sharding(mesh)
+    k0 = jax.device_put(jnp.zeros((n_pad, n_pad), jnp.float32), sharded)
+    a_gram = jax.device_put(jnp.zeros((n_pad, n_pad), jnp.float32), sharded)
+    theirs = stack
+    for step in range(d):
+        for j in range(blocks):
+            for k in range(j if step == 0 else 0, blocks):
+                k0, a_gram = _pair_step(
+                    k0,
+                    a_gram,
+                    stack,
+                    theirs,
+                    means,
+                    jnp.int32(step),
+                    jnp.int32(j),
+                    jnp.int32(k),
+                    mesh=mesh,
+                    size=size,
+                    n_models=n_models,
+                    symmetric=step == 0,
+                )
+        if step + 1 < d:
+            theirs = _pass_on(theirs, mesh=mesh)
+    return _models_finish(k0, a_gram, n_models=n_models, center=center)

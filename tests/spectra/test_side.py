@@ -1,0 +1,217 @@
+"""LoRA spectra in side space (populations with more factor rows than sides): the kernels and the
+null against float64 on 1-8 devices, the route against the factor-space route."""
+
+import jax
+import numpy as np
+import pytest
+
+from jsubspace import kernels
+from jsubspace import spectra
+from jsubspace import testing
+from jsubspace.io import PlacedLora
+from jsubspace.kernels import _lora_side
+from jsubspace.sharding import models_mesh
+from jsubspace.sharding import padded_count
+from jsubspace.sharding import stacked_sharding
+from jsubspace.spectra import _factored
+from jsubspace.spectra import _layer
+from jsubspace.spectra import _null
+
+
+def _placed(a, b, scales, mesh, dtype=np.float32):
+    n = a.shape[0]
+    n_pad = padded_count(n, mesh)
+
+    def put(x, dt):
+        out = np.zeros((n_pad, *x.shape[1:]), dt)
+        out[:n] = x
+        return jax.device_put(out, stacked_sharding(mesh))
+
+    return PlacedLora(put(a, dtype), put(b, dtype), put(scales, np.float32), n)
+
+
+def _updates64(placed):
+    n = placed.n_models
+    a, b, s = (np.asarray(x, np.float64)[:n] for x in placed[:3])
+    return np.einsum("i,imr,irn->imn", s, b, a)
+
+
+def _population(seed, n_models=13, m=20, k=24, r=4):
+    a, b = testing.lora_population(seed, n_models=n_models, shape=(m, k), rank=r)
+    a[4:7] = a[3]  # a group sharing one A
+    a[9, 2:] = 0.0  # ranks zero-padded from 4 to 2
+    b[9, :, 2:] = 0.0
+    scales = np.linspace(0.5, 2.0, n_models).astype(np.float32)
+    return a, b, scales
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    # Blocks of 3 models: several per device, the last one moved back over its neighbour.
+    monkeypatch.setattr(_lora_side, "BLOCK_ROWS", 12)
+
+
+@pytest.mark.parametrize("center", ["mean", "none"])
+def test_side_matrices_equal_float64(mesh, center, small_blocks):
+    placed = _placed(*_population(0), mesh)
+    dw = _updates64(placed)
+    x = dw - dw.mean(0) if center == "mean" else dw
+    common = dict(mesh=mesh, n_models=placed.n_models, center=center)
+    rows = kernels.side_mode_matrix(*placed[:3], mode="rows", **common)
+    cols = kernels.side_mode_matrix(*placed[:3], mode="cols", **common)
+    for shift in (False, True):
+        # The host (BLAS) accumulation holds the lower triangle.
+        host = _factored.side_matrix(*placed[:3], mode="rows", shift=shift, **common)
+        np.testing.assert_allclose(np.tril(host), np.tril(rows), atol=2e-6 * np.abs(rows).max())
+        host = _factored.side_matrix(*placed[:3], mode="cols", shift=shift, **common)
+        np.testing.assert_allclose(np.tril(host), np.tril(cols), atol=2e-6 * np.abs(rows).max())
+    shifted = kernels.side_mode_matrix(*placed[:3], mode="rows", shift=True, **common)
+    np.testing.assert_allclose(shifted, rows, atol=2e-6 * np.abs(rows).max())
+    found = kernels.side_models(*placed[:3], **common)
+    want_rows = np.einsum("imn,ikn->mk", x, x)
+    scale = np.abs(want_rows).max()
+    np.testing.assert_allclose(rows, want_rows, atol=2e-6 * scale)
+    np.testing.assert_allclose(cols, np.einsum("imn,imk->nk", x, x), atol=2e-6 * scale)
+    np.testing.assert_allclose(found.models, np.einsum("imn,jmn->ij", x, x), atol=2e-6 * scale)
+    np.testing.assert_allclose(
+        found.uncentred, np.einsum("imn,jmn->ij", dw, dw), atol=2e-6 * np.abs(dw).max() ** 2 * 480
+    )
+    a = np.asarray(placed.a, np.float64)[: placed.n_models]
+    np.testing.assert_allclose(found.a_gram, np.einsum("irn,jrn->ij", a, a), rtol=1e-5, atol=1e-6)
+    # All three modes share one trace.
+    for matrix in (rows, cols, found.models):
+        assert float(np.trace(np.asarray(matrix, np.float64))) == pytest.approx(
+            np.sum(x * x), rel=1e-5
+        )
+
+
+def test_side_route_equals_float64_and_the_factor_route(monkeypatch):
+    mesh = models_mesh(2)
+    placed = _placed(*_population(1, n_models=11), mesh)
+    assert _layer.side_space(placed, spectra.SpectraConfig())
+    config = spectra.SpectraConfig()
+    side = spectra.layer_spectra(placed, mesh=mesh, config=config, key=jax.random.key(0))
+    monkeypatch.setattr(kernels, "uses_side_space", lambda **_: False)
+    factored = spectra.layer_spectra(placed, mesh=mesh, config=config, key=jax.random.key(0))
+    x = _updates64(placed)
+    x = x - x.mean(0)
+    want = {
+        "models": np.linalg.eigvalsh(np.einsum("imn,jmn->ij", x, x))[::-1],
+        "rows": np.linalg.eigvalsh(np.einsum("imn,ikn->mk", x, x))[::-1],
+        "cols": np.linalg.eigvalsh(np.einsum("imn,imk->nk", x, x))[::-1],
+    }
+    top = want["rows"][0]
+    for mode, lam in want.items():
+        assert side.modes[mode].method == "exact-side"
+        ours = side.modes[mode].eigenvalues
+        assert len(ours) == len(lam)
+        np.testing.assert_allclose(ours, lam, rtol=1e-4, atol=2e-6 * top)
+        theirs = factored.modes[mode].eigenvalues
+        np.testing.assert_allclose(ours[: len(theirs)], theirs, rtol=1e-4, atol=2e-6 * top)
+    assert side.total_energy == pytest.approx(np.sum(x * x), rel=1e-5)
+    np.testing.assert_allclose(side.uncentred, factored.uncentred, rtol=1e-4, atol=1e-6 * top)
+    np.testing.assert_allclose(side.factor_gram, factored.factor_gram, rtol=1e-5, atol=1e-6)
+
+
+def test_side_route_keeps_float32_accuracy_when_the_mean_dominates():
+    # Every adapter near one shared update (B_i = B0 + small, A_i = A0 + small): the mean term
+    # subtracted after the products is 100x the centred energy.
+    rng = np.random.default_rng(2)
+    n_models, m, k, r = 40, 24, 20, 4
+    a0, b0 = rng.standard_normal((r, k)), rng.standard_normal((m, r))
+    a = (a0 + 0.01 * rng.standard_normal((n_models, r, k))).astype(np.float32)
+    b = (b0 + 0.01 * rng.standard_normal((n_models, m, r))).astype(np.float32)
+    mesh = models_mesh(1)
+    placed = _placed(a, b, np.ones(n_models, np.float32), mesh)
+    dw = _updates64(placed)
+    x = dw - dw.mean(0)
+    assert n_models * np.sum(dw.mean(0) ** 2) > 50 * np.sum(x * x)
+    got = spectra.layer_spectra(
+        placed, mesh=mesh, config=spectra.SpectraConfig(), key=jax.random.key(0)
+    )
+    for mode, spec in (("rows", "imn,ikn->mk"), ("cols", "imn,imk->nk")):
+        lam = np.linalg.eigvalsh(np.einsum(spec, x, x))[::-1]
+        np.testing.assert_allclose(got.modes[mode].eigenvalues[:5], lam[:5], rtol=1e-4)
+
+
+def test_null_factors_are_matched_drawn_by_model_and_gaussian():
+    n_models, m, k, r = 10, 16, 12, 4
+    energies = np.linspace(1.0, 3.0, n_models).astype(np.float32)
+    ranks = [r] * n_models
+    ranks[3] = 2
+    drawn = []
+    for d in (1, 4):
+        mesh = models_mesh(d)
+        n_pad = padded_count(n_models, mesh)
+        mask = _layer.factor_sample_mask(n_pad, r, ranks + [0] * (n_pad - n_models))
+        put = lambda x: jax.device_put(x, stacked_sharding(mesh))  # noqa: E731
+        padded = np.zeros(n_pad, np.float32)
+        padded[:n_models] = energies
+        a, b, s = _null.null_lora_factors(
+            jax.random.key(7),
+            put(mask.reshape(n_pad, r)),
+            put(padded),
+            mesh=mesh,
+            m=m,
+            n=k,
+            dtype=jax.numpy.bfloat16,
+        )
+        assert a.dtype == b.dtype == jax.numpy.bfloat16  # stored like the real factors
+        placed = PlacedLora(a, b, s, n_models)
+        dw = _updates64(placed)
+        np.testing.assert_allclose(np.sum(dw * dw, axis=(1, 2)), energies, rtol=1e-5)
+        assert not np.any(np.asarray(a, np.float32)[3, 2:]) and not np.any(
+            np.asarray(b, np.float32)[3, :, 2:]
+        )
+        drawn.append(dw)
+    np.testing.assert_array_equal(drawn[0], drawn[1])  # whatever the mesh
+
+
+def test_side_null_matches_explicit_gaussian_factors():
+    from tests.spectra.test_factored import _explicit_null_cev
+
+    n_models, m, k, r = 8, 20, 16, 3
+    energies = np.linspace(1.0, 3.0, n_models)
+    mesh = models_mesh(1)
+    mask = _layer.factor_sample_mask(n_models, r, [r] * n_models).reshape(n_models, r)
+    config = spectra.SpectraConfig(modes=("rows",))
+    curves = []
+    for draw in range(40):
+        a, b, s = _null.null_lora_factors(
+            jax.random.key(draw),
+            mask,
+            energies.astype(np.float32),
+            mesh=mesh,
+            m=m,
+            n=k,
+            dtype=np.float32,
+        )
+        got = _layer.side_lora_spectra(a, b, s, n_models, mesh=mesh, config=config, lineage=False)
+        lam = got.modes["rows"].eigenvalues
+        curves.append(np.cumsum(lam) / lam.sum())
+    ours = np.mean(curves, 0)[:16]
+    theirs = _explicit_null_cev((n_models, r, k), (n_models, m, r), energies, 40, seed=5)[:16]
+    np.testing.assert_allclose(ours, theirs, atol=0.02)
+    assert not np.allclose(ours, np.arange(1, 17) / 16)
+
+
+def test_layer_null_control_uses_the_side_route():
+    mesh = models_mesh(2)
+    placed = _placed(*_population(3), mesh)
+    config = spectra.SpectraConfig()
+    real = spectra.layer_spectra(placed, mesh=mesh, config=config, key=jax.random.key(0))
+    null = _null.null_control(
+        placed,
+        real,
+        mesh=mesh,
+        config=config,
+        key=jax.random.key(1),
+        draws=2,
+        ranks=[4] * 9 + [2] + [4] * 3,
+        uncentred_norms=np.diag(real.uncentred),
+    )
+    assert null["draws"] == 2
+    for mode in ("models", "rows", "cols"):
+        cev = np.asarray(null[mode]["cev_mean"])
+        assert np.all(np.diff(cev) >= -1e-6) and cev[-1] == pytest.approx(1.0, abs=1e-4)
+        assert null[mode]["cev_std"][0] > 0  # two different draws
