@@ -153,7 +153,8 @@ def stream_layers(
 ) -> Iterator[tuple[DenseLayer | LoraLayer, Placed]]:
     """Yields `(layer, placed)` one layer at a time, reading the next ones in the background.
 
-    The working set is the current layer plus `prefetch` layers, whatever N is.
+    The working set is the current layer plus `prefetch` layers, whatever N is, provided the
+    caller drops its reference to a layer before asking for the next one.
 
     Args:
         population: the aligned population.
@@ -170,6 +171,7 @@ def stream_layers(
             if check_finite and (bad := nonfinite_report(layer.name, names, placed)):
                 raise NonFiniteError(bad)
             yield layer, placed
+            del placed  # Released before the next layer is read.
         return
     lock = threading.Lock()  # One reader at a time keeps the bounded-memory promise.
 

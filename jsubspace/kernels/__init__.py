@@ -24,6 +24,7 @@ from jsubspace.kernels._lora import mode_matrices
 from jsubspace.kernels._lora import psd_root
 from jsubspace.kernels._lora_side import BLOCK_ROWS
 from jsubspace.kernels._lora_side import SideModels
+from jsubspace.kernels._lora_side import side_block_factors
 from jsubspace.kernels._lora_side import side_block_models
 from jsubspace.kernels._lora_side import side_block_terms
 from jsubspace.kernels._lora_side import side_means
@@ -61,6 +62,7 @@ __all__ = [
     "self_gram",
     "BLOCK_ROWS",
     "SideModels",
+    "side_block_factors",
     "side_block_models",
     "side_block_terms",
     "side_means",

@@ -12,7 +12,8 @@ With `B_i: [m, r]`, `A_i: [r, n]` and the centring matrix `H` (`I - 11^T/N` for 
 (`Nr x Nr`): its Cholesky factor, or, when `G^B` is singular (adapters sharing one `A`
 initialisation, say), the rank-revealing root `Lambda^{1/2} V^T` of its eigendecomposition.
 Every product costs `O((m + n) (Nr)^2)`; the largest array is `Nr x Nr` (or `m x Nr`), never an
-`m x n` update per model.
+`m x n` update per model. Once `Nr` exceeds both sides, `kernels._lora_side` builds the side-space
+matrices from blocks of models instead.
 """
 
 from __future__ import annotations

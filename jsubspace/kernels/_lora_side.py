@@ -12,16 +12,19 @@ factors only side-sized accumulators and one or two blocks are ever live:
   * models: `K0[j, k] = s_j s_k <B_j^T B_k, A_j A_k^T>` from pairs of model blocks (each pair
     once: the Gram is symmetric), passed around the device ring as `ring_cross_gram` does, and
     centred as `H K0 H`. The same pairs give `<A_j, A_k>` for the lineage control.
-The rows / cols sums subtract the mean term after the products (the one-pass form that
-`kernels.mode_grams` avoids for dense models). For LoRA updates, whose mean is small beside their
-spread, the float32 error this adds is measured against float64 in the tests.
+The rows / cols sums subtract the mean term after the products, the one-pass form that
+`kernels.mode_grams` avoids for dense models: it cancels in float32 when the models sit close to
+their mean. Such populations (`spectra` decides from the models Gram's two traces) are first
+shifted by a rank-r update that centring removes again (`shift=True`); the tests hold both forms
+to float64 on a population whose mean carries 4700x the centred energy.
 
 Blocks are read from the stored stacks (`dtype[N_pad, ...]`, the real factors or the null's drawn
 ones) and converted to float32 one block at a time. The loop over blocks runs on the host, one
 jitted step per block with the accumulators donated: inside one jitted loop XLA hoists the
 conversion of the whole stack out of the loop (measured: a float32 copy of every factor), which is
 the memory this module exists to avoid. Each device works on its own models; the per-device
-accumulators are added at the end.
+accumulators are added at the end. `side_block_terms` / `side_block_factors` hand a block's
+terms to a host accumulation instead (`spectra._factored.side_matrix`, the CPU backend's route).
 """
 
 from __future__ import annotations
@@ -176,15 +179,15 @@ def _side_step(acc, total, stack, means, j, *, mesh, size, n_models, mode):
 
 @functools.partial(jax.jit, static_argnames=("mesh", "size", "n_models", "mode", "root"))
 def side_block_terms(stack, means, j, *, mesh, size: int, n_models: int, mode: str, root: bool):
-    """Block j's terms for an accumulation outside XLA (host BLAS, which adds a product into
-    its output in place, where XLA's CPU backend allocates the product apart):
+    """Block j's terms of `sum_i L_i (R_i R_i^T) L_i^T`, for an accumulation outside XLA (host
+    BLAS, which adds a product into its output in place, where XLA's CPU backend allocates the
+    product apart).
 
-    `(F [d, p, b w], L [d, p, b w], R [d, b w, q])` per device, with `L R = sum_i L_i R_i` over
-    the block's models and, with `root`, `F F^T = sum_i L_i (R_i R_i^T) L_i^T` (`F_i = L_i S_i`,
-    `S_i S_i^T = R_i R_i^T` from a `w x w` eigendecomposition: a rank-k update, half the flops);
-    without, `F = L (R R^T)` blockwise, so that `(F L^T + L F^T) / 2` is that sum. The shifted
-    factors (`means`) need the latter: their `R_i` stacks rows of very different sizes, whose
-    small eigen-directions a float32 root would not resolve.
+    Returns `(F, L)`, each `[d, p, b w]` (per device): with `root`, `F F^T` is the block's sum
+    (`F_i = L_i S_i`, `S_i S_i^T = R_i R_i^T` from a `w x w` eigendecomposition: a rank-k update,
+    half the flops); without, `F = L (R R^T)` blockwise and the sum is `(F L^T + L F^T) / 2`.
+    The shifted factors (`means`) need the latter: their `R_i` stacks rows of very different
+    sizes, whose small eigen-directions a float32 root would not resolve.
     """
 
     def body(means, j, *local):
@@ -195,10 +198,24 @@ def side_block_terms(stack, means, j, *, mesh, size: int, n_models: int, mode: s
             values, vectors = jnp.linalg.eigh(inner)
             inner = vectors * jnp.sqrt(jnp.clip(values, 0.0))[:, None, :]
         f = jnp.einsum("ipa,iac->pic", lft, inner, precision=HIGHEST).reshape(p, b * w)
-        wide = jnp.swapaxes(lft, 0, 1).reshape(p, b * w)
-        return f[None], wide[None], rgt.reshape(b * w, -1)[None]
+        return f[None], jnp.swapaxes(lft, 0, 1).reshape(p, b * w)[None]
 
-    return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), *STACK), out_specs=(P(MODELS),) * 3)(
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), *STACK), out_specs=(P(MODELS),) * 2)(
+        means, j, *stack
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "size", "n_models", "mode"))
+def side_block_factors(stack, means, j, *, mesh, size: int, n_models: int, mode: str):
+    """Block j as `(L [d, p, b w], R [d, b w, q])` per device, `L R = sum_i L_i R_i` (the sum of
+    the block's updates, or of their transposes for cols)."""
+
+    def body(means, j, *local):
+        lft, rgt = _side_factors(local, means, j, size=size, n_models=n_models, mode=mode)
+        b, p, w = lft.shape
+        return jnp.swapaxes(lft, 0, 1).reshape(p, b * w)[None], rgt.reshape(b * w, -1)[None]
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), *STACK), out_specs=(P(MODELS),) * 2)(
         means, j, *stack
     )
 

@@ -252,6 +252,7 @@ def analyze(
                     key=jax.random.fold_in(root, i),
                     base=base_value,
                     other=other,
+                    release=True,
                 )
             except jax.errors.JaxRuntimeError as e:
                 if jax.process_count() > 1:
@@ -269,6 +270,9 @@ def analyze(
             records[i] = rec
             done = sum(r is not None for r in records)
             _progress(done, len(records), layer.name, time.time() - start, quiet=quiet)
+            # Released before the stream reads the next layer (the loop variable would keep
+            # this layer alive until the next one is placed).
+            del placed, other
 
         result = {
             "version": SPECTRA_VERSION,

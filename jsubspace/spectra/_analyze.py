@@ -134,10 +134,14 @@ def analyze_layer(
     key: jax.Array,
     base: jax.Array | None = None,
     other=None,
+    release: bool = False,
 ) -> dict:
     """Spectra and controls of one layer, as the JSON record of `spectra.json`.
 
     `other` is `(layer, placed)` of the same layer in a second population, for `compare`.
+    `release`: free the device memory of `placed` once the controls that read it are done, before
+    the null (whose drawn population then takes its place); the caller must not use `placed`
+    afterwards.
     """
     ranks = list(layer.ranks) if isinstance(placed, PlacedLora) else None
     k_spec, k_null = jax.random.split(key)
@@ -163,16 +167,7 @@ def analyze_layer(
         record["rank"] = layer.rank
         record["lora"] = spectra_config.lora
     uncentred_norms = np.diag(spectra.uncentred) if spectra.uncentred is not None else None
-    record["null"] = _null.null_control(
-        placed,
-        spectra,
-        mesh=mesh,
-        config=spectra_config,
-        key=k_null,
-        draws=control_config.null_draws,
-        ranks=ranks,
-        uncentred_norms=uncentred_norms,
-    )
+    record["null"] = None  # Filled last, after every control that reads the layer itself.
     x, why = dense_stack(placed, layer)
     if x is None:
         record["holdout"] = {"skipped": why} if control_config.holdout is not None else {}
@@ -203,6 +198,7 @@ def analyze_layer(
                     )
                 )
             )
+    del x
     if control_config.lineage and spectra.uncentred is not None:
         prints = factor_prints = None
         if isinstance(placed, PlacedDense):
@@ -217,6 +213,20 @@ def analyze_layer(
             factor_gram=spectra.factor_gram,
             factor_prints=factor_prints,
         )
+    if release and isinstance(placed, PlacedLora) and _layer.side_space(placed, spectra_config):
+        # The side-space null draws a population as large as the real one: it takes its place.
+        for array in (placed.a, placed.b):
+            array.delete()
+    record["null"] = _null.null_control(
+        placed,
+        spectra,
+        mesh=mesh,
+        config=spectra_config,
+        key=k_null,
+        draws=control_config.null_draws,
+        ranks=ranks,
+        uncentred_norms=uncentred_norms,
+    )
     record["verdict"] = verdict(record, shared_fraction=control_config.shared_fraction)
     return record
 

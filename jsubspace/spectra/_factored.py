@@ -10,6 +10,8 @@ and the eigenvalues alone (`?syevr`). Accelerators run the jitted kernel instead
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
@@ -104,15 +106,25 @@ def sandwich_eigvalsh(
 
 
 def side_matrix(
-    a, b, scales, *, mesh, n_models: int, center: str, mode: str, shift: bool = False
+    a,
+    b,
+    scales,
+    *,
+    mesh,
+    n_models: int,
+    center: str,
+    mode: str,
+    shift: bool = False,
+    panels: int = 4,
 ) -> np.ndarray:
     """The rows / cols matrix of `kernels.side_mode_matrix`, accumulated in host memory.
 
-    Each model block's terms come from the jitted `kernels.side_block_terms`; BLAS adds them into
-    one Fortran-ordered accumulator in place (`?syrk` on the lower triangle, half the flops of a
-    product, or `?syr2k` for shifted factors; `?gemm` for the sum of the updates), where XLA's
-    CPU backend would allocate each `p x p` product beside its accumulator. Single-process CPU
-    backend only.
+    Each model block's terms come from the jitted `kernels.side_block_terms` / `_factors`; BLAS
+    adds them into one Fortran-ordered accumulator in place (`?syrk` on the lower triangle, half
+    the flops of a product, or `?syr2k` for shifted factors), where XLA's CPU backend would
+    allocate each `p x p` product beside its accumulator. The mean term is subtracted a panel of
+    the summed update's columns at a time (`?gemm`, then `?syrk`), so only a `p x q / panels`
+    slice of it is ever held; each panel reads the blocks again. Single-process CPU backend only.
 
     Returns:
         `f32[p, p]`, Fortran order, its lower triangle holding the matrix (for `eigvalsh`).
@@ -125,39 +137,29 @@ def side_matrix(
     centred = center == "mean"
     means = kernels.side_means(stack, mesh=mesh, n_models=n_models) if shift and centred else None
     size = kernels.side_block_models(n_local, a.shape[1])
+
+    common = dict(mesh=mesh, size=size, n_models=n_models, mode=mode)
+
+    def blocks(terms):
+        # Per device; transposed views of C-ordered blocks are Fortran-ordered: no copies.
+        for j in range(-(-n_local // size)):
+            arrays = [np.asarray(x) for x in terms(stack, means, jnp.int32(j), **common)]
+            yield from (tuple(x[k].T for x in arrays) for k in range(d))
+
     acc = np.zeros((p, p), np.float32, order="F")
-    total = np.zeros((p, q), np.float32, order="F") if centred else None
-    for j in range(-(-n_local // size)):
-        terms = kernels.side_block_terms(
-            stack,
-            means,
-            jnp.int32(j),
-            mesh=mesh,
-            size=size,
-            n_models=n_models,
-            mode=mode,
-            root=means is None,
-        )
-        f, wide, rgt = (np.asarray(x) for x in terms)
-        for k in range(d):
-            # Transposed views of C-ordered blocks are Fortran-ordered: no copies.
-            if means is None:
-                acc = blas.ssyrk(1.0, f[k].T, beta=1.0, c=acc, trans=1, lower=1, overwrite_c=1)
-            else:
-                acc = blas.ssyr2k(
-                    0.5, f[k].T, wide[k].T, beta=1.0, c=acc, trans=1, lower=1, overwrite_c=1
-                )
-            if centred:
-                total = blas.sgemm(
-                    1.0,
-                    wide[k].T,
-                    rgt[k].T,
-                    beta=1.0,
-                    c=total,
-                    trans_a=1,
-                    trans_b=1,
-                    overwrite_c=1,
-                )
-    if centred:
+    for f, wide in blocks(functools.partial(kernels.side_block_terms, root=means is None)):
+        if means is None:
+            acc = blas.ssyrk(1.0, f, beta=1.0, c=acc, trans=1, lower=1, overwrite_c=1)
+        else:
+            acc = blas.ssyr2k(0.5, f, wide, beta=1.0, c=acc, trans=1, lower=1, overwrite_c=1)
+    if not centred:
+        return acc
+    edges = [q * i // panels for i in range(panels + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        total = np.zeros((p, hi - lo), np.float32, order="F")
+        for wide, rgt in blocks(kernels.side_block_factors):
+            total = blas.sgemm(
+                1.0, wide, rgt[lo:hi], beta=1.0, c=total, trans_a=1, trans_b=1, overwrite_c=1
+            )
         acc = blas.ssyrk(-1.0 / n_models, total, beta=1.0, c=acc, lower=1, overwrite_c=1)
     return acc
