@@ -215,3 +215,33 @@ def test_layer_null_control_uses_the_side_route():
         cev = np.asarray(null[mode]["cev_mean"])
         assert np.all(np.diff(cev) >= -1e-6) and cev[-1] == pytest.approx(1.0, abs=1e-4)
         assert null[mode]["cev_std"][0] > 0  # two different draws
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_analyze_layer_releases_side_space_factors_before_the_null(tmp_path, release):
+    from jsubspace import io
+
+    a, b, _ = _population(4)
+    for i in range(len(a)):
+        testing.write_peft_adapter(
+            tmp_path / f"a{i:02d}", {"model.q_proj": (a[i], b[i])}, r=4, lora_alpha=8
+        )
+    population = io.open_population([str(tmp_path)])
+    layer = population.layers[0]
+    mesh = models_mesh(2)
+    placed = io.place_layer(layer, mesh)
+    config = spectra.SpectraConfig()
+    assert _layer.side_space(placed, config)
+    record = spectra.analyze_layer(
+        layer,
+        placed,
+        population.names,
+        mesh=mesh,
+        spectra_config=config,
+        control_config=spectra.ControlConfig(null_draws=2, holdout=None),
+        key=jax.random.key(0),
+        release=release,
+    )
+    assert placed.a.is_deleted() == placed.b.is_deleted() == release
+    assert record["null"]["draws"] == 2 and record["lineage"]["lora_A"]["fraction_shared"] > 0
+    assert list(record).index("null") < list(record).index("holdout")  # its place in the file
