@@ -345,7 +345,8 @@ def side_lora_spectra(
     """Whole-update spectra of a LoRA population (real or null) from side-space matrices.
 
     One mode matrix lives at a time: each is built, solved and released before the next, so the
-    working set is the stored factors plus `max(m, n)^2 + m n` floats and two model blocks.
+    working set is the stored factors plus one `max(m, n)^2` matrix, the summed update (a
+    quarter of it on the CPU backend, `_factored.side_matrix`) and two model blocks.
     """
     m, n = b.shape[1], a.shape[2]
     sides = {"models": n_models, "rows": m, "cols": n}
