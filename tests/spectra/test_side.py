@@ -16,6 +16,7 @@ from jsubspace.sharding import stacked_sharding
 from jsubspace.spectra import _factored
 from jsubspace.spectra import _layer
 from jsubspace.spectra import _null
+from tests.spectra.test_factored import mode_spectra64
 
 
 def _placed(a, b, scales, mesh, dtype=np.float32):
@@ -95,11 +96,7 @@ def test_side_route_equals_float64_and_the_factor_route(monkeypatch):
     factored = spectra.layer_spectra(placed, mesh=mesh, config=config, key=jax.random.key(0))
     x = _updates64(placed)
     x = x - x.mean(0)
-    want = {
-        "models": np.linalg.eigvalsh(np.einsum("imn,jmn->ij", x, x))[::-1],
-        "rows": np.linalg.eigvalsh(np.einsum("imn,ikn->mk", x, x))[::-1],
-        "cols": np.linalg.eigvalsh(np.einsum("imn,imk->nk", x, x))[::-1],
-    }
+    want = mode_spectra64(x)
     top = want["rows"][0]
     for mode, lam in want.items():
         assert side.modes[mode].method == "exact-side"
