@@ -305,12 +305,12 @@ def analyze(
 
 
 def _side_space(layer, mesh, lora: str) -> bool:
-    """Whether a layer's spectra are computed in side space (`spectra.side_space`)."""
-    if layer.kind == "dense" or lora != "delta":
+    """Whether a layer's spectra will be computed in side space (`spectra.lora_side_space`)."""
+    if layer.kind == "dense":
         return False
     m, n = layer.shape
     n_pad = sharding.padded_count(len(layer.a_refs), mesh)
-    return kernels.uses_side_space(n_pad=n_pad, rank=layer.rank, m=m, n=n)
+    return spectra.lora_side_space(n_pad=n_pad, rank=layer.rank, m=m, n=n, lora=lora)
 
 
 def default_memory_budget(mesh) -> int:
@@ -335,11 +335,12 @@ def layer_working_set(layer, mesh, lora: str = "delta") -> int:
     r = layer.rank
     factors = n_pad * r * (m + n)
     if _side_space(layer, mesh, lora):
-        # The stored factors and the null's drawn ones (no read-ahead); one side matrix, the
-        # sum of the updates, a few float32 blocks and the models Grams.
+        # The stored factors and, in their place once they are released, the null's drawn ones
+        # (no read-ahead; reading holds a second copy briefly); one side matrix, the sum of the
+        # updates, a few float32 blocks and the models Grams.
         blocks = 8 * kernels.BLOCK_ROWS * (m + n)
         return int(
-            3 * factors * itemsize + 4 * (max(m, n) ** 2 + m * n + 3 * n_pad**2) + 4 * blocks
+            2 * factors * itemsize + 4 * (max(m, n) ** 2 + m * n + 3 * n_pad**2) + 4 * blocks
         )
     return int(factors * (2 * itemsize + 3 * 4) + 4 * 6 * (n_pad * r) ** 2)
 

@@ -314,13 +314,17 @@ def dispatch_lora(placed: PlacedLora, *, mesh, config: SpectraConfig) -> kernels
     )
 
 
-def side_space(placed: PlacedLora, config: SpectraConfig) -> bool:
+def lora_side_space(*, n_pad: int, rank: int, m: int, n: int, lora: str) -> bool:
     """Whether a LoRA layer's whole-update spectra are computed in side space
-    (`kernels.side_mode_matrix`): when its `Nr` factor rows outnumber both sides."""
+    (`kernels.side_mode_matrix`): for `lora='delta'`, when its `Nr` factor rows outnumber both
+    sides. The one rule, for placed layers (`side_space`) and for layers not yet read."""
+    return lora == "delta" and kernels.uses_side_space(n_pad=n_pad, rank=rank, m=m, n=n)
+
+
+def side_space(placed: PlacedLora, config: SpectraConfig) -> bool:
+    """`lora_side_space` of a placed layer."""
     n_pad, r, n = placed.a.shape
-    return config.lora == "delta" and kernels.uses_side_space(
-        n_pad=n_pad, rank=r, m=placed.b.shape[1], n=n
-    )
+    return lora_side_space(n_pad=n_pad, rank=r, m=placed.b.shape[1], n=n, lora=config.lora)
 
 
 def _side_eigvals(a, b, scales, *, mesh, mode: str, **kwargs) -> np.ndarray:
