@@ -59,7 +59,8 @@ Placed = PlacedDense | PlacedLora
 
 
 def _stack(shape, dtype, mesh: Mesh, read_one) -> jax.Array:
-    """`dtype[shape]` sharded on axis 0; `read_one(i)` is model i's slice (None: padding)."""
+    """`dtype[shape]` sharded on axis 0; `read_one(i)` is model i's slice (None: padding), or its
+    leading part (LoRA factors of a smaller rank), the rest left zero."""
     n_pad = shape[0]
 
     def callback(index):
@@ -68,7 +69,7 @@ def _stack(shape, dtype, mesh: Mesh, read_one) -> jax.Array:
         for j, i in enumerate(rows):
             value = read_one(i)
             if value is not None:
-                block[j] = value
+                block[(j, *(slice(0, k) for k in value.shape))] = value
         return block[(slice(None),) + tuple(index[1:])]
 
     return jax.make_array_from_callback(tuple(shape), _mesh.stacked_sharding(mesh), callback)
@@ -110,14 +111,12 @@ def place_layer(layer: DenseLayer | LoraLayer, mesh: Mesh) -> Placed:
     def read_a(i):
         if i >= n:
             return None
-        a = _as(layer.a_refs[i].read(), layer.a_refs[i].shape, layer.dtype, layer.a_refs[i])
-        return np.pad(a, ((0, r - a.shape[0]), (0, 0)))
+        return _as(layer.a_refs[i].read(), layer.a_refs[i].shape, layer.dtype, layer.a_refs[i])
 
     def read_b(i):
         if i >= n:
             return None
-        b = _as(layer.b_refs[i].read(), layer.b_refs[i].shape, layer.dtype, layer.b_refs[i])
-        return np.pad(b, ((0, 0), (0, r - b.shape[1])))
+        return _as(layer.b_refs[i].read(), layer.b_refs[i].shape, layer.dtype, layer.b_refs[i])
 
     scales = np.zeros(n_pad, np.float32)
     scales[:n] = layer.scales

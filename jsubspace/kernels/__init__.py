@@ -23,7 +23,11 @@ from jsubspace.kernels._lora import materialized_updates
 from jsubspace.kernels._lora import mode_matrices
 from jsubspace.kernels._lora import psd_root
 from jsubspace.kernels._lora_side import BLOCK_ROWS
+from jsubspace.kernels._lora_side import FACTORS
 from jsubspace.kernels._lora_side import SideModels
+from jsubspace.kernels._lora_side import factor_block_samples
+from jsubspace.kernels._lora_side import factor_covariance
+from jsubspace.kernels._lora_side import factor_mean
 from jsubspace.kernels._lora_side import side_block_factors
 from jsubspace.kernels._lora_side import side_block_models
 from jsubspace.kernels._lora_side import side_block_terms
@@ -61,6 +65,10 @@ __all__ = [
     "ring_cross_gram",
     "self_gram",
     "BLOCK_ROWS",
+    "FACTORS",
+    "factor_block_samples",
+    "factor_covariance",
+    "factor_mean",
     "SideModels",
     "side_block_factors",
     "side_block_models",

@@ -423,3 +423,112 @@ def side_models(
         if step + 1 < d:
             theirs = _pass_on(theirs, mesh=mesh)
     return _models_finish(k0, a_gram, n_models=n_models, center=center)
+
+
+# --- The factor statistic (`lora='factors'`) in side space -------------------------------------
+#
+# The paper's statistic is the PCA of the stacked A rows (samples in `n` dimensions) and of the
+# stacked B columns (in `m` dimensions), each centred on the mean of its real samples. Its
+# factor-space form is the `Nr x Nr` Gram of the samples; past the sides, the `n x n` / `m x m`
+# covariance is the smaller one, with the same nonzero eigenvalues. The mean is taken first, so
+# each block's samples are centred before their products: no mean term cancels afterwards.
+
+FACTORS = ("A", "B")
+
+
+def _factor_samples(local, mask, mean, j, *, size: int, factor: str):
+    """Block j of this device's samples of `factor`, centred on `mean` and weighted by `mask`
+    (zero for rank slots a model lacks, padding models, and models counted in an earlier
+    block): `f32[p, size * r]`."""
+    a, b = local
+    n_local, r = mask.shape
+    start, fresh = _starts(j, size, n_local)
+    x = lax.dynamic_slice_in_dim(a if factor == "A" else b, start, size, axis=0)
+    w = lax.dynamic_slice_in_dim(mask, start, size, axis=0) * fresh[:, None]
+    x = jnp.swapaxes(x, 1, 2) if factor == "A" else x  # [size, p, r]: samples are columns
+    x = (x.astype(jnp.float32) - mean[None, :, None]) * w[:, None, :]
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[1], size * r)
+
+
+def _check_factor(factor: str) -> None:
+    if factor not in FACTORS:
+        raise ValueError(f"factor must be one of {FACTORS}, got {factor!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "factor"))
+def factor_mean(a: jax.Array, b: jax.Array, mask: jax.Array, *, mesh: Mesh, factor: str):
+    """`f32[p]`: the mean of the real samples of `factor` (A rows, `p = n`; B columns, `p = m`),
+    replicated. `mask` is `f32[N_pad, r]` (1 for rank slots that exist), sharded like the stacks.
+    An elementwise reduction, which XLA fuses with the conversion of the stored dtype."""
+    _check_factor(factor)
+
+    def body(a, b, mask):
+        if factor == "A":
+            total = jnp.sum(a.astype(jnp.float32) * mask[:, :, None], axis=(0, 1))
+        else:
+            total = jnp.sum(b.astype(jnp.float32) * mask[:, None, :], axis=(0, 2))
+        return lax.psum(total, MODELS) / lax.psum(jnp.sum(mask), MODELS)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(MODELS),) * 3, out_specs=P())(a, b, mask)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "size", "factor"))
+def factor_block_samples(a, b, mask, mean, j, *, mesh, size: int, factor: str):
+    """Block j's centred samples of `factor` per device, `f32[d, p, size * r]`, for an
+    accumulation outside XLA (`spectra._factored.factor_covariance_matrix`)."""
+
+    def body(mean, j, a, b, mask):
+        return _factor_samples((a, b), mask, mean, j, size=size, factor=factor)[None]
+
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=(P(), P(), *(P(MODELS),) * 3), out_specs=P(MODELS)
+    )(mean, j, a, b, mask)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "size", "factor"), donate_argnums=(0,))
+def _covariance_step(acc, a, b, mask, mean, j, *, mesh, size: int, factor: str):
+    def body(acc, mean, j, a, b, mask):
+        x = _factor_samples((a, b), mask, mean, j, size=size, factor=factor)
+        return (_local(acc) + _matmul(x, x.T))[None]
+
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P(MODELS), P(), P(), *(P(MODELS),) * 3),
+        out_specs=P(MODELS),
+    )(acc, mean, j, a, b, mask)
+
+
+@jax.jit
+def _covariance_finish(acc):
+    acc = jnp.sum(acc, axis=0)
+    return (acc + acc.T) / 2
+
+
+def factor_covariance(
+    a: jax.Array, b: jax.Array, mask: jax.Array, *, mesh: Mesh, factor: str
+) -> jax.Array:
+    """`f32[p, p]`: the centred covariance (unnormalised) of the samples of `factor`.
+
+    Args:
+        a: `dtype[N_pad, r, n]`, b: `dtype[N_pad, m, r]`, sharded over `models`.
+        mask: `f32[N_pad, r]` sharded over `models`: 1 for the rank slots that exist.
+        mesh: the mesh.
+        factor: 'A' (the rows of every `A_i`, `p = n`) or 'B' (the columns of every `B_i`,
+            `p = m`); unscaled, as the paper's statistic takes them.
+
+    Returns:
+        `sum_s (x_s - xbar)(x_s - xbar)^T` over the real samples `x_s`: its nonzero eigenvalues
+        are those of the centred `Nr x Nr` sample Gram.
+    """
+    _check_factor(factor)
+    mean = factor_mean(a, b, mask, mesh=mesh, factor=factor)
+    n_local, r = a.shape[0] // mesh.devices.size, a.shape[1]
+    p = a.shape[2] if factor == "A" else b.shape[1]
+    size = side_block_models(n_local, r)
+    acc = _per_device(mesh, p, p)
+    for j in range(-(-n_local // size)):
+        acc = _covariance_step(
+            acc, a, b, mask, mean, jnp.int32(j), mesh=mesh, size=size, factor=factor
+        )
+    return _covariance_finish(acc)

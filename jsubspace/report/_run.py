@@ -337,10 +337,11 @@ def layer_working_set(layer, mesh, lora: str = "delta") -> int:
     if _side_space(layer, mesh, lora):
         # The stored factors and, in their place once they are released, the null's drawn ones
         # (no read-ahead; reading holds a second copy briefly); one side matrix, the sum of the
-        # updates, a few float32 blocks and the models Grams.
+        # updates (whole-update spectra only), a few float32 blocks and the models Grams.
         blocks = 8 * kernels.BLOCK_ROWS * (m + n)
+        summed = m * n if lora == "delta" else 0
         return int(
-            2 * factors * itemsize + 4 * (max(m, n) ** 2 + m * n + 3 * n_pad**2) + 4 * blocks
+            2 * factors * itemsize + 4 * (max(m, n) ** 2 + summed + 3 * n_pad**2) + 4 * blocks
         )
     return int(factors * (2 * itemsize + 3 * 4) + 4 * 6 * (n_pad * r) ** 2)
 

@@ -163,3 +163,31 @@ def side_matrix(
             )
         acc = blas.ssyrk(-1.0 / n_models, total, beta=1.0, c=acc, lower=1, overwrite_c=1)
     return acc
+
+
+def factor_covariance_matrix(a, b, mask, *, mesh, factor: str) -> np.ndarray:
+    """The covariance of `kernels.factor_covariance`, accumulated in host memory by `?syrk`
+    (half the flops of a product, added in place) from the jitted blocks of centred samples.
+    Single-process CPU backend only.
+
+    Returns:
+        `f32[p, p]`, Fortran order, its lower triangle holding the matrix (for `eigvalsh`).
+    """
+    if factor not in kernels.FACTORS:
+        raise ValueError(f"factor must be one of {kernels.FACTORS}, got {factor!r}")
+    mean = kernels.factor_mean(a, b, mask, mesh=mesh, factor=factor)
+    d = mesh.devices.size
+    n_local, r = a.shape[0] // d, a.shape[1]
+    p = a.shape[2] if factor == "A" else b.shape[1]
+    size = kernels.side_block_models(n_local, r)
+    acc = np.zeros((p, p), np.float32, order="F")
+    for j in range(-(-n_local // size)):
+        x = np.asarray(
+            kernels.factor_block_samples(
+                a, b, mask, mean, jnp.int32(j), mesh=mesh, size=size, factor=factor
+            )
+        )
+        for k in range(d):
+            # x[k] is C-ordered [p, s]: its transpose is a Fortran-ordered [s, p], no copy.
+            acc = blas.ssyrk(1.0, x[k].T, beta=1.0, c=acc, trans=1, lower=1, overwrite_c=1)
+    return acc

@@ -17,6 +17,7 @@ from jsubspace import kernels
 from jsubspace.io import PlacedDense
 from jsubspace.io import PlacedLora
 from jsubspace.sharding import host_array
+from jsubspace.sharding import stacked_sharding
 from jsubspace.spectra import _factored
 
 MODES = ("models", "rows", "cols")
@@ -315,16 +316,32 @@ def dispatch_lora(placed: PlacedLora, *, mesh, config: SpectraConfig) -> kernels
 
 
 def lora_side_space(*, n_pad: int, rank: int, m: int, n: int, lora: str) -> bool:
-    """Whether a LoRA layer's whole-update spectra are computed in side space
-    (`kernels.side_mode_matrix`): for `lora='delta'`, when its `Nr` factor rows outnumber both
-    sides. The one rule, for placed layers (`side_space`) and for layers not yet read."""
-    return lora == "delta" and kernels.uses_side_space(n_pad=n_pad, rank=rank, m=m, n=n)
+    """Whether a LoRA layer is analysed in side space (`side_lora_spectra`): when its `Nr`
+    factor rows outnumber both sides, for the whole updates (`lora='delta'`,
+    `kernels.side_mode_matrix`) and for the factor statistic (`kernels.factor_covariance`) alike.
+    The one rule, for placed layers (`side_space`) and for layers not yet read."""
+    del lora  # Both statistics switch at the same point.
+    return kernels.uses_side_space(n_pad=n_pad, rank=rank, m=m, n=n)
 
 
 def side_space(placed: PlacedLora, config: SpectraConfig) -> bool:
     """`lora_side_space` of a placed layer."""
     n_pad, r, n = placed.a.shape
     return lora_side_space(n_pad=n_pad, rank=r, m=placed.b.shape[1], n=n, lora=config.lora)
+
+
+def _factor_pca(a, b, mask, *, mesh, factor: str) -> tuple[np.ndarray, float]:
+    """Eigenvalues and trace of the centred covariance of one factor's samples
+    (`kernels.factor_covariance`); on a single-process CPU backend accumulated and solved in
+    host memory, in place."""
+    if factored_on_host(a) and jax.process_count() == 1:
+        matrix = _factored.factor_covariance_matrix(a, b, mask, mesh=mesh, factor=factor)
+    else:
+        matrix = kernels.factor_covariance(a, b, mask, mesh=mesh, factor=factor)
+    energy = float(np.sum(np.diag(host_array(matrix)), dtype=np.float64))
+    if isinstance(matrix, np.ndarray):
+        return _factored.eigvalsh(matrix, lower=True, overwrite=True), energy
+    return _eigvals(matrix), energy
 
 
 def _side_eigvals(a, b, scales, *, mesh, mode: str, **kwargs) -> np.ndarray:
@@ -344,9 +361,12 @@ def side_lora_spectra(
     *,
     mesh: Mesh,
     config: SpectraConfig,
+    mask: jax.Array | None = None,
     lineage: bool = True,
 ) -> LayerSpectra:
-    """Whole-update spectra of a LoRA population (real or null) from side-space matrices.
+    """Spectra of a LoRA population (real or null) from side-space matrices: the whole updates'
+    modes, or with `config.lora='factors'` the factor statistic (`mask`, `f32[N_pad, r]` sharded
+    like the stacks, marks the rank slots that exist; all of them by default).
 
     One mode matrix lives at a time: each is built, solved and released before the next, so the
     working set is the stored factors plus one `max(m, n)^2` matrix, the summed update (a
@@ -365,12 +385,20 @@ def side_lora_spectra(
         found = kernels.side_models(a, b, scales, shift=True, **common)
         energy = float(host_array(found.total_energy))
     out = {}
-    for mode in config.modes:
-        if mode == "models":
-            lam = _eigvals(found.models)
-        else:
-            lam = _side_eigvals(a, b, scales, mode=mode, shift=shift, **common)
-        out[mode] = ModeResult(lam[: sides[mode]], "exact-side", sides[mode])
+    if config.lora == "factors":
+        if mask is None:
+            full = factor_sample_mask(a.shape[0], a.shape[1], [a.shape[1]] * n_models)
+            mask = jax.device_put(full.reshape(a.shape[:2]), stacked_sharding(mesh))
+        for name, factor, side in (("lora_A", "A", n), ("lora_B", "B", m)):
+            lam, own = _factor_pca(a, b, mask, mesh=mesh, factor=factor)
+            out[name] = ModeResult(lam[:side], "exact-factor-pca-side", side, total_energy=own)
+    else:
+        for mode in config.modes:
+            if mode == "models":
+                lam = _eigvals(found.models)
+            else:
+                lam = _side_eigvals(a, b, scales, mode=mode, shift=shift, **common)
+            out[mode] = ModeResult(lam[: sides[mode]], "exact-side", sides[mode])
     norms = np.diag(host_array(found.models).astype(np.float64)).copy()
     if not lineage:
         return LayerSpectra(out, energy, norms, None)
@@ -380,8 +408,16 @@ def side_lora_spectra(
 
 def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> LayerSpectra:
     if side_space(placed, config):
+        n_pad, r = placed.a.shape[:2]
+        mask = factor_sample_mask(n_pad, r, ranks).reshape(n_pad, r)
         return side_lora_spectra(
-            placed.a, placed.b, placed.scales, placed.n_models, mesh=mesh, config=config
+            placed.a,
+            placed.b,
+            placed.scales,
+            placed.n_models,
+            mesh=mesh,
+            config=config,
+            mask=jax.device_put(mask, stacked_sharding(mesh)),
         )
     g = dispatch_lora(placed, mesh=mesh, config=config)
     return lora_spectra_from_grams(

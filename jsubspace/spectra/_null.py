@@ -301,9 +301,10 @@ def _null_spectra(placed, spectra, *, key, mesh, config, ranks, pending, energie
         matched = np.zeros(n_pad, np.float32)
         matched[: placed.n_models] = np.clip(np.asarray(energies, np.float32), 0.0, None)
         mask = _layer.factor_sample_mask(n_pad, r, ranks).reshape(n_pad, r)
+        mask = jax.device_put(mask, sharded)
         a, b, scales = null_lora_factors(
             key,
-            jax.device_put(mask, sharded),
+            mask,
             jax.device_put(matched, sharded),
             mesh=mesh,
             m=m,
@@ -311,7 +312,7 @@ def _null_spectra(placed, spectra, *, key, mesh, config, ranks, pending, energie
             dtype=placed.a.dtype,
         )
         return _layer.side_lora_spectra(
-            a, b, scales, placed.n_models, mesh=mesh, config=config, lineage=False
+            a, b, scales, placed.n_models, mesh=mesh, config=config, mask=mask, lineage=False
         )
     g, f_a, f_b = pending
     roots = {"rows": f_b, "cols": f_a} if _layer.factored_on_host(placed.a) else None

@@ -242,3 +242,133 @@ def test_analyze_layer_releases_side_space_factors_before_the_null(tmp_path, rel
     assert placed.a.is_deleted() == placed.b.is_deleted() == release
     assert record["null"]["draws"] == 2 and record["lineage"]["lora_A"]["fraction_shared"] > 0
     assert list(record).index("null") < list(record).index("holdout")  # its place in the file
+
+
+def _factor_pca64(a, b, ranks):
+    """The paper's statistic in float64: eigenvalues of the centred covariance of every real A
+    row and every real B column."""
+    rows = np.concatenate([a[i, :k] for i, k in enumerate(ranks)]).astype(np.float64)
+    cols = np.concatenate([b[i, :, :k].T for i, k in enumerate(ranks)]).astype(np.float64)
+    out = {}
+    for name, x in (("A", rows), ("B", cols)):
+        x = x - x.mean(0)
+        out[name] = np.linalg.eigvalsh(x.T @ x)[::-1]
+    return out
+
+
+def test_factor_covariance_equals_float64(mesh, small_blocks):
+    a, b, scales = _population(5)
+    # Samples far from the origin: centring before the products keeps float32 accuracy.
+    a = (a + 30.0).astype(np.float32)
+    ranks = [4] * 9 + [2] + [4] * 3
+    placed = _placed(a, b, scales, mesh)
+    n_pad = placed.a.shape[0]
+    mask = _layer.factor_sample_mask(n_pad, 4, ranks).reshape(n_pad, 4)
+    mask = jax.device_put(mask, stacked_sharding(mesh))
+    want = _factor_pca64(a, b, ranks)
+    for factor in ("A", "B"):
+        x = a if factor == "A" else b
+        samples = (
+            np.concatenate([x[i, :k] for i, k in enumerate(ranks)])
+            if factor == "A"
+            else np.concatenate([x[i, :, :k].T for i, k in enumerate(ranks)])
+        ).astype(np.float64)
+        mean = kernels.factor_mean(placed.a, placed.b, mask, mesh=mesh, factor=factor)
+        np.testing.assert_allclose(mean, samples.mean(0), rtol=1e-6, atol=1e-6)
+        centred = samples - samples.mean(0)
+        cov64 = centred.T @ centred
+        device = kernels.factor_covariance(placed.a, placed.b, mask, mesh=mesh, factor=factor)
+        host = _factored.factor_covariance_matrix(
+            placed.a, placed.b, mask, mesh=mesh, factor=factor
+        )
+        scale = np.abs(cov64).max()
+        np.testing.assert_allclose(device, cov64, atol=2e-6 * scale)
+        np.testing.assert_allclose(np.tril(host), np.tril(cov64), atol=2e-6 * scale)
+        lam = _factored.eigvalsh(host, lower=True)
+        np.testing.assert_allclose(lam, want[factor], rtol=1e-4, atol=2e-6 * want[factor][0])
+    with pytest.raises(ValueError, match="factor must be one of"):
+        kernels.factor_covariance(placed.a, placed.b, mask, mesh=mesh, factor="C")
+
+
+def test_factor_statistic_side_route_equals_the_factor_route(monkeypatch):
+    mesh = models_mesh(2)
+    a, b, scales = _population(6, n_models=11)
+    ranks = [4] * 9 + [2] + [4]
+    placed = _placed(a, b, scales, mesh)
+    config = spectra.SpectraConfig(lora="factors")
+    assert _layer.side_space(placed, config)
+    key = jax.random.key(0)
+    side = spectra.layer_spectra(placed, mesh=mesh, config=config, key=key, ranks=ranks)
+    monkeypatch.setattr(kernels, "uses_side_space", lambda **_: False)
+    factored = spectra.layer_spectra(placed, mesh=mesh, config=config, key=key, ranks=ranks)
+    want = _factor_pca64(a, b, ranks)
+    for name, factor in (("lora_A", "A"), ("lora_B", "B")):
+        ours, theirs = side.modes[name], factored.modes[name]
+        assert ours.method == "exact-factor-pca-side" and ours.side == theirs.side
+        top = want[factor][0]
+        np.testing.assert_allclose(ours.eigenvalues, want[factor], rtol=1e-4, atol=2e-6 * top)
+        np.testing.assert_allclose(
+            ours.eigenvalues, theirs.eigenvalues[: ours.side], rtol=1e-4, atol=2e-6 * top
+        )
+        # Each statistic's own trace: the sum of its eigenvalues.
+        assert ours.total_energy == pytest.approx(np.sum(want[factor]), rel=1e-5)
+        assert ours.total_energy == pytest.approx(theirs.total_energy, rel=1e-5)
+    assert side.total_energy == pytest.approx(factored.total_energy, rel=1e-5)
+    np.testing.assert_allclose(side.norms, factored.norms, rtol=1e-5)
+    np.testing.assert_allclose(side.factor_gram, factored.factor_gram, rtol=1e-5, atol=1e-6)
+
+
+def test_factor_statistic_null_uses_the_side_route():
+    mesh = models_mesh(2)
+    placed = _placed(*_population(7), mesh)
+    config = spectra.SpectraConfig(lora="factors")
+    ranks = [4] * 9 + [2] + [4] * 3
+    key = jax.random.key(0)
+    real = spectra.layer_spectra(placed, mesh=mesh, config=config, key=key, ranks=ranks)
+    null = _null.null_control(
+        placed,
+        real,
+        mesh=mesh,
+        config=config,
+        key=jax.random.key(1),
+        draws=2,
+        ranks=ranks,
+        uncentred_norms=np.diag(real.uncentred),
+    )
+    assert null["draws"] == 2
+    for name in ("lora_A", "lora_B"):
+        cev = np.asarray(null[name]["cev_mean"])
+        assert np.all(np.diff(cev) >= -1e-6) and cev[-1] == pytest.approx(1.0, abs=1e-4)
+        assert null[name]["cev_std"][0] > 0  # two different draws
+
+
+def test_factor_statistic_null_has_one_law_on_both_routes(monkeypatch):
+    # The side route draws Gaussian factors, the factor route Bartlett Gram factors: the same
+    # matched null, so the mean CEV curves of the factor statistic agree.
+    mesh = models_mesh(1)
+    placed = _placed(*_population(7), mesh)
+    config = spectra.SpectraConfig(lora="factors")
+    ranks = [4] * 13
+    real = spectra.layer_spectra(
+        placed, mesh=mesh, config=config, key=jax.random.key(0), ranks=ranks
+    )
+
+    def null():
+        return _null.null_control(
+            placed,
+            real,
+            mesh=mesh,
+            config=config,
+            key=jax.random.key(1),
+            draws=30,
+            ranks=ranks,
+            uncentred_norms=np.diag(real.uncentred),
+        )
+
+    side = null()
+    monkeypatch.setattr(kernels, "uses_side_space", lambda **_: False)
+    factored = null()
+    for name in ("lora_A", "lora_B"):
+        ours, theirs = np.asarray(side[name]["cev_mean"]), np.asarray(factored[name]["cev_mean"])
+        np.testing.assert_allclose(ours[:12], theirs[:12], atol=0.02)
+        assert not np.allclose(ours[:12], theirs[:12], atol=1e-7)  # two different draws
