@@ -26,6 +26,8 @@ from jsubspace.spectra import _layer
 from jsubspace.spectra._summary import cev
 
 EXCESS_KS = (1, 2, 4, 8, 16, 32, 64)
+# Models whose null factors are drawn in one step (`null_lora_factors`).
+NULL_CHUNK = 32
 
 
 def _model_keys(key, n_local):
@@ -206,7 +208,8 @@ def null_lora_factors(
     the mesh; rank slots it lacks are zero (`mask`). The factors are kept in the real population's
     stored `dtype`, so the null costs the memory of the real factors and no more; its scale is
     computed from the rounded factors, so `s_i B_i A_i` has exactly the energy `energies[i]`.
-    Models are drawn one after another (`lax.map`): no float32 copy of the whole stack is made.
+    Models are drawn in chunks of up to `NULL_CHUNK` (`lax.map`): no float32 copy of the whole
+    stack is made.
 
     Args:
         key: PRNG key.
@@ -218,21 +221,35 @@ def null_lora_factors(
         `(a dtype[N_pad, r, n], b dtype[N_pad, m, r], scales f32[N_pad])`, sharded over `models`.
     """
 
-    def one(args):
-        k, row, energy = args
+    def draw(k, row):
         k_a, k_b = jax.random.split(k)
         a = (jax.random.normal(k_a, (row.shape[0], n), jnp.float32) * row[:, None]).astype(dtype)
         b = (jax.random.normal(k_b, (m, row.shape[0]), jnp.float32) * row[None, :]).astype(dtype)
+        return a, b
+
+    def scale(args):
+        a, b, energy = args
         a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
         own = jnp.sum(
             jnp.matmul(b32.T, b32, precision=kernels.HIGHEST)
             * jnp.matmul(a32, a32.T, precision=kernels.HIGHEST)
         )
-        return a, b, jnp.where(energy > 0, jnp.sqrt(energy / jnp.maximum(own, 1e-30)), 0.0)
+        return jnp.where(energy > 0, jnp.sqrt(energy / jnp.maximum(own, 1e-30)), 0.0)
+
+    def chunk(args):
+        # A chunk of models is drawn at once (large ops, both cores); each model's scale is
+        # computed alone, so it does not depend on which models share its chunk (the mesh).
+        keys, rows, energies = args
+        a, b = jax.vmap(draw)(keys, rows)
+        return a, b, lax.map(scale, (a, b, energies))
 
     def body(k, mask_local, energies_local):
-        keys = _model_keys(k, mask_local.shape[0])
-        return lax.map(one, (keys, mask_local, energies_local))
+        n_local = mask_local.shape[0]
+        size = max(c for c in range(1, min(n_local, NULL_CHUNK) + 1) if n_local % c == 0)
+        keys = _model_keys(k, n_local)
+        split = lambda x: x.reshape(n_local // size, size, *x.shape[1:])  # noqa: E731
+        a, b, s = lax.map(chunk, (split(keys), split(mask_local), split(energies_local)))
+        return a.reshape(n_local, *a.shape[2:]), b.reshape(n_local, *b.shape[2:]), s.reshape(-1)
 
     return jax.shard_map(
         body,
