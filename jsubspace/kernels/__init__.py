@@ -28,6 +28,7 @@ from jsubspace.kernels._lora_side import SideModels
 from jsubspace.kernels._lora_side import factor_block_samples
 from jsubspace.kernels._lora_side import factor_covariance
 from jsubspace.kernels._lora_side import factor_mean
+from jsubspace.kernels._lora_side import shifted_lora
 from jsubspace.kernels._lora_side import side_block_factors
 from jsubspace.kernels._lora_side import side_block_models
 from jsubspace.kernels._lora_side import side_block_terms
@@ -76,6 +77,7 @@ __all__ = [
     "side_means",
     "side_mode_matrix",
     "side_models",
+    "shifted_lora",
     "uses_side_space",
     "streaming_mode_grams",
 ]

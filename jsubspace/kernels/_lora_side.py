@@ -532,3 +532,43 @@ def factor_covariance(
             acc, a, b, mask, mean, jnp.int32(j), mesh=mesh, size=size, factor=factor
         )
     return _covariance_finish(acc)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "n_models", "split"))
+def _shifted(stack, means, *, mesh, n_models: int, split: str):
+    def body(means, *local):
+        n_local = local[0].shape[0]
+        first = _first(n_local)
+        if split == "rows":
+            a, b = _factors(local, 0, n_local, first=first, n_models=n_models, means=means)
+        else:
+            a, b = _factors(local, 0, n_local, first=first, n_models=n_models)
+            keep = (first + jnp.arange(n_local) < n_models).astype(jnp.float32)[:, None, None]
+            a_bar, b_bar = means
+            a = jnp.concatenate([a - a_bar, jnp.broadcast_to(a_bar, a.shape)], axis=1) * keep
+            b = jnp.concatenate([b, b - b_bar * keep], axis=2)
+        keep = (first + jnp.arange(n_local) < n_models).astype(jnp.float32)
+        return a, b, keep
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), *STACK), out_specs=STACK)(means, *stack)
+
+
+def shifted_lora(
+    a: jax.Array, b: jax.Array, scales: jax.Array, *, mesh: Mesh, n_models: int, split: str
+):
+    """The population shifted by `Bbar Abar` (see `side_mode_matrix`) as whole float32 stacks of
+    rank 2r, for the factor-space kernels: `(a' f32[N_pad, 2r, n], b' f32[N_pad, m, 2r],
+    scales' f32[N_pad])` with `scales'_i b'_i a'_i = s_i B_i A_i - Bbar Abar` (scales' is 1 for
+    real models, 0 for padding). Its mean-centred spectra are those of the population.
+
+    The factor route takes a root of one factor's Gram (`B'` for rows, `A'` for cols), which is
+    accurate when that factor's columns (rows) are either small and distinct or exact repeats,
+    not large and nearly parallel. So `split='rows'` gives `B'_j = [s_j B_j - Bbar, Bbar]`,
+    `A'_j = [A_j; A_j - Abar]`, and `split='cols'` gives `B'_j = [s_j B_j, s_j B_j - Bbar]`,
+    `A'_j = [A_j - Abar; Abar]`.
+    """
+    if split not in ("rows", "cols"):
+        raise ValueError(f"split must be 'rows' or 'cols', got {split!r}")
+    stack = (a, b, scales)
+    means = side_means(stack, mesh=mesh, n_models=n_models)
+    return _shifted(stack, means, mesh=mesh, n_models=n_models, split=split)

@@ -286,9 +286,25 @@ def lora_spectra_from_grams(
     norms = np.diag(host_array(g.models).astype(np.float64)).copy()
     if not lineage:
         return LayerSpectra(out, energy, norms, None)
-    # <A_j, A_k>: the trace of each r x r block (lineage's shared-A test).
-    a_gram = np.trace(factor("factor_a"), axis1=1, axis2=3).astype(np.float64)[:k, :k]
-    return LayerSpectra(out, energy, norms, host_array(g.uncentred).astype(np.float64), a_gram)
+    return LayerSpectra(out, energy, norms, *_lora_lineage(g, fetched.get("factor_a")))
+
+
+def _lora_lineage(g: kernels.LoraGrams, factor_a=None) -> tuple[np.ndarray, np.ndarray]:
+    """`(<dW_i, dW_j>, <A_i, A_j>)` from the factor-space Grams (for the lineage control); the
+    latter is the trace of each `r x r` block of the A cross-Gram (`factor_a`, if fetched)."""
+    k = g.models.shape[0]
+    factor_a = host_array(g.factor_a) if factor_a is None else factor_a
+    a_gram = np.trace(factor_a, axis1=1, axis2=3).astype(np.float64)[:k, :k]
+    return host_array(g.uncentred).astype(np.float64), a_gram
+
+
+def _mean_dominated(g: kernels.LoraGrams, config: SpectraConfig) -> bool:
+    """Whether mean-centred whole-update spectra would cancel in float32: the updates' energy
+    before centring exceeds `SHIFT_RATIO` times the centred energy."""
+    if config.lora != "delta" or config.center != "mean":
+        return False
+    uncentred = np.trace(host_array(g.uncentred).astype(np.float64))
+    return bool(uncentred > SHIFT_RATIO * float(host_array(g.total_energy)))
 
 
 def device_modes(wanted, *, m: int, n: int, nr: int, host: bool) -> tuple[str, ...]:
@@ -420,9 +436,41 @@ def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> 
             mask=jax.device_put(mask, stacked_sharding(mesh)),
         )
     g = dispatch_lora(placed, mesh=mesh, config=config)
-    return lora_spectra_from_grams(
-        g, ranks, config=config, m=placed.b.shape[1], n=placed.a.shape[2]
-    )
+    m, n = placed.b.shape[1], placed.a.shape[2]
+    if not _mean_dominated(g, config):
+        return lora_spectra_from_grams(g, ranks, config=config, m=m, n=n)
+    # Close to their mean, the factor route's sums cancel in float32 as the side route's do:
+    # its spectra are taken of the population shifted by the rank-r update Bbar Abar (rank 2r
+    # factors, which centring removes again; split so that the factor whose Gram is rooted is
+    # well conditioned: `kernels.shifted_lora`); lineage keeps the unshifted Grams. Where the 2Nr
+    # shifted rows outnumber the sides, the side route (which shifts the same way) is smaller.
+    n_pad, r = placed.a.shape[:2]
+    if kernels.uses_side_space(n_pad=n_pad, rank=2 * r, m=m, n=n):
+        return side_lora_spectra(*placed, mesh=mesh, config=config)
+    found = None
+    for split, modes in (("rows", ("models", "rows")), ("cols", ("cols",))):
+        wanted = tuple(mo for mo in config.modes if mo in modes)
+        if not wanted:
+            continue
+        sub = dataclasses.replace(config, modes=wanted)
+        shifted = kernels.shifted_lora(
+            *placed[:3], mesh=mesh, n_models=placed.n_models, split=split
+        )
+        part = lora_spectra_from_grams(
+            dispatch_lora(PlacedLora(*shifted, placed.n_models), mesh=mesh, config=sub),
+            None,
+            config=sub,
+            m=m,
+            n=n,
+            lineage=False,
+        )
+        del shifted
+        if found is None:
+            found = part
+        else:
+            found.modes.update(part.modes)
+    uncentred, a_gram = _lora_lineage(g)
+    return dataclasses.replace(found, uncentred=uncentred, factor_gram=a_gram)
 
 
 def layer_spectra(

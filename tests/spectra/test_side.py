@@ -372,3 +372,55 @@ def test_factor_statistic_null_has_one_law_on_both_routes(monkeypatch):
         ours, theirs = np.asarray(side[name]["cev_mean"]), np.asarray(factored[name]["cev_mean"])
         np.testing.assert_allclose(ours[:12], theirs[:12], atol=0.02)
         assert not np.allclose(ours[:12], theirs[:12], atol=1e-7)  # two different draws
+
+
+def _near_one_update(seed, n_models, m, k, r, spread):
+    rng = np.random.default_rng(seed)
+    a0, b0 = rng.standard_normal((r, k)), rng.standard_normal((m, r))
+    a = (a0 + spread * rng.standard_normal((n_models, r, k))).astype(np.float32)
+    b = (b0 + spread * rng.standard_normal((n_models, m, r))).astype(np.float32)
+    return a, b, np.full(n_models, 2.0, np.float32)
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_factor_route_keeps_float32_accuracy_when_the_mean_dominates(monkeypatch, d):
+    # Nr = 36 below both sides (factor route), 2Nr = 72 too; the mean carries ~5000x the
+    # centred energy. Without the shift the top eigenvalues are off by ~1e-3.
+    mesh = models_mesh(d)
+    placed = _placed(*_near_one_update(8, 12, 80, 96, 3, 0.01), mesh)
+    config = spectra.SpectraConfig()
+    assert not _layer.side_space(placed, config)
+    dw = _updates64(placed)
+    x = dw - dw.mean(0)
+    assert np.sum(dw * dw) > 1000 * np.sum(x * x)
+    want = mode_spectra64(x)
+
+    def worst(got):
+        return max(
+            np.max(np.abs(got.modes[mo].eigenvalues[:5] - lam[:5]) / lam[:5])
+            for mo, lam in want.items()
+        )
+
+    got = spectra.layer_spectra(placed, mesh=mesh, config=config, key=jax.random.key(0))
+    assert {got.modes[mo].method for mo in want} == {"exact-factored"}
+    assert worst(got) < 1e-5
+    assert got.total_energy == pytest.approx(np.sum(x * x), rel=1e-5)
+    # Lineage keeps the unshifted updates' Gram.
+    np.testing.assert_allclose(got.uncentred, np.einsum("imn,jmn->ij", dw, dw), rtol=1e-5)
+    monkeypatch.setattr(_layer, "SHIFT_RATIO", np.inf)
+    unshifted = spectra.layer_spectra(placed, mesh=mesh, config=config, key=jax.random.key(0))
+    assert worst(unshifted) > 1e-4
+
+
+def test_mean_dominated_layer_goes_to_side_space_when_shifted_rows_outnumber_the_sides():
+    # Nr = 60 is below the sides (64, 48), 2Nr = 120 is not: the side route shifts instead.
+    mesh = models_mesh(1)
+    placed = _placed(*_near_one_update(9, 20, 64, 48, 3, 0.01), mesh)
+    config = spectra.SpectraConfig()
+    assert not _layer.side_space(placed, config)
+    got = spectra.layer_spectra(placed, mesh=mesh, config=config, key=jax.random.key(0))
+    x = _updates64(placed)
+    x = x - x.mean(0)
+    for mode, lam in mode_spectra64(x).items():
+        assert got.modes[mode].method == "exact-side"
+        np.testing.assert_allclose(got.modes[mode].eigenvalues[:5], lam[:5], rtol=1e-5)
