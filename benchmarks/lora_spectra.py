@@ -53,6 +53,12 @@ _PATHS = flags.DEFINE_list(
     "Paths to time.",
 )
 _SCALING = flags.DEFINE_list("scaling", [], "N values for the jsubspace scaling table.")
+_SCALING_PATH = flags.DEFINE_enum(
+    "scaling_path",
+    "jsubspace_e2e",
+    ["jsubspace_e2e", "jsubspace_factors_e2e"],
+    "What --scaling times: whole-update spectra or the factor statistic, with null and lineage.",
+)
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one path in this process.")
 _POP = flags.DEFINE_string("population", None, "Internal: population directory.")
 
@@ -92,6 +98,7 @@ JSUBSPACE_FLAGS = {
     "jsubspace": ["--null_draws=0"],
     "jsubspace_e2e": ["--null_draws=1"],
     "jsubspace_factors": ["--null_draws=0", "--lora=factors"],
+    "jsubspace_factors_e2e": ["--null_draws=1", "--lora=factors"],
 }
 
 
@@ -260,7 +267,7 @@ def _flops(n: int, modules: list[tuple[int, int]], r: int = 16) -> float:
     return total
 
 
-def _scaling_plot(rows: list[dict], path: str, layers: int) -> None:
+def _scaling_plot(rows: list[dict], path: str, layers: int, what: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,7 +284,9 @@ def _scaling_plot(rows: list[dict], path: str, layers: int) -> None:
     right.legend()
     right.set(xlabel="adapters N", ylabel="peak RSS (MB)", title="memory")
     right.set_ylim(bottom=0)
-    fig.suptitle(f"jsubspace analyze, {3 * layers} Mistral-shaped LoRA modules, null + lineage")
+    fig.suptitle(
+        f"jsubspace analyze{what}, {3 * layers} Mistral-shaped LoRA modules, null + lineage"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -291,15 +300,17 @@ def main(argv):
     n, layers = _N.value, _LAYERS.value
     os.makedirs(_WORK.value, exist_ok=True)
     if _SCALING.value:
-        print("jsubspace analyze, null + lineage; cold: first run, compiles; warm: second run")
+        path = _SCALING_PATH.value
+        what = " --lora=factors" if path == "jsubspace_factors_e2e" else ""
+        print(f"jsubspace analyze{what}, null + lineage; cold: first run compiles; warm: second")
         print(f"{'N':>5} {'s cold':>8} {'s warm':>8} {'RSS MB cold':>12} {'RSS MB warm':>12}")
         rows = []
         cache = os.path.join(_WORK.value, "xla_cache_scaling")
         shutil.rmtree(cache, ignore_errors=True)
         for value in (int(v) for v in _SCALING.value):
             pop = _population(value, layers)
-            cold, cold_rss, _ = _timed("jsubspace_e2e", pop, cache=cache)
-            seconds, rss, _ = _timed("jsubspace_e2e", pop, cache=cache)
+            cold, cold_rss, _ = _timed(path, pop, cache=cache)
+            seconds, rss, _ = _timed(path, pop, cache=cache)
             rows.append(
                 {
                     "n": value,
@@ -313,9 +324,10 @@ def main(argv):
                 f"{value:>5} {cold:>8.1f} {seconds:>8.1f} {cold_rss:>12.0f} {rss:>12.0f}",
                 flush=True,
             )
-        with open(os.path.join(_WORK.value, "scaling.json"), "w") as f:
+        name = "scaling" if path == "jsubspace_e2e" else "scaling_factors"
+        with open(os.path.join(_WORK.value, f"{name}.json"), "w") as f:
             json.dump(rows, f, indent=1)
-        _scaling_plot(rows, os.path.join(_WORK.value, "scaling.png"), layers)
+        _scaling_plot(rows, os.path.join(_WORK.value, f"{name}.png"), layers, what)
         return 0
     pop = _population(n, layers)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

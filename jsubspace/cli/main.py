@@ -2,7 +2,8 @@
 
 jsubspace analyze --models=PATH[,PATH...] --out=DIR [--include=REGEX] [--exclude=REGEX]
     [--center=mean|none|base] [--base=PATH] [--modes=models,rows,cols] [--rank=K]
-    [--lora=delta|factors] [--null_draws=R] [--holdout=loo|K] [--seed=S] [--mesh=N]
+    [--lora=delta|factors] [--lora_space=auto|factor|side] [--null_draws=R] [--holdout=loo|K]
+    [--seed=S] [--mesh=N]
 jsubspace demo --out=DIR      writes a population with known truth and analyses it
 jsubspace compress --models=... --out=STORE (--k=K | --tau=T | --budget_bytes=B) [--kmax=K]
 jsubspace reconstruct --store=STORE --out=DIR [--model=NAME|all] [--k=K] [--lora_rank=R]
@@ -37,6 +38,13 @@ _LORA = flags.DEFINE_enum(
     "delta",
     ["delta", "factors"],
     "PEFT populations: whole updates or the paper's A/B factor PCA.",
+)
+_LORA_SPACE = flags.DEFINE_enum(
+    "lora_space",
+    "auto",
+    ["auto", "factor", "side"],
+    "PEFT populations: factor space (Nr x Nr matrices), side space (m x m, n x n), or auto "
+    "(the smaller, or side space where only it fits --memory_budget).",
 )
 _NULL = flags.DEFINE_integer("null_draws", 3, "Gaussian null draws per layer (0: off).")
 _HOLDOUT = flags.DEFINE_string("holdout", "5", "'loo', K for K-fold, or 'none'.")
@@ -115,6 +123,7 @@ def _options() -> dict:
         rank=_RANK.value,
         method=_METHOD.value,
         lora=_LORA.value,
+        lora_space=_LORA_SPACE.value,
         null_draws=_NULL.value,
         holdout=holdout,
         seed=_SEED.value,

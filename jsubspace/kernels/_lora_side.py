@@ -25,6 +25,10 @@ conversion of the whole stack out of the loop (measured: a float32 copy of every
 the memory this module exists to avoid. Each device works on its own models; the per-device
 accumulators are added at the end. `side_block_terms` / `side_block_factors` hand a block's
 terms to a host accumulation instead (`spectra._factored.side_matrix`, the CPU backend's route).
+
+The factor statistic (`lora='factors'`, the PCA of the stacked A rows and B columns) has its side
+form here too (`factor_covariance`), and `shifted_lora` gives the factor-space kernels the
+shifted population as whole stacks.
 """
 
 from __future__ import annotations

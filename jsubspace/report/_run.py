@@ -8,6 +8,7 @@ byte is read, and a failed peer process ends a multi-host run with a clear messa
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -134,6 +135,7 @@ def analyze(
     plots: bool = True,
     quiet: bool = False,
     memory_budget: int | None = None,
+    lora_space: str = "auto",
 ) -> dict:
     """Mode-wise spectra of a population beside their controls; writes `out/` and returns
     the `spectra.json` dict.
@@ -160,6 +162,10 @@ def analyze(
         quiet: no progress bar.
         memory_budget: bytes one layer's analysis may use (default: half the host RAM on CPU,
             80% of device memory on accelerators); larger layers are refused before any read.
+            With `lora_space='auto'`, a LoRA layer whose factor-space matrices would exceed it
+            goes to side space where that fits.
+        lora_space: 'auto', 'factor' or 'side': where LoRA layers are computed
+            (`spectra.SpectraConfig.lora_space`).
     """
     if center == "base" and not base:
         raise OutputError("center='base' needs a base model (--base=PATH)")
@@ -183,7 +189,12 @@ def analyze(
         progress=reading,
     )
     spectra_config = spectra.SpectraConfig(
-        modes=tuple(modes), center=center, lora=lora, method=method, rank=rank
+        modes=tuple(modes),
+        center=center,
+        lora=lora,
+        method=method,
+        rank=rank,
+        lora_space=lora_space,
     )
     control_config = spectra.ControlConfig(null_draws=null_draws, holdout=holdout, seed=seed)
     config = {
@@ -196,6 +207,7 @@ def analyze(
         "rank": rank,
         "method": method,
         "lora": lora,
+        "lora_space": lora_space,
         "null_draws": null_draws,
         "holdout": holdout,
         "seed": seed,
@@ -212,8 +224,10 @@ def analyze(
     fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     mesh = sharding.models_mesh(num_devices)
     budget = memory_budget if memory_budget is not None else default_memory_budget(mesh)
+    spaces = {}
     for layer in population.layers:
-        check_layer_memory(layer, mesh, budget, lora)
+        spaces[layer.name] = lora_space_for(layer, mesh, budget, lora, lora_space)
+        check_layer_memory(layer, mesh, budget, lora, spaces[layer.name])
     base_refs = _load_base(base, population) if base else {}
     with RunDirectory(out, fingerprint=fingerprint, config=config, overwrite=overwrite) as rundir:
         records = rundir.finished([layer.name for layer in population.layers])
@@ -228,7 +242,7 @@ def analyze(
         layers = [population.layers[i] for i in todo]
         # Reading ahead holds one more layer in memory. Side-space LoRA layers (N r past both
         # sides) compute for seconds per read, so they are read in turn and memory stays flat.
-        ahead = 0 if any(_side_space(layer, mesh, lora) for layer in layers) else 1
+        ahead = 0 if any(_side_space(layer, mesh, spaces[layer.name]) for layer in layers) else 1
         stream = io.stream_layers(population, mesh, layers=layers, prefetch=ahead)
         for i, (layer, placed) in zip(todo, stream):
             base_value = None
@@ -247,7 +261,9 @@ def analyze(
                     placed,
                     population.names,
                     mesh=mesh,
-                    spectra_config=spectra_config,
+                    spectra_config=dataclasses.replace(
+                        spectra_config, lora_space=spaces[layer.name]
+                    ),
                     control_config=control_config,
                     key=jax.random.fold_in(root, i),
                     base=base_value,
@@ -304,13 +320,26 @@ def analyze(
     return result
 
 
-def _side_space(layer, mesh, lora: str) -> bool:
+def _side_space(layer, mesh, space: str = "auto") -> bool:
     """Whether a layer's spectra will be computed in side space (`spectra.lora_side_space`)."""
     if layer.kind == "dense":
         return False
     m, n = layer.shape
     n_pad = sharding.padded_count(len(layer.a_refs), mesh)
-    return spectra.lora_side_space(n_pad=n_pad, rank=layer.rank, m=m, n=n, lora=lora)
+    return spectra.lora_side_space(n_pad=n_pad, rank=layer.rank, m=m, n=n, space=space)
+
+
+def lora_space_for(layer, mesh, budget: int, lora: str = "delta", space: str = "auto") -> str:
+    """The space a layer is computed in: `space` itself unless 'auto'; for 'auto', the default
+    rule, or side space where only it fits the memory budget (LoRA layers whose factor-space
+    `(Nr)^2` matrices would not)."""
+    if space != "auto" or layer.kind == "dense":
+        return space
+    if _side_space(layer, mesh):
+        return "side"
+    factor = layer_working_set(layer, mesh, lora, "factor")
+    side = layer_working_set(layer, mesh, lora, "side")
+    return "side" if factor > budget >= side else "factor"
 
 
 def default_memory_budget(mesh) -> int:
@@ -323,9 +352,9 @@ def default_memory_budget(mesh) -> int:
     return int(0.8 * min(limits) * len(devices)) if all(limits) else 2**62
 
 
-def layer_working_set(layer, mesh, lora: str = "delta") -> int:
+def layer_working_set(layer, mesh, lora: str = "delta", space: str = "auto") -> int:
     """Estimated peak bytes of one layer's analysis: the stored stack, its float32 centred copy
-    and temporaries (x3), the prefetched next layer, and the Grams."""
+    and temporaries (x3), the prefetched next layer, and the Grams (LoRA: in `space`)."""
     n_pad = sharding.padded_count(len(layer.refs if layer.kind == "dense" else layer.a_refs), mesh)
     m, n = layer.shape
     itemsize = np.dtype(layer.dtype).itemsize
@@ -334,7 +363,7 @@ def layer_working_set(layer, mesh, lora: str = "delta") -> int:
         return int(stack * (2 * itemsize + 3 * 4) + 4 * (m * m + n * n + n_pad * n_pad))
     r = layer.rank
     factors = n_pad * r * (m + n)
-    if _side_space(layer, mesh, lora):
+    if _side_space(layer, mesh, space):
         # The stored factors and, in their place once they are released, the null's drawn ones
         # (no read-ahead; reading holds a second copy briefly); one side matrix, the sum of the
         # updates (whole-update spectra only), a few float32 blocks and the models Grams.
@@ -346,9 +375,9 @@ def layer_working_set(layer, mesh, lora: str = "delta") -> int:
     return int(factors * (2 * itemsize + 3 * 4) + 4 * 6 * (n_pad * r) ** 2)
 
 
-def check_layer_memory(layer, mesh, budget: int, lora: str = "delta") -> None:
+def check_layer_memory(layer, mesh, budget: int, lora: str = "delta", space: str = "auto") -> None:
     """Refuses, before anything is read, a layer whose working set exceeds the budget."""
-    need = layer_working_set(layer, mesh, lora)
+    need = layer_working_set(layer, mesh, lora, space)
     if need > budget:
         raise PopulationError(
             f"layer {layer.name!r} ({list(layer.shape)}, {np.dtype(layer.dtype)}) needs about "

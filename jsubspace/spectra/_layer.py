@@ -25,6 +25,7 @@ MODES = ("models", "rows", "cols")
 # more than this (see `kernels.side_mode_matrix`).
 SHIFT_RATIO = 8.0
 FACTOR_MODES = ("lora_A", "lora_B")
+LORA_SPACES = ("auto", "factor", "side")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,8 @@ class SpectraConfig:
         rank: how many eigenvalues the randomized solver computes (exact ones keep all).
         exact_limit: 'auto' solves a side exactly when it is at most this long.
         iterations: block-Krylov steps of the randomized solver.
+        lora_space: where LoRA layers are computed: 'auto' (factor space while the `Nr` factor
+            rows are fewer than a side, side space past that), 'factor' or 'side'.
     """
 
     modes: tuple[str, ...] = MODES
@@ -49,6 +52,7 @@ class SpectraConfig:
     rank: int = 64
     exact_limit: int = 4096
     iterations: int = 4
+    lora_space: str = "auto"
 
     def __post_init__(self):
         bad = set(self.modes) - set(MODES)
@@ -60,6 +64,8 @@ class SpectraConfig:
             raise ValueError(f"lora must be 'delta' or 'factors', got {self.lora!r}")
         if self.method not in ("auto", "exact", "randomized"):
             raise ValueError(f"method must be auto/exact/randomized, got {self.method!r}")
+        if self.lora_space not in LORA_SPACES:
+            raise ValueError(f"lora_space must be one of {LORA_SPACES}, got {self.lora_space!r}")
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
 
@@ -331,19 +337,24 @@ def dispatch_lora(placed: PlacedLora, *, mesh, config: SpectraConfig) -> kernels
     )
 
 
-def lora_side_space(*, n_pad: int, rank: int, m: int, n: int, lora: str) -> bool:
-    """Whether a LoRA layer is analysed in side space (`side_lora_spectra`): when its `Nr`
-    factor rows outnumber both sides, for the whole updates (`lora='delta'`,
-    `kernels.side_mode_matrix`) and for the factor statistic (`kernels.factor_covariance`) alike.
-    The one rule, for placed layers (`side_space`) and for layers not yet read."""
-    del lora  # Both statistics switch at the same point.
+def lora_side_space(*, n_pad: int, rank: int, m: int, n: int, space: str = "auto") -> bool:
+    """Whether a LoRA layer is analysed in side space (`side_lora_spectra`): asked for
+    (`space='side'`), or by default (`'auto'`) when its `Nr` factor rows outnumber both sides,
+    for the whole updates (`kernels.side_mode_matrix`) and for the factor statistic
+    (`kernels.factor_covariance`) alike. The one rule, for placed layers (`side_space`) and for
+    layers not yet read."""
+    if space not in LORA_SPACES:
+        raise ValueError(f"space must be one of {LORA_SPACES}, got {space!r}")
+    if space != "auto":
+        return space == "side"
     return kernels.uses_side_space(n_pad=n_pad, rank=rank, m=m, n=n)
 
 
 def side_space(placed: PlacedLora, config: SpectraConfig) -> bool:
     """`lora_side_space` of a placed layer."""
     n_pad, r, n = placed.a.shape
-    return lora_side_space(n_pad=n_pad, rank=r, m=placed.b.shape[1], n=n, lora=config.lora)
+    m = placed.b.shape[1]
+    return lora_side_space(n_pad=n_pad, rank=r, m=m, n=n, space=config.lora_space)
 
 
 def _factor_pca(a, b, mask, *, mesh, factor: str) -> tuple[np.ndarray, float]:
@@ -445,7 +456,7 @@ def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> 
     # well conditioned: `kernels.shifted_lora`); lineage keeps the unshifted Grams. Where the 2Nr
     # shifted rows outnumber the sides, the side route (which shifts the same way) is smaller.
     n_pad, r = placed.a.shape[:2]
-    if kernels.uses_side_space(n_pad=n_pad, rank=2 * r, m=m, n=n):
+    if config.lora_space == "auto" and kernels.uses_side_space(n_pad=n_pad, rank=2 * r, m=m, n=n):
         return side_lora_spectra(*placed, mesh=mesh, config=config)
     found = None
     for split, modes in (("rows", ("models", "rows")), ("cols", ("cols",))):

@@ -1,0 +1,76 @@
+"""Where LoRA layers are computed (factor or side space): forced by `lora_space`, or chosen by
+the memory budget, with the same spectra either way."""
+
+import numpy as np
+import pytest
+
+import jsubspace
+from jsubspace import io
+from jsubspace import sharding
+from jsubspace import testing
+from jsubspace.report import _run
+
+
+def _adapters(root, n_models, shape, rank, seed=0):
+    a, b = testing.lora_population(seed, n_models=n_models, shape=shape, rank=rank)
+    for i in range(n_models):
+        testing.write_peft_adapter(
+            root / f"a{i:03d}", {"model.q_proj": (a[i], b[i])}, r=rank, lora_alpha=2 * rank
+        )
+    return str(root)
+
+
+OPTIONS = dict(null_draws=1, holdout=None, num_devices=2, quiet=True, plots=False)
+
+
+@pytest.mark.parametrize("lora", ["delta", "factors"])
+def test_forced_spaces_give_the_same_spectra(tmp_path, lora):
+    # Nr = 40 below both sides: factor space by default.
+    pop = _adapters(tmp_path / "pop", 10, (48, 56), 4)
+    found = {
+        space: jsubspace.analyze(
+            [pop], str(tmp_path / space), lora=lora, lora_space=space, **OPTIONS
+        )
+        for space in ("auto", "factor", "side")
+    }
+    auto, factor, side = (found[s]["layers"][0] for s in ("auto", "factor", "side"))
+    assert found["side"]["config"]["lora_space"] == "side"
+    for mode, rec in side["modes"].items():
+        assert rec["method"].endswith("side")
+        assert auto["modes"][mode]["method"] == factor["modes"][mode]["method"]
+        assert not factor["modes"][mode]["method"].endswith("side")
+        ours, theirs = (
+            np.asarray(rec["eigenvalues"]),
+            np.asarray(factor["modes"][mode]["eigenvalues"]),
+        )
+        k = min(len(ours), len(theirs))
+        np.testing.assert_allclose(ours[:k], theirs[:k], rtol=1e-4, atol=1e-6 * theirs[0])
+    assert side["total_energy"] == pytest.approx(factor["total_energy"], rel=1e-5)
+
+
+def test_auto_space_goes_to_side_space_where_only_it_fits_the_budget(tmp_path):
+    # N r = 1000 just below the 1024-wide sides: factor space is the default and the larger.
+    pop = _adapters(tmp_path / "pop", 250, (1024, 1024), 4)
+    (layer,) = io.open_population([pop]).layers
+    mesh = sharding.models_mesh(2)
+    factor = _run.layer_working_set(layer, mesh, "delta", "factor")
+    side = _run.layer_working_set(layer, mesh, "delta", "side")
+    assert side < factor
+    assert _run.lora_space_for(layer, mesh, 10 * factor) == "factor"
+    budget = (side + factor) // 2
+    assert _run.lora_space_for(layer, mesh, budget) == "side"
+    assert _run.lora_space_for(layer, mesh, budget, space="factor") == "factor"
+    with pytest.raises(jsubspace.PopulationError, match="over the memory budget"):
+        jsubspace.analyze(
+            [pop], str(tmp_path / "refused"), lora_space="factor", memory_budget=budget, **OPTIONS
+        )
+    options = dict(OPTIONS, modes=("models", "rows"))
+    fits = jsubspace.analyze([pop], str(tmp_path / "fits"), memory_budget=budget, **options)
+    free = jsubspace.analyze([pop], str(tmp_path / "free"), **options)
+    ours, theirs = fits["layers"][0]["modes"], free["layers"][0]["modes"]
+    assert ours["rows"]["method"] == "exact-side" and theirs["rows"]["method"] != "exact-side"
+    for mode in ("models", "rows"):
+        top = theirs[mode]["eigenvalues"][0]
+        np.testing.assert_allclose(
+            ours[mode]["eigenvalues"][:20], theirs[mode]["eigenvalues"][:20], atol=1e-4 * top
+        )
