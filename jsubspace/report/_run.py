@@ -207,13 +207,14 @@ def analyze(
         "rank": rank,
         "method": method,
         "lora": lora,
-        "lora_space": lora_space,
         "null_draws": null_draws,
         "holdout": holdout,
         "seed": seed,
         "skip_mismatched": skip_mismatched,
         "compare_to": None,
     }
+    if lora_space != "auto":  # Recorded when asked for (runs begun before it still resume).
+        config["lora_space"] = lora_space
     others = {}
     if compare_to:
         other_pop = io.open_population(
@@ -330,16 +331,14 @@ def _side_space(layer, mesh, space: str = "auto") -> bool:
 
 
 def lora_space_for(layer, mesh, budget: int, lora: str = "delta", space: str = "auto") -> str:
-    """The space a layer is computed in: `space` itself unless 'auto'; for 'auto', the default
-    rule, or side space where only it fits the memory budget (LoRA layers whose factor-space
-    `(Nr)^2` matrices would not)."""
-    if space != "auto" or layer.kind == "dense":
+    """The `lora_space` a layer is analysed with: `space` itself, except that under 'auto' a
+    LoRA layer whose factor-space `(Nr)^2` matrices would exceed the memory budget, and whose
+    side-space ones would not, goes to 'side'."""
+    if space != "auto" or layer.kind == "dense" or _side_space(layer, mesh):
         return space
-    if _side_space(layer, mesh):
-        return "side"
     factor = layer_working_set(layer, mesh, lora, "factor")
     side = layer_working_set(layer, mesh, lora, "side")
-    return "side" if factor > budget >= side else "factor"
+    return "side" if factor > budget >= side else space
 
 
 def default_memory_budget(mesh) -> int:

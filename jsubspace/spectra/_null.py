@@ -27,7 +27,7 @@ from jsubspace.spectra._summary import cev
 
 EXCESS_KS = (1, 2, 4, 8, 16, 32, 64)
 # Models whose null factors are drawn in one step (`null_lora_factors`).
-NULL_CHUNK = 32
+NULL_CHUNK = 8
 
 
 def _model_keys(key, n_local):

@@ -35,6 +35,7 @@ def test_forced_spaces_give_the_same_spectra(tmp_path, lora):
     }
     auto, factor, side = (found[s]["layers"][0] for s in ("auto", "factor", "side"))
     assert found["side"]["config"]["lora_space"] == "side"
+    assert "lora_space" not in found["auto"]["config"]
     for mode, rec in side["modes"].items():
         assert rec["method"].endswith("side")
         assert auto["modes"][mode]["method"] == factor["modes"][mode]["method"]
@@ -56,7 +57,7 @@ def test_auto_space_goes_to_side_space_where_only_it_fits_the_budget(tmp_path):
     factor = _run.layer_working_set(layer, mesh, "delta", "factor")
     side = _run.layer_working_set(layer, mesh, "delta", "side")
     assert side < factor
-    assert _run.lora_space_for(layer, mesh, 10 * factor) == "factor"
+    assert _run.lora_space_for(layer, mesh, 10 * factor) == "auto"  # the default rule
     budget = (side + factor) // 2
     assert _run.lora_space_for(layer, mesh, budget) == "side"
     assert _run.lora_space_for(layer, mesh, budget, space="factor") == "factor"
