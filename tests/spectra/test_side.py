@@ -86,14 +86,14 @@ def test_side_matrices_equal_float64(mesh, center, small_blocks):
         )
 
 
-def test_side_route_equals_float64_and_the_factor_route(monkeypatch):
+def test_side_route_equals_float64_and_the_factor_route():
     mesh = models_mesh(2)
     placed = _placed(*_population(1, n_models=11), mesh)
     assert _layer.side_space(placed, spectra.SpectraConfig())
     config = spectra.SpectraConfig()
     side = spectra.layer_spectra(placed, mesh=mesh, config=config, key=jax.random.key(0))
-    monkeypatch.setattr(kernels, "uses_side_space", lambda **_: False)
-    factored = spectra.layer_spectra(placed, mesh=mesh, config=config, key=jax.random.key(0))
+    in_factors = spectra.SpectraConfig(lora_space="factor")
+    factored = spectra.layer_spectra(placed, mesh=mesh, config=in_factors, key=jax.random.key(0))
     x = _updates64(placed)
     x = x - x.mean(0)
     want = mode_spectra64(x)
@@ -290,7 +290,7 @@ def test_factor_covariance_equals_float64(mesh, small_blocks):
         kernels.factor_covariance(placed.a, placed.b, mask, mesh=mesh, factor="C")
 
 
-def test_factor_statistic_side_route_equals_the_factor_route(monkeypatch):
+def test_factor_statistic_side_route_equals_the_factor_route():
     mesh = models_mesh(2)
     a, b, scales = _population(6, n_models=11)
     ranks = [4] * 9 + [2] + [4]
@@ -299,8 +299,8 @@ def test_factor_statistic_side_route_equals_the_factor_route(monkeypatch):
     assert _layer.side_space(placed, config)
     key = jax.random.key(0)
     side = spectra.layer_spectra(placed, mesh=mesh, config=config, key=key, ranks=ranks)
-    monkeypatch.setattr(kernels, "uses_side_space", lambda **_: False)
-    factored = spectra.layer_spectra(placed, mesh=mesh, config=config, key=key, ranks=ranks)
+    in_factors = spectra.SpectraConfig(lora="factors", lora_space="factor")
+    factored = spectra.layer_spectra(placed, mesh=mesh, config=in_factors, key=key, ranks=ranks)
     want = _factor_pca64(a, b, ranks)
     for name, factor in (("lora_A", "A"), ("lora_B", "B")):
         ours, theirs = side.modes[name], factored.modes[name]
@@ -342,7 +342,7 @@ def test_factor_statistic_null_uses_the_side_route():
         assert null[name]["cev_std"][0] > 0  # two different draws
 
 
-def test_factor_statistic_null_has_one_law_on_both_routes(monkeypatch):
+def test_factor_statistic_null_has_one_law_on_both_routes():
     # The side route draws Gaussian factors, the factor route Bartlett Gram factors: the same
     # matched null, so the mean CEV curves of the factor statistic agree.
     mesh = models_mesh(1)
@@ -353,21 +353,19 @@ def test_factor_statistic_null_has_one_law_on_both_routes(monkeypatch):
         placed, mesh=mesh, config=config, key=jax.random.key(0), ranks=ranks
     )
 
-    def null():
+    def null(space):
         return _null.null_control(
             placed,
             real,
             mesh=mesh,
-            config=config,
+            config=spectra.SpectraConfig(lora="factors", lora_space=space),
             key=jax.random.key(1),
             draws=30,
             ranks=ranks,
             uncentred_norms=np.diag(real.uncentred),
         )
 
-    side = null()
-    monkeypatch.setattr(kernels, "uses_side_space", lambda **_: False)
-    factored = null()
+    side, factored = null("auto"), null("factor")
     for name in ("lora_A", "lora_B"):
         ours, theirs = np.asarray(side[name]["cev_mean"]), np.asarray(factored[name]["cev_mean"])
         np.testing.assert_allclose(ours[:12], theirs[:12], atol=0.02)
