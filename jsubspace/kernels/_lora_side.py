@@ -558,7 +558,14 @@ def _shifted(stack, means, *, mesh, n_models: int, split: str):
 
 
 def shifted_lora(
-    a: jax.Array, b: jax.Array, scales: jax.Array, *, mesh: Mesh, n_models: int, split: str
+    a: jax.Array,
+    b: jax.Array,
+    scales: jax.Array,
+    *,
+    mesh: Mesh,
+    n_models: int,
+    split: str,
+    means=None,
 ):
     """The population shifted by `Bbar Abar` (see `side_mode_matrix`) as whole float32 stacks of
     rank 2r, for the factor-space kernels: `(a' f32[N_pad, 2r, n], b' f32[N_pad, m, 2r],
@@ -569,10 +576,11 @@ def shifted_lora(
     accurate when that factor's columns (rows) are either small and distinct or exact repeats,
     not large and nearly parallel. So `split='rows'` gives `B'_j = [s_j B_j - Bbar, Bbar]`,
     `A'_j = [A_j; A_j - Abar]`, and `split='cols'` gives `B'_j = [s_j B_j, s_j B_j - Bbar]`,
-    `A'_j = [A_j - Abar; Abar]`.
+    `A'_j = [A_j - Abar; Abar]`. `means` is `side_means` of the population, if already taken.
     """
     if split not in ("rows", "cols"):
         raise ValueError(f"split must be 'rows' or 'cols', got {split!r}")
     stack = (a, b, scales)
-    means = side_means(stack, mesh=mesh, n_models=n_models)
+    if means is None:
+        means = side_means(stack, mesh=mesh, n_models=n_models)
     return _shifted(stack, means, mesh=mesh, n_models=n_models, split=split)

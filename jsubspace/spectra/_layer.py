@@ -365,10 +365,10 @@ def _factor_pca(a, b, mask, *, mesh, factor: str) -> tuple[np.ndarray, float]:
         matrix = _factored.factor_covariance_matrix(a, b, mask, mesh=mesh, factor=factor)
     else:
         matrix = kernels.factor_covariance(a, b, mask, mesh=mesh, factor=factor)
-    energy = float(np.sum(np.diag(host_array(matrix)), dtype=np.float64))
     if isinstance(matrix, np.ndarray):
+        energy = float(np.sum(np.diag(matrix), dtype=np.float64))
         return _factored.eigvalsh(matrix, lower=True, overwrite=True), energy
-    return _eigvals(matrix), energy
+    return _eigvals(matrix), float(host_array(jnp.trace(matrix)))
 
 
 def _side_eigvals(a, b, scales, *, mesh, mode: str, **kwargs) -> np.ndarray:
@@ -459,13 +459,14 @@ def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> 
     if config.lora_space == "auto" and kernels.uses_side_space(n_pad=n_pad, rank=2 * r, m=m, n=n):
         return side_lora_spectra(*placed, mesh=mesh, config=config)
     found = None
+    means = kernels.side_means(placed[:3], mesh=mesh, n_models=placed.n_models)
     for split, modes in (("rows", ("models", "rows")), ("cols", ("cols",))):
         wanted = tuple(mo for mo in config.modes if mo in modes)
         if not wanted:
             continue
         sub = dataclasses.replace(config, modes=wanted)
         shifted = kernels.shifted_lora(
-            *placed[:3], mesh=mesh, n_models=placed.n_models, split=split
+            *placed[:3], mesh=mesh, n_models=placed.n_models, split=split, means=means
         )
         part = lora_spectra_from_grams(
             dispatch_lora(PlacedLora(*shifted, placed.n_models), mesh=mesh, config=sub),

@@ -192,11 +192,16 @@ def test_side_null_matches_explicit_gaussian_factors():
     assert not np.allclose(ours, np.arange(1, 17) / 16)
 
 
-def test_layer_null_control_uses_the_side_route():
+@pytest.mark.parametrize(
+    "lora, modes", [("delta", ("models", "rows", "cols")), ("factors", ("lora_A", "lora_B"))]
+)
+def test_layer_null_control_uses_the_side_route(lora, modes):
     mesh = models_mesh(2)
     placed = _placed(*_population(3), mesh)
-    config = spectra.SpectraConfig()
-    real = spectra.layer_spectra(placed, mesh=mesh, config=config, key=jax.random.key(0))
+    config = spectra.SpectraConfig(lora=lora)
+    ranks = [4] * 9 + [2] + [4] * 3
+    key = jax.random.key(0)
+    real = spectra.layer_spectra(placed, mesh=mesh, config=config, key=key, ranks=ranks)
     null = _null.null_control(
         placed,
         real,
@@ -204,11 +209,11 @@ def test_layer_null_control_uses_the_side_route():
         config=config,
         key=jax.random.key(1),
         draws=2,
-        ranks=[4] * 9 + [2] + [4] * 3,
+        ranks=ranks,
         uncentred_norms=np.diag(real.uncentred),
     )
     assert null["draws"] == 2
-    for mode in ("models", "rows", "cols"):
+    for mode in modes:
         cev = np.asarray(null[mode]["cev_mean"])
         assert np.all(np.diff(cev) >= -1e-6) and cev[-1] == pytest.approx(1.0, abs=1e-4)
         assert null[mode]["cev_std"][0] > 0  # two different draws
@@ -290,7 +295,10 @@ def test_factor_covariance_equals_float64(mesh, small_blocks):
         kernels.factor_covariance(placed.a, placed.b, mask, mesh=mesh, factor="C")
 
 
-def test_factor_statistic_side_route_equals_the_factor_route():
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device"])
+def test_factor_statistic_side_route_equals_the_factor_route(monkeypatch, host):
+    if not host:  # The accelerators' route: matrices and eigenvalues from the device kernels.
+        monkeypatch.setattr(_layer, "factored_on_host", lambda _: False)
     mesh = models_mesh(2)
     a, b, scales = _population(6, n_models=11)
     ranks = [4] * 9 + [2] + [4]
@@ -316,30 +324,6 @@ def test_factor_statistic_side_route_equals_the_factor_route():
     assert side.total_energy == pytest.approx(factored.total_energy, rel=1e-5)
     np.testing.assert_allclose(side.norms, factored.norms, rtol=1e-5)
     np.testing.assert_allclose(side.factor_gram, factored.factor_gram, rtol=1e-5, atol=1e-6)
-
-
-def test_factor_statistic_null_uses_the_side_route():
-    mesh = models_mesh(2)
-    placed = _placed(*_population(7), mesh)
-    config = spectra.SpectraConfig(lora="factors")
-    ranks = [4] * 9 + [2] + [4] * 3
-    key = jax.random.key(0)
-    real = spectra.layer_spectra(placed, mesh=mesh, config=config, key=key, ranks=ranks)
-    null = _null.null_control(
-        placed,
-        real,
-        mesh=mesh,
-        config=config,
-        key=jax.random.key(1),
-        draws=2,
-        ranks=ranks,
-        uncentred_norms=np.diag(real.uncentred),
-    )
-    assert null["draws"] == 2
-    for name in ("lora_A", "lora_B"):
-        cev = np.asarray(null[name]["cev_mean"])
-        assert np.all(np.diff(cev) >= -1e-6) and cev[-1] == pytest.approx(1.0, abs=1e-4)
-        assert null[name]["cev_std"][0] > 0  # two different draws
 
 
 def test_factor_statistic_null_has_one_law_on_both_routes():
