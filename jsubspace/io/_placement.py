@@ -133,10 +133,24 @@ def _nonfinite_counts(x: jax.Array) -> jax.Array:
     return jnp.sum(~jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
 
 
+def _host_nonfinite_counts(x: jax.Array) -> np.ndarray:
+    """`_nonfinite_counts` of a CPU array of this process, one model at a time on each device's
+    own buffer (numpy views, no copy): XLA's CPU backend gives the jitted count an int32
+    temporary the size of the whole stack, which was the peak of a side-space run."""
+    counts = np.zeros(x.shape[0], np.int64)
+    for shard in x.addressable_shards:
+        start = shard.index[0].start or 0
+        for i, model in enumerate(np.asarray(shard.data)):
+            counts[start + i] = model.size - np.count_nonzero(np.isfinite(model))
+    return counts
+
+
 def nonfinite_report(layer_name: str, model_names, placed: Placed) -> list[tuple[str, str, int]]:
     """`(model, layer, count)` for every model whose values in this layer are not all finite."""
     arrays = [placed.x] if isinstance(placed, PlacedDense) else [placed.a, placed.b]
-    counts = sum(_mesh.host_array(_nonfinite_counts(a)) for a in arrays)
+    on_host = jax.process_count() == 1 and next(iter(arrays[0].devices())).platform == "cpu"
+    count = _host_nonfinite_counts if on_host else _nonfinite_counts
+    counts = sum(_mesh.host_array(count(a)) for a in arrays)
     return [
         (model_names[i], layer_name, int(c)) for i, c in enumerate(counts[: placed.n_models]) if c
     ]

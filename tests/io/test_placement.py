@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -107,6 +108,19 @@ def test_nonfinite_values_reported_per_model_and_layer(tmp_path):
         list(io.stream_layers(pop, sharding.models_mesh(2)))
     assert err.value.where == [("m01", "w", 2)]
     assert "model 'm01' layer 'w': 2 non-finite values" in str(err.value)
+
+
+@pytest.mark.parametrize("d", [1, 4])
+def test_host_nonfinite_counts_equal_the_jitted_count(d):
+    from jsubspace.io import _placement
+
+    mesh = sharding.models_mesh(d)
+    x = np.random.default_rng(0).standard_normal((8, 5, 6)).astype(ml_dtypes.bfloat16)
+    x[1, 0, 0], x[1, 4, 5], x[6, 2, 2], x[7, 0, 1] = np.nan, np.inf, -np.inf, np.nan
+    placed = jax.device_put(x, sharding.stacked_sharding(mesh))
+    host = _placement._host_nonfinite_counts(placed)
+    np.testing.assert_array_equal(host, [0, 2, 0, 0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(host, np.asarray(_placement._nonfinite_counts(placed)))
 
 
 _RSS_SCRIPT = textwrap.dedent("""
