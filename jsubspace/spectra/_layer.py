@@ -210,6 +210,12 @@ def factor_sample_mask(n_pad: int, rank: int, ranks) -> np.ndarray:
     return mask.reshape(-1)
 
 
+def placed_sample_mask(mesh: Mesh, n_pad: int, rank: int, ranks) -> jax.Array:
+    """`factor_sample_mask` as `f32[N_pad, r]`, sharded over models like the factor stacks."""
+    mask = factor_sample_mask(n_pad, rank, ranks).reshape(n_pad, rank)
+    return jax.device_put(mask, stacked_sharding(mesh))
+
+
 @jax.jit
 def _centred_sample_gram(gram: jax.Array, mask: jax.Array) -> jax.Array:
     # gram: f32[Nr, Nr] inner products of the samples; centre on the mean of the real samples:
@@ -414,8 +420,7 @@ def side_lora_spectra(
     out = {}
     if config.lora == "factors":
         if mask is None:
-            full = factor_sample_mask(a.shape[0], a.shape[1], [a.shape[1]] * n_models)
-            mask = jax.device_put(full.reshape(a.shape[:2]), stacked_sharding(mesh))
+            mask = placed_sample_mask(mesh, *a.shape[:2], [a.shape[1]] * n_models)
         for name, factor, side in (("lora_A", "A", n), ("lora_B", "B", m)):
             lam, own = _factor_pca(a, b, mask, mesh=mesh, factor=factor)
             out[name] = ModeResult(lam[:side], "exact-factor-pca-side", side, total_energy=own)
@@ -435,17 +440,8 @@ def side_lora_spectra(
 
 def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> LayerSpectra:
     if side_space(placed, config):
-        n_pad, r = placed.a.shape[:2]
-        mask = factor_sample_mask(n_pad, r, ranks).reshape(n_pad, r)
-        return side_lora_spectra(
-            placed.a,
-            placed.b,
-            placed.scales,
-            placed.n_models,
-            mesh=mesh,
-            config=config,
-            mask=jax.device_put(mask, stacked_sharding(mesh)),
-        )
+        mask = placed_sample_mask(mesh, *placed.a.shape[:2], ranks)
+        return side_lora_spectra(*placed, mesh=mesh, config=config, mask=mask)
     g = dispatch_lora(placed, mesh=mesh, config=config)
     m, n = placed.b.shape[1], placed.a.shape[2]
     if not _mean_dominated(g, config):

@@ -317,8 +317,7 @@ def _null_spectra(placed, spectra, *, key, mesh, config, ranks, pending, energie
         sharded = stacked_sharding(mesh)
         matched = np.zeros(n_pad, np.float32)
         matched[: placed.n_models] = np.clip(np.asarray(energies, np.float32), 0.0, None)
-        mask = _layer.factor_sample_mask(n_pad, r, ranks).reshape(n_pad, r)
-        mask = jax.device_put(mask, sharded)
+        mask = _layer.placed_sample_mask(mesh, n_pad, r, ranks)
         a, b, scales = null_lora_factors(
             key,
             mask,
