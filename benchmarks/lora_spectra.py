@@ -6,6 +6,9 @@ Paths timed (each a whole process; median of --repeats; peak RSS from the kernel
                      update ever formed
   jsubspace_e2e      the same with the null (1 draw)
   jsubspace_factors  `--lora=factors`: the paper's A / B statistic
+  jsubspace_topk, jsubspace_factors_topk (not run by default)
+                     the same with `--method=randomized --rank=--rank`: the top eigenvalues
+                     by block Krylov through the factors
                      (jsubspace paths: the first run compiles into an empty persistent
                      compilation cache and is reported apart; the median is over the others)
   paper              the paper's released recipe: everything in memory, entry-wise centring,
@@ -46,7 +49,9 @@ _N = flags.DEFINE_integer("n", 100, "Adapters.")
 _LAYERS = flags.DEFINE_integer("layers", 2, "Transformer layers (3 modules each).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per path (median).")
 _DENSE = flags.DEFINE_integer("dense_models", 8, "Adapters for the materialising paths.")
-_RANK = flags.DEFINE_integer("rank", 64, "Rank of the randomized peer.")
+_RANK = flags.DEFINE_integer(
+    "rank", 64, "Rank of the randomized peer, and --rank of the jsubspace top-k paths."
+)
 _PATHS = flags.DEFINE_list(
     "paths",
     ["jsubspace", "jsubspace_e2e", "jsubspace_factors", "paper", "numpy_dense", "sklearn_rsvd"],
@@ -56,7 +61,7 @@ _SCALING = flags.DEFINE_list("scaling", [], "N values for the jsubspace scaling 
 _SCALING_PATH = flags.DEFINE_enum(
     "scaling_path",
     "jsubspace_e2e",
-    ["jsubspace_e2e", "jsubspace_factors_e2e"],
+    ["jsubspace_e2e", "jsubspace_factors_e2e", "jsubspace_topk_e2e", "jsubspace_factors_topk_e2e"],
     "What --scaling times: whole-update spectra or the factor statistic, with null and lineage.",
 )
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one path in this process.")
@@ -100,6 +105,16 @@ JSUBSPACE_FLAGS = {
     "jsubspace_factors": ["--null_draws=0", "--lora=factors"],
     "jsubspace_factors_e2e": ["--null_draws=1", "--lora=factors"],
 }
+# Top eigenvalues only (block Krylov through the factors), with --rank=_RANK.
+TOPK = ["--method=randomized"]
+JSUBSPACE_FLAGS.update(
+    {
+        "jsubspace_topk": JSUBSPACE_FLAGS["jsubspace"] + TOPK,
+        "jsubspace_topk_e2e": JSUBSPACE_FLAGS["jsubspace_e2e"] + TOPK,
+        "jsubspace_factors_topk": JSUBSPACE_FLAGS["jsubspace_factors"] + TOPK,
+        "jsubspace_factors_topk_e2e": JSUBSPACE_FLAGS["jsubspace_factors_e2e"] + TOPK,
+    }
+)
 
 
 def _jsubspace_command(path: str, pop: str, cache: str) -> list[str]:
@@ -118,6 +133,7 @@ def _jsubspace_command(path: str, pop: str, cache: str) -> list[str]:
         "--overwrite",
         f"--compilation_cache={cache}",
         *JSUBSPACE_FLAGS[path],
+        *([f"--rank={_RANK.value}"] if "_topk" in path else []),
     ]
 
 
@@ -301,7 +317,9 @@ def main(argv):
     os.makedirs(_WORK.value, exist_ok=True)
     if _SCALING.value:
         path = _SCALING_PATH.value
-        what = " --lora=factors" if path == "jsubspace_factors_e2e" else ""
+        what = " ".join(["", *JSUBSPACE_FLAGS[path][1:]])
+        if "_topk" in path:
+            what += f" --rank={_RANK.value}"
         print(f"jsubspace analyze{what}, null + lineage; cold: first run compiles; warm: second")
         print(f"{'N':>5} {'s cold':>8} {'s warm':>8} {'RSS MB cold':>12} {'RSS MB warm':>12}")
         rows = []
@@ -324,7 +342,7 @@ def main(argv):
                 f"{value:>5} {cold:>8.1f} {seconds:>8.1f} {cold_rss:>12.0f} {rss:>12.0f}",
                 flush=True,
             )
-        name = "scaling" if path == "jsubspace_e2e" else "scaling_factors"
+        name = "scaling" + path[len("jsubspace") : -len("_e2e")]
         with open(os.path.join(_WORK.value, f"{name}.json"), "w") as f:
             json.dump(rows, f, indent=1)
         _scaling_plot(rows, os.path.join(_WORK.value, f"{name}.png"), layers, what)
@@ -397,6 +415,19 @@ def main(argv):
             for mode in ("lora_A", "lora_B")
             for a, b in zip(ours[mode], theirs[mode])
         )
+    # The top-k paths against the exact ones (and the paper's PCA) on the same first module.
+    for fast, exact in (
+        ("jsubspace_topk", "jsubspace"),
+        ("jsubspace_factors_topk", "jsubspace_factors"),
+        ("jsubspace_factors_topk", "paper"),
+    ):
+        if fast in results and exact in results:
+            ours, theirs = results[fast]["top"], results[exact]["top"]
+            checks[f"{fast}_vs_{exact}"] = max(
+                abs(a - b) / abs(theirs[mode][0])
+                for mode in theirs
+                for a, b in zip(ours[mode], theirs[mode])
+            )
     nbytes, read_seconds = _read_rate(pop)
     gemm = _gemm_rate()
     flops = _flops(n, shapes)
@@ -422,11 +453,9 @@ def main(argv):
     for path, t in per_module.items():
         ratio = t / base if base else float("nan")
         print(f"  {path:<18} {t:>10.3f} {ratio:>12.1f}")
-    if "jsubspace_factors" in per_module and "paper" in per_module:
-        print(
-            f"  paper recipe / jsubspace factors: "
-            f"{per_module['paper'] / per_module['jsubspace_factors']:.1f}x"
-        )
+    for ours in ("jsubspace_factors", "jsubspace_factors_topk"):
+        if ours in per_module and "paper" in per_module:
+            print(f"  paper recipe / {ours}: {per_module['paper'] / per_module[ours]:.1f}x")
     print(f"\nchecks (max difference of the top-5 eigenvalues, relative to the largest): {checks}")
     print(
         f"read once: {nbytes / 2**20:.0f} MB in {read_seconds:.2f} s; GEMM "

@@ -31,7 +31,11 @@ _BASE = flags.DEFINE_string("base", None, "Base model for --center=base.")
 _MODES = flags.DEFINE_list("modes", ["models", "rows", "cols"], "Spectra to compute.")
 _RANK = flags.DEFINE_integer("rank", 64, "Eigenvalues computed by randomized solvers.")
 _METHOD = flags.DEFINE_enum(
-    "method", "auto", ["auto", "exact", "randomized"], "Eigen-solver for the rows/cols modes."
+    "method",
+    "auto",
+    ["auto", "exact", "randomized"],
+    "Eigen-solver for the rows/cols modes and the LoRA factor PCA; randomized gives the top "
+    "--rank eigenvalues.",
 )
 _LORA = flags.DEFINE_enum(
     "lora",

@@ -22,6 +22,8 @@ from jsubspace.kernels._lora import lora_grams
 from jsubspace.kernels._lora import materialized_updates
 from jsubspace.kernels._lora import mode_matrices
 from jsubspace.kernels._lora import psd_root
+from jsubspace.kernels._lora_rsvd import randomized_factor_pca
+from jsubspace.kernels._lora_rsvd import randomized_lora_eigh
 from jsubspace.kernels._lora_side import BLOCK_ROWS
 from jsubspace.kernels._lora_side import FACTORS
 from jsubspace.kernels._lora_side import SideModels
@@ -63,6 +65,8 @@ __all__ = [
     "psd_root",
     "randomized_eigh",
     "randomized_mode_eigh",
+    "randomized_factor_pca",
+    "randomized_lora_eigh",
     "ring_cross_gram",
     "self_gram",
     "BLOCK_ROWS",

@@ -61,21 +61,47 @@ def exact_eigh(gram: jax.Array, *, rank: int | None = None) -> Eig:
     return Eig(jnp.clip(evals, 0.0), evecs, resid)
 
 
-def orthonormalize(y: jax.Array, *, passes: int = 2) -> jax.Array:
+def _tol(y: jax.Array):
+    return jnp.finfo(jnp.float32).eps * y.shape[1] * 10
+
+
+def orthonormalize(y: jax.Array, *, passes: int = 2, floor=0.0) -> jax.Array:
     """Orthonormal basis of the range of `f32[d, l]` (rank-revealing CholeskyQR2).
 
     Columns for directions the sketch does not span come back as zeros, which is harmless in a
-    Rayleigh–Ritz step (they give zero Ritz values).
+    Rayleigh–Ritz step (they give zero Ritz values): directions whose squared length is below
+    `10 eps l` times the largest eigenvalue of `y^T y` and, on the first pass, below `floor` (see
+    `_next_block`).
     """
-    for _ in range(passes):
+    for step in range(passes):
         gram = jnp.matmul(y.T, y, precision=HIGHEST)
         evals, evecs = jnp.linalg.eigh(gram)
-        cutoff = jnp.finfo(jnp.float32).eps * y.shape[1] * jnp.max(evals) * 10
+        cutoff = _tol(y) * jnp.max(evals)
+        if step == 0:
+            cutoff = jnp.maximum(cutoff, floor)
         inv_sqrt = jnp.where(
             evals > cutoff, 1.0 / jnp.sqrt(jnp.where(evals > cutoff, evals, 1.0)), 0.0
         )
         y = jnp.matmul(y, evecs * inv_sqrt, precision=HIGHEST)
     return y
+
+
+def _next_block(basis: jax.Array, y: jax.Array) -> jax.Array:
+    """The part of `y` orthogonal to the orthonormal `basis`, orthonormalised.
+
+    Projected out twice (classical Gram–Schmidt twice is enough), then whitened; directions left
+    at the rounding level of `y` (length below `t = 10 eps l` of its longest column) are dropped
+    rather than blown up to unit length. Whitening a direction of length `h` magnifies its
+    remaining overlap with `basis` to about `eps / h`, so the block is projected once more and
+    what is then shorter than `sqrt(t)` (mostly overlap) is dropped too.
+    """
+
+    def project(y):
+        return y - jnp.matmul(basis, jnp.matmul(basis.T, y, precision=HIGHEST), precision=HIGHEST)
+
+    t = _tol(y)
+    y = orthonormalize(project(project(y)), floor=t * t * jnp.max(jnp.sum(y * y, axis=0)))
+    return orthonormalize(project(y), floor=t)
 
 
 def randomized_eigh(
@@ -108,12 +134,20 @@ def randomized_eigh(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     width = min(rank + oversample, dim)
     q = orthonormalize(jax.random.normal(key, (dim, width), jnp.float32))
-    blocks = [q]
-    for _ in range(iterations):
-        q = orthonormalize(matmat(q))
-        blocks.append(q)
-    basis = orthonormalize(jnp.concatenate(blocks, axis=1)) if method == "krylov" else q
-    a_basis = matmat(basis)
+    if method == "subspace":
+        for _ in range(iterations):
+            q = orthonormalize(matmat(q))
+        basis, a_basis = q, matmat(q)
+    else:
+        # Block Lanczos with full re-orthogonalisation: each new block is orthogonalised against
+        # the basis so far (twice), so the basis stays orthonormal and every product `A Q_j` is
+        # the operator on a basis block: `A @ basis` for Rayleigh–Ritz needs no extra products
+        # (`iterations + 1` in all, instead of `2 iterations + 1`).
+        basis, a_basis = q, matmat(q)
+        for _ in range(iterations):
+            q = _next_block(basis, a_basis[:, -width:])
+            basis = jnp.concatenate([basis, q], axis=1)
+            a_basis = jnp.concatenate([a_basis, matmat(q)], axis=1)
     small = jnp.matmul(basis.T, a_basis, precision=HIGHEST)
     small = (small + small.T) / 2
     evals, evecs = jnp.linalg.eigh(small)

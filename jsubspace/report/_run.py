@@ -148,7 +148,8 @@ def analyze(
         base: path of the base model for `center='base'`.
         modes: spectra to compute.
         rank: eigenvalues computed by randomized solvers (exact solvers give all).
-        method: 'auto', 'exact' or 'randomized'.
+        method: 'auto', 'exact' or 'randomized' (rows / cols modes, and the LoRA factor PCA;
+            see `spectra.SpectraConfig.method`).
         lora: 'delta' or 'factors' for PEFT populations.
         null_draws: Gaussian null draws per layer.
         holdout: 'loo', K (folds) or None.

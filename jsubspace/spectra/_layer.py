@@ -37,7 +37,8 @@ class SpectraConfig:
         center: 'mean', 'none' or 'base'.
         lora: 'delta' (spectra of the whole updates s B A, in factor space) or 'factors' (the
             paper's statistic: PCA of the stacked centred A rows and B columns).
-        method: 'auto', 'exact' or 'randomized' for the rows / cols modes.
+        method: 'auto', 'exact' or 'randomized' for the rows / cols modes (LoRA: and the factor
+            PCA; `randomized_lora_modes` says which LoRA modes 'auto' solves randomized).
         rank: how many eigenvalues the randomized solver computes (exact ones keep all).
         exact_limit: 'auto' solves a side exactly when it is at most this long.
         iterations: block-Krylov steps of the randomized solver.
@@ -98,14 +99,14 @@ def solver_costs(n_models: int, m: int, n: int, *, mode: str, rank: int, iterati
     """Estimated flops of the exact and randomized solvers for the rows / cols mode.
 
     Exact: the side x side Gram (`2 N m n side`) plus its eigh (~`9 side^3`). Randomized block
-    Krylov: `iterations + 2` operator products of `4 N m n l` each (l = rank + 10) plus the
-    re-orthonormalisations of a `side x (iterations + 1) l` block.
+    Krylov: `iterations + 1` operator products of `4 N m n l` each (l = rank + 10) plus the
+    re-orthogonalisations and the Rayleigh–Ritz step of a `side x (iterations + 1) l` basis.
     """
     side = m if mode == "rows" else n
     width = rank + 10
     exact = 2.0 * n_models * m * n * side + 9.0 * side**3
     block = (iterations + 1) * width
-    randomized = (iterations + 2) * 4.0 * n_models * m * n * width + 4.0 * side * block**2
+    randomized = (iterations + 1) * 4.0 * n_models * m * n * width + 8.0 * side * block**2
     return {"exact": exact, "randomized": randomized}
 
 
@@ -438,14 +439,137 @@ def side_lora_spectra(
     return LayerSpectra(out, energy, norms, uncentred, a_gram)
 
 
-def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> LayerSpectra:
+def randomized_lora_modes(placed: PlacedLora, config: SpectraConfig) -> tuple[str, ...]:
+    """The modes of a LoRA layer whose top `config.rank` eigenvalues come from the randomized
+    solver through the factors (`kernels.randomized_lora_eigh`, `randomized_factor_pca`): rows /
+    cols for the whole updates, `lora_A` (side n) / `lora_B` (side m) for the factor statistic.
+
+    `method='randomized'` asks for all of them. Under 'auto', a side longer than `exact_limit`
+    is solved randomized in side space (where exact spectra need a `side^2` matrix and its
+    `O(side^3)` eigen-solve) when `rank` is below half of it; factor space is always exact, its
+    matrices being `Nr` long whatever the sides.
+    """
+    if config.method == "exact":
+        return ()
+    m, n = placed.b.shape[1], placed.a.shape[2]
+    if config.lora == "delta":
+        sides = {mo: {"rows": m, "cols": n}[mo] for mo in config.modes if mo != "models"}
+    else:
+        sides = {"lora_A": n, "lora_B": m}
+    if config.method == "randomized":
+        return tuple(sides)
+    if not side_space(placed, config):
+        return ()
+    return tuple(
+        mo for mo, side in sides.items() if side > config.exact_limit and config.rank < side // 2
+    )
+
+
+def _randomized_lora_spectra(
+    placed: PlacedLora, ranks, fast, *, mesh, config: SpectraConfig, key, lineage: bool
+) -> LayerSpectra:
+    """`lora_layer_spectra` with the modes `fast` (`randomized_lora_modes`) solved randomized; the
+    models Gram, the energies, lineage and any exact mode come from the exact route."""
+    m, n = placed.b.shape[1], placed.a.shape[2]
+    sides = {"rows": m, "cols": n, "lora_A": n, "lora_B": m}
+    if config.lora == "delta":
+        rest = tuple(mo for mo in config.modes if mo not in fast)
+        found = lora_layer_spectra(
+            placed, ranks, mesh=mesh, config=dataclasses.replace(config, modes=rest or ("models",))
+        )
+        out = {mo: found.modes[mo] for mo in rest}
+    else:
+        found = lora_layer_spectra(
+            placed,
+            ranks,
+            mesh=mesh,
+            config=dataclasses.replace(config, lora="delta", modes=("models",)),
+        )
+        out = {}
+    common = dict(mesh=mesh, iterations=config.iterations)
+    if config.lora == "delta":
+        factors = placed[:3]
+        if config.center == "mean" and np.trace(found.uncentred) > SHIFT_RATIO * found.total_energy:
+            # Close to their mean the centred products cancel in float32: shift first.
+            factors = kernels.shifted_lora(
+                *factors, mesh=mesh, n_models=placed.n_models, split="rows"
+            )
+        for mode in fast:
+            key, sub = jax.random.split(key)
+            eig = kernels.randomized_lora_eigh(
+                *factors,
+                sub,
+                n_models=placed.n_models,
+                mode=mode,
+                rank=min(config.rank, sides[mode]),
+                center=config.center,
+                **common,
+            )
+            out[mode] = _randomized_result(eig, "randomized-factored", sides[mode], config)
+        del factors
+    else:
+        mask = placed_sample_mask(mesh, *placed.a.shape[:2], ranks)
+        for name, factor in zip(FACTOR_MODES, kernels.FACTORS):
+            if name in fast:
+                key, sub = jax.random.split(key)
+                eig, trace = kernels.randomized_factor_pca(
+                    placed.a,
+                    placed.b,
+                    mask,
+                    sub,
+                    factor=factor,
+                    rank=min(config.rank, sides[name]),
+                    **common,
+                )
+                out[name] = _randomized_result(
+                    eig, "randomized-factor-pca", sides[name], config, float(host_array(trace))
+                )
+            else:
+                lam, own = _factor_pca(placed.a, placed.b, mask, mesh=mesh, factor=factor)
+                out[name] = ModeResult(
+                    lam[: sides[name]], "exact-factor-pca-side", sides[name], total_energy=own
+                )
+    found = dataclasses.replace(found, modes={mo: out[mo] for mo in _ordered(out)})
+    if not lineage:
+        return dataclasses.replace(found, uncentred=None, factor_gram=None)
+    return found
+
+
+def _ordered(modes) -> list[str]:
+    order = MODES + FACTOR_MODES
+    return sorted(modes, key=order.index)
+
+
+def _randomized_result(eig: kernels.Eig, method: str, side: int, config, energy=None) -> ModeResult:
+    return ModeResult(
+        np.clip(host_array(eig.values).astype(np.float64), 0.0, None),
+        method,
+        side,
+        residual=float(np.max(host_array(eig.residuals))),
+        iterations=config.iterations,
+        total_energy=energy,
+    )
+
+
+def lora_layer_spectra(
+    placed: PlacedLora, ranks, *, mesh, config: SpectraConfig, key=None, lineage: bool = True
+) -> LayerSpectra:
+    """Spectra of a LoRA layer (real, or a null draw with `lineage=False`) by the route its shapes
+    and `config` call for: factor or side space, exact or randomized (`key` for the latter)."""
+    fast = randomized_lora_modes(placed, config)
+    if fast:
+        if key is None:
+            raise ValueError("randomized LoRA spectra need a PRNG key")
+        return _randomized_lora_spectra(
+            placed, ranks, fast, mesh=mesh, config=config, key=key, lineage=lineage
+        )
     if side_space(placed, config):
         mask = placed_sample_mask(mesh, *placed.a.shape[:2], ranks)
-        return side_lora_spectra(*placed, mesh=mesh, config=config, mask=mask)
+        return side_lora_spectra(*placed, mesh=mesh, config=config, mask=mask, lineage=lineage)
     g = dispatch_lora(placed, mesh=mesh, config=config)
     m, n = placed.b.shape[1], placed.a.shape[2]
     if not _mean_dominated(g, config):
-        return lora_spectra_from_grams(g, ranks, config=config, m=m, n=n)
+        return lora_spectra_from_grams(g, ranks, config=config, m=m, n=n, lineage=lineage)
     # Close to their mean, the factor route's sums cancel in float32 as the side route's do:
     # its spectra are taken of the population shifted by the rank-r update Bbar Abar (rank 2r
     # factors, which centring removes again; split so that the factor whose Gram is rooted is
@@ -453,7 +577,7 @@ def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> 
     # shifted rows outnumber the sides, the side route (which shifts the same way) is smaller.
     n_pad, r = placed.a.shape[:2]
     if config.lora_space == "auto" and kernels.uses_side_space(n_pad=n_pad, rank=2 * r, m=m, n=n):
-        return side_lora_spectra(*placed, mesh=mesh, config=config)
+        return side_lora_spectra(*placed, mesh=mesh, config=config, lineage=lineage)
     found = None
     means = kernels.side_means(placed[:3], mesh=mesh, n_models=placed.n_models)
     for split, modes in (("rows", ("models", "rows")), ("cols", ("cols",))):
@@ -477,6 +601,8 @@ def _lora_spectra(placed: PlacedLora, ranks, *, mesh, config: SpectraConfig) -> 
             found = part
         else:
             found.modes.update(part.modes)
+    if not lineage:
+        return found
     uncentred, a_gram = _lora_lineage(g)
     return dataclasses.replace(found, uncentred=uncentred, factor_gram=a_gram)
 
@@ -506,7 +632,11 @@ def layer_spectra(
         LayerSpectra.
     """
     if isinstance(placed, PlacedLora):
-        return _lora_spectra(
-            placed, ranks or [placed.a.shape[1]] * placed.n_models, mesh=mesh, config=config
+        return lora_layer_spectra(
+            placed,
+            ranks or [placed.a.shape[1]] * placed.n_models,
+            mesh=mesh,
+            config=config,
+            key=key,
         )
     return _dense_spectra(placed, base, mesh=mesh, config=config, key=key, lineage=lineage)

@@ -313,7 +313,9 @@ def _null_spectra(placed, spectra, *, key, mesh, config, ranks, pending, energie
     m, n = placed.b.shape[1], placed.a.shape[2]
     n_pad, r = placed.a.shape[:2]
     ranks = ranks or [r] * placed.n_models
-    if _layer.side_space(placed, config):
+    if pending is None:
+        # Side space, or randomized modes: the drawn population as factors, through the route
+        # the real layer took.
         sharded = stacked_sharding(mesh)
         matched = np.zeros(n_pad, np.float32)
         matched[: placed.n_models] = np.clip(np.asarray(energies, np.float32), 0.0, None)
@@ -327,8 +329,13 @@ def _null_spectra(placed, spectra, *, key, mesh, config, ranks, pending, energie
             n=n,
             dtype=placed.a.dtype,
         )
-        return _layer.side_lora_spectra(
-            a, b, scales, placed.n_models, mesh=mesh, config=config, mask=mask, lineage=False
+        return _layer.lora_layer_spectra(
+            PlacedLora(a, b, scales, placed.n_models),
+            ranks,
+            mesh=mesh,
+            config=config,
+            key=key,
+            lineage=False,
         )
     g, f_a, f_b = pending
     roots = {"rows": f_b, "cols": f_a} if _layer.factored_on_host(placed.a) else None
@@ -360,7 +367,11 @@ def null_control(
         return {"draws": 0}
     per_mode: dict[str, list[np.ndarray]] = {mode: [] for mode in spectra.modes}
     pending = None
-    if isinstance(placed, PlacedLora) and not _layer.side_space(placed, config):
+    if (
+        isinstance(placed, PlacedLora)
+        and not _layer.side_space(placed, config)
+        and not _layer.randomized_lora_modes(placed, config)
+    ):
         pending = dispatch_lora_null(
             placed, key=key, config=config, draws=draws, ranks=ranks, energies=uncentred_norms
         )

@@ -75,3 +75,32 @@ def test_auto_space_goes_to_side_space_where_only_it_fits_the_budget(tmp_path):
         np.testing.assert_allclose(
             ours[mode]["eigenvalues"][:20], theirs[mode]["eigenvalues"][:20], atol=1e-4 * top
         )
+
+
+@pytest.mark.parametrize("lora", ["delta", "factors"])
+def test_randomized_method_reaches_lora_layers(tmp_path, lora):
+    # `method` used to be ignored for LoRA layers (always exact): now it gives the top `rank`
+    # eigenvalues by the randomized route, recorded as such, with the exact totals.
+    pop = _adapters(tmp_path / "pop", 10, (48, 56), 4)
+    exact = jsubspace.analyze([pop], str(tmp_path / "exact"), lora=lora, **OPTIONS)
+    fast = jsubspace.analyze(
+        [pop], str(tmp_path / "fast"), lora=lora, method="randomized", rank=8, **OPTIONS
+    )
+    want, got = exact["layers"][0], fast["layers"][0]
+    assert got["total_energy"] == pytest.approx(want["total_energy"], rel=1e-5)
+    for mode, rec in got["modes"].items():
+        theirs = np.asarray(want["modes"][mode]["eigenvalues"])
+        if mode == "models":
+            np.testing.assert_allclose(rec["eigenvalues"], theirs, rtol=1e-5, atol=1e-6 * theirs[0])
+            continue
+        assert rec["method"].startswith("randomized") and rec["residual"] >= 0
+        assert len(rec["eigenvalues"]) == 8
+        np.testing.assert_allclose(rec["eigenvalues"][:3], theirs[:3], rtol=2e-3)
+        # EVR is over the exact total: the same as the exact run's for the same eigenvalue.
+        np.testing.assert_allclose(
+            np.asarray(rec["evr"]) / np.asarray(rec["eigenvalues"]),
+            want["modes"][mode]["evr"][0] / theirs[0],
+            rtol=1e-5,
+        )
+        assert rec["k_at"]["0.99"] is None  # 8 of ~36 directions cannot hold 99%
+        assert len(got["null"][mode]["cev_mean"]) == 8
