@@ -42,10 +42,10 @@ def _einsum(spec, x, y):
     return jnp.einsum(spec, x, y, precision=HIGHEST)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("mesh", "n_models", "mode", "rank", "center", "oversample", "iterations"),
-)
+def _matmul(x, y):
+    return jnp.matmul(x, y, precision=HIGHEST)
+
+
 def randomized_lora_eigh(
     a: jax.Array,
     b: jax.Array,
@@ -76,22 +76,66 @@ def randomized_lora_eigh(
     """
     if mode not in ("rows", "cols"):
         raise ValueError(f"mode must be 'rows' or 'cols', got {mode!r}")
+    # The r x r Grams of the other factor in a jitted call of their own: in the solver's, XLA
+    # would convert that factor to float32 a second time for them.
+    own = _own_grams(a, b, mesh=mesh, factor="A" if mode == "rows" else "B")
+    return _lora_eigh(
+        a,
+        b,
+        scales,
+        own,
+        key,
+        mesh=mesh,
+        n_models=n_models,
+        mode=mode,
+        rank=rank,
+        center=center,
+        oversample=oversample,
+        iterations=iterations,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "factor"))
+def _own_grams(a, b, *, mesh, factor):
+    """`f32[N_pad, r, r]`: `A_i A_i^T` or `B_i^T B_i` per model, sharded over `models`."""
+
+    def body(a, b):
+        if factor == "A":
+            x = a.astype(jnp.float32)
+            return _einsum("irn,isn->irs", x, x)
+        x = b.astype(jnp.float32)
+        return _einsum("imr,ims->irs", x, x)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(MODELS),) * 2, out_specs=P(MODELS))(a, b)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("mesh", "n_models", "mode", "rank", "center", "oversample", "iterations"),
+)
+def _lora_eigh(
+    a, b, scales, own, key, *, mesh, n_models, mode, rank, center, oversample, iterations
+):
     side = b.shape[1] if mode == "rows" else a.shape[2]
 
-    def body(k, a, b, s):
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-        # X_i = s_i L_i R_i - M: L_i is [side, r], R_i is [r, other side].
-        left, right = (b, a) if mode == "rows" else (jnp.swapaxes(a, 1, 2), jnp.swapaxes(b, 1, 2))
-        own = _einsum("irn,isn->irs", right, right)
-        weight = s[:, None, None]
+    def body(k, a, b, s, own):
+        n_local, r = a.shape[:2]
+        # Each factor as one float32 `[N r, side]` matrix (B transposed once): every product
+        # below is then a plain 2-D GEMM, which XLA runs without copying its operands.
+        xa = a.astype(jnp.float32).reshape(n_local * r, -1)
+        xb = jnp.swapaxes(b, 1, 2).astype(jnp.float32).reshape(n_local * r, -1)
+        # X_i = s_i L_i^T R_i - M with L the factor along the mode's side, R the other one, and
+        # own_i = R_i R_i^T.
+        left, right = (xb, xa) if mode == "rows" else (xa, xb)
+        weight = jnp.repeat(s, r)[:, None]
 
         def matmat(q):
-            p = _einsum("imr,ml->irl", left, q)
-            u = _einsum("irs,isl->irl", own, p) * weight
+            p = _matmul(left, q)  # [N r, l]: L_i q per model
+            u = _einsum("irs,isl->irl", own, p.reshape(n_local, r, -1)).reshape(p.shape) * weight
             if center == "mean":
-                zbar = lax.psum(_einsum("irn,irl->nl", right, p * weight), MODELS) / n_models
-                u = u - _einsum("irn,nl->irl", right, zbar)
-            return lax.psum(_einsum("imr,irl->ml", left, u * weight), MODELS)
+                zbar = lax.psum(_matmul(right.T, p * weight), MODELS) / n_models  # M^T q
+                u = u - _matmul(right, zbar)
+            return lax.psum(_matmul(left.T, u * weight), MODELS)
 
         return randomized_eigh(
             matmat, side, rank=rank, key=k, oversample=oversample, iterations=iterations
@@ -100,13 +144,12 @@ def randomized_lora_eigh(
     return jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(P(), P(MODELS), P(MODELS), P(MODELS)),
+        in_specs=(P(), *(P(MODELS),) * 4),
         out_specs=P(),
         check_vma=False,
-    )(key, a, b, scales)
+    )(key, a, b, scales, own)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "factor", "rank", "oversample", "iterations"))
 def randomized_factor_pca(
     a: jax.Array,
     b: jax.Array,
@@ -128,16 +171,34 @@ def randomized_factor_pca(
         `(Eig, trace f32[])`: the trace is exact, the total variance of the samples.
     """
     _check_factor(factor)
+    # The mean in a jitted call of its own: in the solver's, XLA would keep a float32 copy of the
+    # whole stack for the reduction beside the centred one.
     mean = factor_mean(a, b, mask, mesh=mesh, factor=factor)
+    return _factor_pca(
+        a,
+        b,
+        mask,
+        mean,
+        key,
+        mesh=mesh,
+        factor=factor,
+        rank=rank,
+        oversample=oversample,
+        iterations=iterations,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "factor", "rank", "oversample", "iterations"))
+def _factor_pca(a, b, mask, mean, key, *, mesh, factor, rank, oversample, iterations):
     side = a.shape[2] if factor == "A" else b.shape[1]
 
     def body(mean, k, a, b, mask):
         x = a if factor == "A" else jnp.swapaxes(b, 1, 2)  # [N/d, r, side]: samples are rows
-        x = (x.astype(jnp.float32) - mean) * mask[:, :, None]
+        x = ((x.astype(jnp.float32) - mean) * mask[:, :, None]).reshape(-1, side)
         trace = lax.psum(jnp.sum(x * x), MODELS)
 
         def matmat(q):
-            return lax.psum(_einsum("irp,irl->pl", x, _einsum("irp,pl->irl", x, q)), MODELS)
+            return lax.psum(_matmul(x.T, _matmul(x, q)), MODELS)
 
         eig = randomized_eigh(
             matmat, side, rank=rank, key=k, oversample=oversample, iterations=iterations

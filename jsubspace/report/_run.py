@@ -228,8 +228,10 @@ def analyze(
     budget = memory_budget if memory_budget is not None else default_memory_budget(mesh)
     spaces = {}
     for layer in population.layers:
-        spaces[layer.name] = lora_space_for(layer, mesh, budget, lora, lora_space)
-        check_layer_memory(layer, mesh, budget, lora, spaces[layer.name])
+        spaces[layer.name] = lora_space_for(layer, mesh, budget, spectra_config)
+        check_layer_memory(
+            layer, mesh, budget, dataclasses.replace(spectra_config, lora_space=spaces[layer.name])
+        )
     base_refs = _load_base(base, population) if base else {}
     with RunDirectory(out, fingerprint=fingerprint, config=config, overwrite=overwrite) as rundir:
         records = rundir.finished([layer.name for layer in population.layers])
@@ -331,14 +333,15 @@ def _side_space(layer, mesh, space: str = "auto") -> bool:
     return spectra.lora_side_space(n_pad=n_pad, rank=layer.rank, m=m, n=n, space=space)
 
 
-def lora_space_for(layer, mesh, budget: int, lora: str = "delta", space: str = "auto") -> str:
-    """The `lora_space` a layer is analysed with: `space` itself, except that under 'auto' a
-    LoRA layer whose factor-space `(Nr)^2` matrices would exceed the memory budget, and whose
-    side-space ones would not, goes to 'side'."""
+def lora_space_for(layer, mesh, budget: int, config: spectra.SpectraConfig) -> str:
+    """The `lora_space` a layer is analysed with: `config.lora_space` itself, except that under
+    'auto' a LoRA layer whose factor-space `(Nr)^2` matrices would exceed the memory budget, and
+    whose side-space ones would not, goes to 'side'."""
+    space = config.lora_space
     if space != "auto" or layer.kind == "dense" or _side_space(layer, mesh):
         return space
-    factor = layer_working_set(layer, mesh, lora, "factor")
-    side = layer_working_set(layer, mesh, lora, "side")
+    factor = layer_working_set(layer, mesh, dataclasses.replace(config, lora_space="factor"))
+    side = layer_working_set(layer, mesh, dataclasses.replace(config, lora_space="side"))
     return "side" if factor > budget >= side else space
 
 
@@ -352,9 +355,11 @@ def default_memory_budget(mesh) -> int:
     return int(0.8 * min(limits) * len(devices)) if all(limits) else 2**62
 
 
-def layer_working_set(layer, mesh, lora: str = "delta", space: str = "auto") -> int:
+def layer_working_set(layer, mesh, config: spectra.SpectraConfig | None = None) -> int:
     """Estimated peak bytes of one layer's analysis: the stored stack, its float32 centred copy
-    and temporaries (x3), the prefetched next layer, and the Grams (LoRA: in `space`)."""
+    and temporaries (x3), the prefetched next layer, and the Grams (LoRA: in `config.lora_space`,
+    plus the randomized solver's float32 factors and Krylov basis where it runs)."""
+    config = config or spectra.SpectraConfig()
     n_pad = sharding.padded_count(len(layer.refs if layer.kind == "dense" else layer.a_refs), mesh)
     m, n = layer.shape
     itemsize = np.dtype(layer.dtype).itemsize
@@ -363,21 +368,34 @@ def layer_working_set(layer, mesh, lora: str = "delta", space: str = "auto") -> 
         return int(stack * (2 * itemsize + 3 * 4) + 4 * (m * m + n * n + n_pad * n_pad))
     r = layer.rank
     factors = n_pad * r * (m + n)
-    if _side_space(layer, mesh, space):
+    side = _side_space(layer, mesh, config.lora_space)
+    lengths = {"rows": m, "cols": n, "lora_A": n, "lora_B": m}
+    fast = spectra.lora_randomized_modes(config, m=m, n=n, side=side)
+    krylov = 0
+    if fast:
+        # Float32 factors, or their rank-2r shift, and a side x (iterations + 1) l basis with
+        # its image under the operator.
+        width = (config.iterations + 1) * (config.rank + 10)
+        krylov = 4 * (2 * factors + 2 * max(lengths[mo] for mo in fast) * width)
+    if side:
         # The stored factors and, in their place once they are released, the null's drawn ones
-        # (no read-ahead; reading holds a second copy briefly); one side matrix, the sum of the
-        # updates (whole-update spectra only), a few float32 blocks and the models Grams.
+        # (no read-ahead; reading holds a second copy briefly); one side matrix of the modes
+        # solved exactly, the sum of the updates (for those of the whole updates), a few float32
+        # blocks and the models Grams.
+        wanted = config.modes if config.lora == "delta" else ("lora_A", "lora_B")
+        exact = [lengths[mo] for mo in wanted if mo in lengths and mo not in fast]
         blocks = 8 * kernels.BLOCK_ROWS * (m + n)
-        summed = m * n if lora == "delta" else 0
+        summed = m * n if config.lora == "delta" and exact else 0
+        matrix = max(exact, default=0) ** 2
         return int(
-            2 * factors * itemsize + 4 * (max(m, n) ** 2 + summed + 3 * n_pad**2) + 4 * blocks
+            2 * factors * itemsize + 4 * (matrix + summed + 3 * n_pad**2) + 4 * blocks + krylov
         )
-    return int(factors * (2 * itemsize + 3 * 4) + 4 * 6 * (n_pad * r) ** 2)
+    return int(factors * (2 * itemsize + 3 * 4) + 4 * 6 * (n_pad * r) ** 2 + krylov)
 
 
-def check_layer_memory(layer, mesh, budget: int, lora: str = "delta", space: str = "auto") -> None:
+def check_layer_memory(layer, mesh, budget: int, config: spectra.SpectraConfig) -> None:
     """Refuses, before anything is read, a layer whose working set exceeds the budget."""
-    need = layer_working_set(layer, mesh, lora, space)
+    need = layer_working_set(layer, mesh, config)
     if need > budget:
         raise PopulationError(
             f"layer {layer.name!r} ({list(layer.shape)}, {np.dtype(layer.dtype)}) needs about "

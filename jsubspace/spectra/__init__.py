@@ -10,6 +10,7 @@ from jsubspace.spectra._layer import LayerSpectra
 from jsubspace.spectra._layer import ModeResult
 from jsubspace.spectra._layer import SpectraConfig
 from jsubspace.spectra._layer import layer_spectra
+from jsubspace.spectra._layer import lora_randomized_modes
 from jsubspace.spectra._layer import lora_side_space
 from jsubspace.spectra._lineage import lineage_record
 from jsubspace.spectra._null import gaussian_stack
@@ -37,6 +38,7 @@ __all__ = [
     "k_at",
     "layer_spectra",
     "lineage_record",
+    "lora_randomized_modes",
     "lora_side_space",
     "marchenko_pastur_eigenvalues",
     "null_control",

@@ -439,30 +439,39 @@ def side_lora_spectra(
     return LayerSpectra(out, energy, norms, uncentred, a_gram)
 
 
-def randomized_lora_modes(placed: PlacedLora, config: SpectraConfig) -> tuple[str, ...]:
-    """The modes of a LoRA layer whose top `config.rank` eigenvalues come from the randomized
-    solver through the factors (`kernels.randomized_lora_eigh`, `randomized_factor_pca`): rows /
-    cols for the whole updates, `lora_A` (side n) / `lora_B` (side m) for the factor statistic.
+def lora_randomized_modes(config: SpectraConfig, *, m: int, n: int, side: bool) -> tuple[str, ...]:
+    """The modes of an `m x n` LoRA layer (analysed in side space if `side`) whose top
+    `config.rank` eigenvalues come from the randomized solver through the factors
+    (`kernels.randomized_lora_eigh`, `randomized_factor_pca`): rows / cols for the whole updates,
+    `lora_A` (side n) / `lora_B` (side m) for the factor statistic.
 
     `method='randomized'` asks for all of them. Under 'auto', a side longer than `exact_limit`
     is solved randomized in side space (where exact spectra need a `side^2` matrix and its
     `O(side^3)` eigen-solve) when `rank` is below half of it; factor space is always exact, its
-    matrices being `Nr` long whatever the sides.
+    matrices being `Nr` long whatever the sides. The one rule, for placed layers
+    (`randomized_lora_modes`) and for layers not yet read.
     """
     if config.method == "exact":
         return ()
-    m, n = placed.b.shape[1], placed.a.shape[2]
     if config.lora == "delta":
         sides = {mo: {"rows": m, "cols": n}[mo] for mo in config.modes if mo != "models"}
     else:
         sides = {"lora_A": n, "lora_B": m}
     if config.method == "randomized":
         return tuple(sides)
-    if not side_space(placed, config):
+    if not side:
         return ()
     return tuple(
-        mo for mo, side in sides.items() if side > config.exact_limit and config.rank < side // 2
+        mo
+        for mo, length in sides.items()
+        if length > config.exact_limit and config.rank < length // 2
     )
+
+
+def randomized_lora_modes(placed: PlacedLora, config: SpectraConfig) -> tuple[str, ...]:
+    """`lora_randomized_modes` of a placed layer."""
+    m, n = placed.b.shape[1], placed.a.shape[2]
+    return lora_randomized_modes(config, m=m, n=n, side=side_space(placed, config))
 
 
 def _randomized_lora_spectra(

@@ -7,6 +7,7 @@ import pytest
 import jsubspace
 from jsubspace import io
 from jsubspace import sharding
+from jsubspace import spectra
 from jsubspace import testing
 from jsubspace.report import _run
 
@@ -54,13 +55,15 @@ def test_auto_space_goes_to_side_space_where_only_it_fits_the_budget(tmp_path):
     pop = _adapters(tmp_path / "pop", 250, (1024, 1024), 4)
     (layer,) = io.open_population([pop]).layers
     mesh = sharding.models_mesh(2)
-    factor = _run.layer_working_set(layer, mesh, "delta", "factor")
-    side = _run.layer_working_set(layer, mesh, "delta", "side")
+    config = spectra.SpectraConfig()
+    factor = _run.layer_working_set(layer, mesh, spectra.SpectraConfig(lora_space="factor"))
+    side = _run.layer_working_set(layer, mesh, spectra.SpectraConfig(lora_space="side"))
     assert side < factor
-    assert _run.lora_space_for(layer, mesh, 10 * factor) == "auto"  # the default rule
+    assert _run.lora_space_for(layer, mesh, 10 * factor, config) == "auto"  # the default rule
     budget = (side + factor) // 2
-    assert _run.lora_space_for(layer, mesh, budget) == "side"
-    assert _run.lora_space_for(layer, mesh, budget, space="factor") == "factor"
+    assert _run.lora_space_for(layer, mesh, budget, config) == "side"
+    forced = spectra.SpectraConfig(lora_space="factor")
+    assert _run.lora_space_for(layer, mesh, budget, forced) == "factor"
     with pytest.raises(jsubspace.PopulationError, match="over the memory budget"):
         jsubspace.analyze(
             [pop], str(tmp_path / "refused"), lora_space="factor", memory_budget=budget, **OPTIONS
@@ -75,6 +78,28 @@ def test_auto_space_goes_to_side_space_where_only_it_fits_the_budget(tmp_path):
         np.testing.assert_allclose(
             ours[mode]["eigenvalues"][:20], theirs[mode]["eigenvalues"][:20], atol=1e-4 * top
         )
+
+
+def test_budget_counts_the_randomized_modes_without_their_side_matrix(tmp_path):
+    # A 6000-long side in side space: exactly, its 6000^2 matrix (144 MB) is the working set;
+    # under 'auto' it is solved randomized (longer than exact_limit), with no such matrix.
+    pop = _adapters(tmp_path / "pop", 10, (6000, 64), 4)
+    (layer,) = io.open_population([pop]).layers
+    mesh = sharding.models_mesh(2)
+    auto = _run.layer_working_set(layer, mesh, spectra.SpectraConfig(lora_space="side"))
+    exact = _run.layer_working_set(
+        layer, mesh, spectra.SpectraConfig(lora_space="side", method="exact")
+    )
+    assert exact - auto > 100e6  # its 144 MB matrix, less the solver's basis and factors
+    options = dict(OPTIONS, lora_space="side", memory_budget=(auto + exact) // 2)
+    with pytest.raises(jsubspace.PopulationError, match="over the memory budget"):
+        jsubspace.analyze([pop], str(tmp_path / "exact"), method="exact", **options)
+    found = jsubspace.analyze([pop], str(tmp_path / "auto"), **options)
+    modes = found["layers"][0]["modes"]
+    assert (
+        modes["rows"]["method"] == "randomized-factored" and len(modes["rows"]["eigenvalues"]) == 64
+    )
+    assert modes["cols"]["method"] == "exact-side"
 
 
 @pytest.mark.parametrize("lora", ["delta", "factors"])
