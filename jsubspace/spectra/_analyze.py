@@ -170,7 +170,17 @@ def analyze_layer(
     record["null"] = None  # Filled last, after every control that reads the layer itself.
     x, why = dense_stack(placed, layer)
     if x is None:
-        record["holdout"] = {"skipped": why} if control_config.holdout is not None else {}
+        if isinstance(placed, PlacedLora):
+            record["holdout"] = _run_lora_holdout(
+                placed,
+                spectra,
+                mesh=mesh,
+                control=control_config,
+                config=spectra_config,
+                key=jax.random.fold_in(key, 2),
+            )
+        else:
+            record["holdout"] = {"skipped": why} if control_config.holdout is not None else {}
         record["compare"] = {"split_half": {"skipped": why}}
     else:
         record["holdout"] = _run_holdout(
@@ -244,11 +254,46 @@ def dense_stack(placed, layer) -> tuple[jax.Array | None, str | None]:
     return _materialise(placed.a, placed.b, placed.scales), None
 
 
-def _run_holdout(x, n, *, mesh, control: ControlConfig, center, base) -> dict:
+def _holdout_skipped(n: int, control: ControlConfig) -> dict | None:
     if control.holdout is None:
         return {}
     if control.holdout != "loo" and n < max(3, int(control.holdout)):
         return {"skipped": f"{n} models are too few for {control.holdout}-fold holdout"}
+    return None
+
+
+def _run_lora_holdout(placed, spectra, *, mesh, control, config, key) -> dict:
+    """The holdout control of a LoRA layer too large to materialise, from its factors."""
+    skipped = _holdout_skipped(placed.n_models, control)
+    if skipped is not None:
+        return skipped
+    uncentred = spectra.uncentred
+    if config.center == "mean":
+        centred = spectra.models_gram
+    else:
+        h = np.eye(placed.n_models) - 1.0 / placed.n_models
+        centred = h @ uncentred @ h
+    factors = placed[:3]
+    if np.trace(uncentred) > _layer.SHIFT_RATIO * np.trace(centred):
+        # Close to their mean, the captured energies would cancel in float32: shift first.
+        factors = kernels.shifted_lora(*factors, mesh=mesh, n_models=placed.n_models, split="rows")
+    return _holdout.lora_holdout_control(
+        factors,
+        placed.n_models,
+        mesh=mesh,
+        holdout=control.holdout,
+        seed=control.seed,
+        models_gram=centred,
+        energies=np.diag(uncentred),
+        key=key,
+        iterations=config.iterations,
+    )
+
+
+def _run_holdout(x, n, *, mesh, control: ControlConfig, center, base) -> dict:
+    skipped = _holdout_skipped(n, control)
+    if skipped is not None:
+        return skipped
     ref = base if center == "base" else None
     return _holdout.holdout_control(
         x, n, mesh=mesh, holdout=control.holdout, seed=control.seed, ref=ref

@@ -21,6 +21,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jsubspace import kernels
 from jsubspace.kernels import HIGHEST
 from jsubspace.sharding._mesh import MODELS
 from jsubspace.sharding._mesh import host_array
@@ -147,6 +148,13 @@ def holdout_control(
         held = folds == f
         two[held], rows[held], cols[held] = t[held], r[held], c[held]
         centred[held], raw[held] = ce[held], ra[held]
+    return _record(
+        two, rows, cols, centred, raw, m=m, n=n, kmax=kmax, folds=n_folds, holdout=holdout
+    )
+
+
+def _record(two, rows, cols, centred, raw, *, m, n, kmax, folds, holdout) -> dict:
+    """The holdout record from every model's held-out captured energies (cumulative in k)."""
     safe = np.maximum(centred, 1e-30)[:, None]
     two_f, rows_f, cols_f = two / safe, rows / safe, cols / safe
     mean_only = 1.0 - centred / np.maximum(raw, 1e-30)
@@ -154,8 +162,8 @@ def holdout_control(
     ks = [k for k in EXCESS_KS if k <= kmax]
     idx = [k - 1 for k in ks]
     return {
-        "folds": n_folds,
-        "scheme": "loo" if holdout == "loo" else f"{n_folds}-fold",
+        "folds": folds,
+        "scheme": "loo" if holdout == "loo" else f"{folds}-fold",
         "ks": ks,
         "two_sided": two_f[:, idx].mean(0).tolist(),
         "rows_one_sided": rows_f[:, idx].mean(0).tolist(),
@@ -169,3 +177,146 @@ def holdout_control(
         "mean_plus_basis": with_basis[:, idx].mean(0).tolist(),
         "per_model_two_sided": two_f[:, idx].tolist(),
     }
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "n_train"))
+def lora_fold_capture(a, b, scales, train, u, v, *, mesh: Mesh, n_train: int):
+    """`fold_capture` of a LoRA population from its factors, no update formed.
+
+    With `P_i = s_i U^T B_i` (`k x r`) and `Q_i = A_i V` (`r x k`): `U^T W_i V = P_i Q_i`;
+    `||U^T W_i||^2` and `||W_i V||^2` per basis vector from the `r x r` Grams of the factors; the
+    training mean enters as `U^T mu V`, `U^T mu` (`k x n`) and `mu V` (`m x k`), sums over the
+    training models. Cost `O(N r (m + n) k)`.
+
+    Args:
+        a, b, scales: the factors (`kernels.shifted_lora`'s for populations close to their mean),
+            sharded over models.
+        train: `f32[N_pad]`, 1 for the training models.
+        u, v: `f32[m, k]`, `f32[n, k]`, the training models' top rows / cols eigenvectors.
+        mesh: the mesh; n_train: the number of training models.
+
+    Returns:
+        `(two_sided, rows, cols)`, each `f32[N_pad, k]`: the cumulative captured energies of
+        `W_i - mu` for every model.
+    """
+
+    def body(a, b, s, w, u, v):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+        p = jnp.einsum("mk,imr->ikr", u, b, precision=HIGHEST) * s[:, None, None]
+        q = jnp.einsum("irn,nl->irl", a, v, precision=HIGHEST)
+        z = jnp.einsum("ikr,irl->ikl", p, q, precision=HIGHEST)  # U^T W_i V
+        zbar = lax.psum(jnp.einsum("i,ikl->kl", w, z, precision=HIGHEST), MODELS) / n_train
+        two = jnp.cumsum(jnp.cumsum((z - zbar) ** 2, axis=1), axis=2)
+        two = jnp.diagonal(two, axis1=1, axis2=2)
+        # Rows: U^T W_i = P_i A_i, U^T mu = sum_j w_j P_j A_j / T.
+        pw = p * w[:, None, None]
+        umu = lax.psum(jnp.einsum("ikr,irn->kn", pw, a, precision=HIGHEST), MODELS) / n_train
+        ga = jnp.einsum("irn,isn->irs", a, a, precision=HIGHEST)
+        cross = jnp.einsum("irn,kn->irk", a, umu, precision=HIGHEST)
+        rows = (
+            jnp.einsum("ikr,irs,iks->ik", p, ga, p, precision=HIGHEST)
+            - 2 * jnp.einsum("ikr,irk->ik", p, cross, precision=HIGHEST)
+            + jnp.sum(umu * umu, axis=1)
+        )
+        # Cols: W_i V = s_i B_i Q_i, mu V = sum_j w_j s_j B_j Q_j / T.
+        sq = q * s[:, None, None]
+        muv = (
+            lax.psum(jnp.einsum("imr,irl->ml", b, sq * w[:, None, None], precision=HIGHEST), MODELS)
+            / n_train
+        )
+        gb = jnp.einsum("imr,ims->irs", b, b, precision=HIGHEST)
+        cross = jnp.einsum("imr,ml->irl", b, muv, precision=HIGHEST)
+        cols = (
+            jnp.einsum("irl,irs,isl->il", sq, gb, sq, precision=HIGHEST)
+            - 2 * jnp.einsum("irl,irl->il", sq, cross, precision=HIGHEST)
+            + jnp.sum(muv * muv, axis=0)
+        )
+        return two, jnp.cumsum(rows, axis=-1), jnp.cumsum(cols, axis=-1)
+
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(*(P(MODELS),) * 4, P(), P()),
+        out_specs=P(MODELS),
+        check_vma=False,
+    )(a, b, scales, train, u, v)
+
+
+def lora_holdout_control(
+    factors,
+    n_models: int,
+    *,
+    mesh: Mesh,
+    holdout: str | int,
+    seed: int,
+    models_gram: np.ndarray,
+    energies: np.ndarray,
+    key: jax.Array,
+    iterations: int = 4,
+) -> dict:
+    """The holdout record of a LoRA layer from its factors (`holdout_control` without forming
+    the updates): per fold, the training models' top-k rows / cols eigenvectors by the randomized
+    solver through the factors (`kernels.randomized_lora_eigh`, the held-out models weighted
+    out), and every held-out model's captured energies (`lora_fold_capture`).
+
+    Args:
+        factors: `(a, b, scales)` on the mesh (shifted by the caller when the population sits
+            close to its mean).
+        n_models: the true N.
+        models_gram: `f64[N, N]`, the mean-centred models Gram (`LayerSpectra.models_gram`): a
+            held-out model's energy about the training mean is taken from it.
+        energies: `f64[N]`, `||dW_i||^2` (the mean-only baseline's uncentred energies).
+        key: PRNG key of the randomized solver.
+    """
+    a, b, scales = factors
+    m, n = b.shape[1], a.shape[2]
+    n_pad = a.shape[0]
+    folds = fold_assignment(n_models, holdout, seed)
+    n_folds = int(folds.max()) + 1
+    smallest_train = n_models - max(np.bincount(folds))
+    kmax = max(1, min(64, m // 2, n // 2, smallest_train - 1 if smallest_train > 1 else 1))
+    sharded = stacked_sharding(mesh)
+    two = np.zeros((n_models, kmax))
+    rows = np.zeros((n_models, kmax))
+    cols = np.zeros((n_models, kmax))
+    centred = np.zeros(n_models)
+    for f in range(n_folds):
+        held = folds == f
+        n_train = int(n_models - held.sum())
+        train = np.zeros(n_pad, np.float32)
+        train[:n_models] = ~held
+        train = jax.device_put(train, sharded)
+        weighted = scales * train
+        bases = []
+        for mode in ("rows", "cols"):
+            key, sub = jax.random.split(key)
+            eig = kernels.randomized_lora_eigh(
+                a,
+                b,
+                weighted,
+                sub,
+                mesh=mesh,
+                n_models=n_train,
+                mode=mode,
+                rank=kmax,
+                iterations=iterations,
+            )
+            bases.append(eig.vectors)
+        out = lora_fold_capture(a, b, scales, train, *bases, mesh=mesh, n_train=n_train)
+        t, r, c = (host_array(o).astype(np.float64)[:n_models] for o in out)
+        two[held], rows[held], cols[held] = t[held], r[held], c[held]
+        # ||W_i - mu_train||^2 with mu_train - mu = -(1/T) sum_{h held} (W_h - mu).
+        inside = models_gram[np.ix_(held, held)]
+        centred[held] = np.diag(inside) + 2.0 / n_train * inside.sum(1) + inside.sum() / n_train**2
+    return _record(
+        two,
+        np.maximum(rows, 0.0),
+        np.maximum(cols, 0.0),
+        centred,
+        np.asarray(energies, np.float64),
+        m=m,
+        n=n,
+        kmax=kmax,
+        folds=n_folds,
+        holdout=holdout,
+    )

@@ -93,6 +93,7 @@ class LayerSpectra:
     norms: np.ndarray  # f64[N], ||X_i||_F^2 of each centred model
     uncentred: np.ndarray | None  # f64[N, N], <W_i, W_j> before centring (lineage)
     factor_gram: np.ndarray | None = None  # f64[N, N], <A_i, A_j> of LoRA A factors
+    models_gram: np.ndarray | None = None  # f64[N, N], the models Gram (LoRA; config.center)
 
 
 def solver_costs(n_models: int, m: int, n: int, *, mode: str, rank: int, iterations: int) -> dict:
@@ -296,10 +297,13 @@ def lora_spectra_from_grams(
         out["lora_A"] = ModeResult(_eigvals(ga)[:n], "exact-factor-pca", n, total_energy=energy_a)
         out["lora_B"] = ModeResult(_eigvals(gb)[:m], "exact-factor-pca", m, total_energy=energy_b)
     energy = float(host_array(g.total_energy))
-    norms = np.diag(host_array(g.models).astype(np.float64)).copy()
+    models = host_array(g.models).astype(np.float64)
+    norms = np.diag(models).copy()
     if not lineage:
-        return LayerSpectra(out, energy, norms, None)
-    return LayerSpectra(out, energy, norms, *_lora_lineage(g, fetched.get("factor_a")))
+        return LayerSpectra(out, energy, norms, None, models_gram=models)
+    return LayerSpectra(
+        out, energy, norms, *_lora_lineage(g, fetched.get("factor_a")), models_gram=models
+    )
 
 
 def _lora_lineage(g: kernels.LoraGrams, factor_a=None) -> tuple[np.ndarray, np.ndarray]:
@@ -432,11 +436,12 @@ def side_lora_spectra(
             else:
                 lam = _side_eigvals(a, b, scales, mode=mode, shift=shift, **common)
             out[mode] = ModeResult(lam[: sides[mode]], "exact-side", sides[mode])
-    norms = np.diag(host_array(found.models).astype(np.float64)).copy()
+    models = host_array(found.models).astype(np.float64)
+    norms = np.diag(models).copy()
     if not lineage:
-        return LayerSpectra(out, energy, norms, None)
+        return LayerSpectra(out, energy, norms, None, models_gram=models)
     a_gram = host_array(lineage_found.a_gram).astype(np.float64)
-    return LayerSpectra(out, energy, norms, uncentred, a_gram)
+    return LayerSpectra(out, energy, norms, uncentred, a_gram, models)
 
 
 def lora_randomized_modes(config: SpectraConfig, *, m: int, n: int, side: bool) -> tuple[str, ...]:

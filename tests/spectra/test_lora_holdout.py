@@ -1,0 +1,142 @@
+"""The holdout control of LoRA layers from their factors, against float64 on materialised
+updates, and its place in `analyze_layer` for layers too large to materialise."""
+
+import jax
+import numpy as np
+import pytest
+
+from jsubspace import kernels
+from jsubspace import spectra
+from jsubspace import testing
+from jsubspace.sharding import models_mesh
+from jsubspace.spectra import _analyze
+from jsubspace.spectra import _holdout
+from tests.spectra.test_side import _near_one_update
+from tests.spectra.test_side import _placed
+from tests.spectra.test_side import _population
+from tests.spectra.test_side import _updates64
+
+
+def _holdout64(dw, folds, kmax):
+    """Every model's held-out captured energies in float64 (exact eigenvectors)."""
+    n = len(dw)
+    two, rows, cols = (np.zeros((n, kmax)) for _ in range(3))
+    centred = np.zeros(n)
+    for f in range(folds.max() + 1):
+        train = folds != f
+        mu = dw[train].mean(0)
+        xt = dw[train] - mu
+        u = np.linalg.eigh(np.einsum("imn,ikn->mk", xt, xt))[1][:, ::-1][:, :kmax]
+        v = np.linalg.eigh(np.einsum("imn,imk->nk", xt, xt))[1][:, ::-1][:, :kmax]
+        for i in np.nonzero(~train)[0]:
+            x = dw[i] - mu
+            core = (u.T @ x @ v) ** 2
+            two[i] = np.diag(np.cumsum(np.cumsum(core, 0), 1))
+            rows[i] = np.cumsum(np.sum((u.T @ x) ** 2, axis=1))
+            cols[i] = np.cumsum(np.sum((x @ v) ** 2, axis=0))
+            centred[i] = np.sum(x * x)
+    raw = np.sum(dw * dw, axis=(1, 2))
+    return two, rows, cols, centred, raw
+
+
+def _factored(placed, holdout, *, shift=False):
+    real = spectra.layer_spectra(
+        placed, mesh=placed.a.sharding.mesh, config=spectra.SpectraConfig(), key=jax.random.key(0)
+    )
+    factors = placed[:3]
+    if shift:
+        factors = kernels.shifted_lora(
+            *factors, mesh=placed.a.sharding.mesh, n_models=placed.n_models, split="rows"
+        )
+    return _holdout.lora_holdout_control(
+        factors,
+        placed.n_models,
+        mesh=placed.a.sharding.mesh,
+        holdout=holdout,
+        seed=3,
+        models_gram=real.models_gram,
+        energies=np.diag(real.uncentred),
+        key=jax.random.key(1),
+    )
+
+
+def _check(record, dw, holdout, *, rtol):
+    folds = _holdout.fold_assignment(len(dw), holdout, 3)
+    kmax = max(record["ks"])
+    two, rows, cols, centred, raw = _holdout64(dw, folds, kmax)
+    want = _holdout._record(
+        two,
+        rows,
+        cols,
+        centred,
+        raw,
+        m=dw.shape[1],
+        n=dw.shape[2],
+        kmax=kmax,
+        folds=int(folds.max()) + 1,
+        holdout=holdout,
+    )
+    assert record["ks"] == want["ks"] and record["scheme"] == want["scheme"]
+    for field in ("two_sided", "rows_one_sided", "cols_one_sided", "mean_plus_basis"):
+        np.testing.assert_allclose(record[field], want[field], rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(
+        record["per_model_two_sided"], want["per_model_two_sided"], atol=rtol
+    )
+    assert record["mean_only"] == pytest.approx(want["mean_only"], abs=rtol)
+
+
+@pytest.mark.parametrize("holdout", ["loo", 4])
+def test_factored_holdout_equals_float64(mesh, holdout):
+    # Sides of 20 / 24: the Krylov basis spans them, so the bases are the exact eigenvectors
+    # (shared A group, ranks padded from 4 to 2).
+    placed = _placed(*_population(0), mesh)
+    record = _factored(placed, holdout)
+    assert record["ks"] == [1, 2, 4, 8]  # k up to half the shorter side
+    _check(record, _updates64(placed), holdout, rtol=2e-5)
+
+
+def test_factored_holdout_keeps_float32_accuracy_when_the_mean_dominates():
+    # ~5000x the centred energy in the mean: the captures are taken of the shifted population.
+    mesh = models_mesh(2)
+    placed = _placed(*_near_one_update(8, 12, 80, 96, 3, 0.01), mesh)
+    dw = _updates64(placed)
+    _check(_factored(placed, 3, shift=True), dw, 3, rtol=1e-4)
+    with pytest.raises(AssertionError):
+        _check(_factored(placed, 3), dw, 3, rtol=1e-4)
+
+
+def test_analyze_layer_runs_the_factored_holdout_for_layers_too_large_to_materialise(
+    tmp_path, monkeypatch
+):
+    from jsubspace import io
+
+    a, b = testing.lora_population(5, n_models=12, shape=(40, 36), rank=4)
+    for i in range(len(a)):
+        testing.write_peft_adapter(
+            tmp_path / f"a{i:02d}", {"model.q_proj": (a[i], b[i])}, r=4, lora_alpha=8
+        )
+    population = io.open_population([str(tmp_path)])
+    (layer,) = population.layers
+    mesh = models_mesh(2)
+
+    def record():
+        return spectra.analyze_layer(
+            layer,
+            io.place_layer(layer, mesh),
+            population.names,
+            mesh=mesh,
+            spectra_config=spectra.SpectraConfig(),
+            control_config=spectra.ControlConfig(null_draws=0, holdout=4),
+            key=jax.random.key(0),
+        )
+
+    materialised = record()["holdout"]
+    monkeypatch.setattr(_analyze, "MATERIALISE_LIMIT", 0)
+    factored = record()
+    assert "skipped" in factored["compare"]["split_half"]
+    ours = factored["holdout"]
+    assert ours["ks"] == materialised["ks"] == [1, 2, 4, 8]  # 9 training models: k <= 8
+    for field in ("two_sided", "rows_one_sided", "cols_one_sided", "mean_plus_basis"):
+        np.testing.assert_allclose(ours[field], materialised[field][: len(ours["ks"])], rtol=1e-3)
+    assert ours["mean_only"] == pytest.approx(materialised["mean_only"], abs=1e-5)
+    assert factored["verdict"]["label"] in spectra.VERDICTS
