@@ -274,8 +274,7 @@ def _run_lora_holdout(placed, spectra, *, mesh, control, config, key) -> dict:
         h = np.eye(placed.n_models) - 1.0 / placed.n_models
         centred = h @ uncentred @ h
     factors = placed[:3]
-    if np.trace(uncentred) > _layer.SHIFT_RATIO * np.trace(centred):
-        # Close to their mean, the captured energies would cancel in float32: shift first.
+    if _layer.close_to_mean(uncentred, np.trace(centred)):
         factors = kernels.shifted_lora(*factors, mesh=mesh, n_models=placed.n_models, split="rows")
     return _holdout.lora_holdout_control(
         factors,

@@ -315,13 +315,19 @@ def _lora_lineage(g: kernels.LoraGrams, factor_a=None) -> tuple[np.ndarray, np.n
     return host_array(g.uncentred).astype(np.float64), a_gram
 
 
+def close_to_mean(uncentred: np.ndarray, centred_energy: float) -> bool:
+    """Whether mean-centred sums over a LoRA population would cancel in float32: its energy
+    before centring (the trace of the uncentred models Gram) exceeds `SHIFT_RATIO` times the
+    centred energy. Such populations are taken through `kernels.shifted_lora` first."""
+    return bool(np.trace(uncentred) > SHIFT_RATIO * centred_energy)
+
+
 def _mean_dominated(g: kernels.LoraGrams, config: SpectraConfig) -> bool:
-    """Whether mean-centred whole-update spectra would cancel in float32: the updates' energy
-    before centring exceeds `SHIFT_RATIO` times the centred energy."""
+    """`close_to_mean` of the factor-space Grams, for mean-centred whole-update spectra."""
     if config.lora != "delta" or config.center != "mean":
         return False
-    uncentred = np.trace(host_array(g.uncentred).astype(np.float64))
-    return bool(uncentred > SHIFT_RATIO * float(host_array(g.total_energy)))
+    uncentred = host_array(g.uncentred).astype(np.float64)
+    return close_to_mean(uncentred, float(host_array(g.total_energy)))
 
 
 def device_modes(wanted, *, m: int, n: int, nr: int, host: bool) -> tuple[str, ...]:
@@ -417,7 +423,7 @@ def side_lora_spectra(
     energy = float(host_array(found.total_energy))
     uncentred = host_array(found.uncentred).astype(np.float64)
     # Close to their mean, the updates' sums would cancel in float32: shift them first.
-    shift = bool(np.trace(uncentred) > SHIFT_RATIO * energy)
+    shift = close_to_mean(uncentred, energy)
     lineage_found = found
     if shift:
         found = kernels.side_models(a, b, scales, shift=True, **common)
@@ -486,25 +492,15 @@ def _randomized_lora_spectra(
     models Gram, the energies, lineage and any exact mode come from the exact route."""
     m, n = placed.b.shape[1], placed.a.shape[2]
     sides = {"rows": m, "cols": n, "lora_A": n, "lora_B": m}
-    if config.lora == "delta":
-        rest = tuple(mo for mo in config.modes if mo not in fast)
-        found = lora_layer_spectra(
-            placed, ranks, mesh=mesh, config=dataclasses.replace(config, modes=rest or ("models",))
-        )
-        out = {mo: found.modes[mo] for mo in rest}
-    else:
-        found = lora_layer_spectra(
-            placed,
-            ranks,
-            mesh=mesh,
-            config=dataclasses.replace(config, lora="delta", modes=("models",)),
-        )
-        out = {}
+    # The exact route for the rest: the whole updates' other modes, or just the models Gram.
+    rest = tuple(mo for mo in config.modes if mo not in fast) if config.lora == "delta" else ()
+    exact = dataclasses.replace(config, lora="delta", modes=rest or ("models",))
+    found = lora_layer_spectra(placed, ranks, mesh=mesh, config=exact)
+    out = {mo: found.modes[mo] for mo in rest}
     common = dict(mesh=mesh, iterations=config.iterations)
     if config.lora == "delta":
         factors = placed[:3]
-        if config.center == "mean" and np.trace(found.uncentred) > SHIFT_RATIO * found.total_energy:
-            # Close to their mean the centred products cancel in float32: shift first.
+        if config.center == "mean" and close_to_mean(found.uncentred, found.total_energy):
             factors = kernels.shifted_lora(
                 *factors, mesh=mesh, n_models=placed.n_models, split="rows"
             )
