@@ -168,20 +168,30 @@ def analyze_layer(
         record["lora"] = spectra_config.lora
     uncentred_norms = np.diag(spectra.uncentred) if spectra.uncentred is not None else None
     record["null"] = None  # Filled last, after every control that reads the layer itself.
-    x, why = dense_stack(placed, layer)
+    x = dense_stack(placed, layer)
     if x is None:
-        if isinstance(placed, PlacedLora):
-            record["holdout"] = _run_lora_holdout(
-                placed,
-                spectra,
+        # A LoRA layer too large to materialise: its controls come from the factors.
+        factors = _control_factors(placed, spectra, spectra_config, mesh=mesh)
+        record["holdout"] = _run_lora_holdout(
+            placed,
+            factors,
+            spectra,
+            mesh=mesh,
+            control=control_config,
+            config=spectra_config,
+            key=jax.random.fold_in(key, 2),
+        )
+        record["compare"] = {
+            "split_half": _compare.lora_split_half_compare(
+                factors,
+                placed.n_models,
                 mesh=mesh,
-                control=control_config,
-                config=spectra_config,
-                key=jax.random.fold_in(key, 2),
+                seed=control_config.seed,
+                key=jax.random.fold_in(key, 3),
+                iterations=spectra_config.iterations,
             )
-        else:
-            record["holdout"] = {"skipped": why} if control_config.holdout is not None else {}
-        record["compare"] = {"split_half": {"skipped": why}}
+        }
+        del factors
     else:
         record["holdout"] = _run_holdout(
             x,
@@ -196,18 +206,25 @@ def analyze_layer(
                 x, placed.n_models, mesh=mesh, seed=control_config.seed
             )
         }
-        if other is not None:
-            other_layer, other_placed = other
-            y, why = dense_stack(other_placed, other_layer)
-            record["compare"]["other"] = (
-                {"skipped": why}
-                if y is None
-                else (
-                    _compare.population_compare(
-                        x, placed.n_models, y, other_placed.n_models, mesh=mesh
-                    )
-                )
+    if other is not None:
+        other_layer, other_placed = other
+        y = dense_stack(other_placed, other_layer)
+        if x is not None and y is not None:
+            found = _compare.population_compare(
+                x, placed.n_models, y, other_placed.n_models, mesh=mesh
             )
+        else:  # LoRA, one of them too large to materialise: from the factors
+            found = _compare.lora_population_compare(
+                placed[:3],
+                placed.n_models,
+                other_placed[:3],
+                other_placed.n_models,
+                mesh=mesh,
+                key=jax.random.fold_in(key, 4),
+                iterations=spectra_config.iterations,
+            )
+        record["compare"]["other"] = found
+        del y
     del x
     if control_config.lineage and spectra.uncentred is not None:
         prints = factor_prints = None
@@ -244,14 +261,16 @@ def analyze_layer(
 _materialise = jax.jit(kernels.materialized_updates)
 
 
-def dense_stack(placed, layer) -> tuple[jax.Array | None, str | None]:
-    """The layer as a `[N_pad, m, n]` stack: dense as is, LoRA updates materialised when small."""
+def dense_stack(placed, layer) -> jax.Array | None:
+    """The layer as a `[N_pad, m, n]` stack: dense as is, LoRA updates materialised when their
+    float32 stack fits `MATERIALISE_LIMIT`; None for larger LoRA layers (whose controls are then
+    taken from the factors)."""
     if isinstance(placed, PlacedDense):
-        return placed.x, None
+        return placed.x
     m, k = layer.shape
     if placed.a.shape[0] * m * k * 4 > MATERIALISE_LIMIT:
-        return None, "not implemented in factored form yet for LoRA layers this large"
-    return _materialise(placed.a, placed.b, placed.scales), None
+        return None
+    return _materialise(placed.a, placed.b, placed.scales)
 
 
 def _holdout_skipped(n: int, control: ControlConfig) -> dict | None:
@@ -262,28 +281,37 @@ def _holdout_skipped(n: int, control: ControlConfig) -> dict | None:
     return None
 
 
-def _run_lora_holdout(placed, spectra, *, mesh, control, config, key) -> dict:
+def _control_factors(placed, spectra, config, *, mesh):
+    """The factors the factored controls read: shifted by the mean update first when the
+    population sits close to its mean (`spectra._layer.close_to_mean`), as the spectra were."""
+    factors = placed[:3]
+    if _layer.close_to_mean(spectra.uncentred, np.trace(_centred_gram(spectra, config))):
+        factors = kernels.shifted_lora(*factors, mesh=mesh, n_models=placed.n_models, split="rows")
+    return factors
+
+
+def _centred_gram(spectra, config) -> np.ndarray:
+    """The mean-centred models Gram of a LoRA layer (`f64[N, N]`)."""
+    if config.center == "mean":
+        return spectra.models_gram
+    n = len(spectra.uncentred)
+    h = np.eye(n) - 1.0 / n
+    return h @ spectra.uncentred @ h
+
+
+def _run_lora_holdout(placed, factors, spectra, *, mesh, control, config, key) -> dict:
     """The holdout control of a LoRA layer too large to materialise, from its factors."""
     skipped = _holdout_skipped(placed.n_models, control)
     if skipped is not None:
         return skipped
-    uncentred = spectra.uncentred
-    if config.center == "mean":
-        centred = spectra.models_gram
-    else:
-        h = np.eye(placed.n_models) - 1.0 / placed.n_models
-        centred = h @ uncentred @ h
-    factors = placed[:3]
-    if _layer.close_to_mean(uncentred, np.trace(centred)):
-        factors = kernels.shifted_lora(*factors, mesh=mesh, n_models=placed.n_models, split="rows")
     return _holdout.lora_holdout_control(
         factors,
         placed.n_models,
         mesh=mesh,
         holdout=control.holdout,
         seed=control.seed,
-        models_gram=centred,
-        energies=np.diag(uncentred),
+        models_gram=_centred_gram(spectra, config),
+        energies=np.diag(spectra.uncentred),
         key=key,
         iterations=config.iterations,
     )

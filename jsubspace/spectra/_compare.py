@@ -13,6 +13,7 @@ import numpy as np
 
 from jsubspace.sharding._mesh import host_array
 from jsubspace.sharding._mesh import stacked_sharding
+from jsubspace.spectra._holdout import lora_bases
 from jsubspace.spectra._holdout import masked_bases
 
 
@@ -44,6 +45,17 @@ def _bases(x, weights, mesh, k):
     return host_array(u), host_array(v)
 
 
+def _halves(n_models: int, n_pad: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weights `f64[N_pad]` of two seeded random halves of the models."""
+    half = n_models // 2
+    perm = np.random.default_rng(seed + 1).permutation(n_models)
+    w1 = np.zeros(n_pad)
+    w2 = np.zeros(n_pad)
+    w1[perm[:half]] = 1
+    w2[perm[half : 2 * half]] = 1
+    return w1, w2
+
+
 def split_half_compare(x, n_models: int, *, mesh, seed: int, k: int = 16) -> dict:
     """Principal angles between the bases of two seeded random halves of the population."""
     _, m, n = x.shape
@@ -51,12 +63,57 @@ def split_half_compare(x, n_models: int, *, mesh, seed: int, k: int = 16) -> dic
     k = max(1, min(k, m, n, half - 1))
     if half < 2:
         return {"skipped": f"{n_models} models are too few to split in halves"}
-    perm = np.random.default_rng(seed + 1).permutation(n_models)
-    w1 = np.zeros(x.shape[0])
-    w2 = np.zeros(x.shape[0])
-    w1[perm[:half]] = 1
-    w2[perm[half : 2 * half]] = 1
+    w1, w2 = _halves(n_models, x.shape[0], seed)
     return _angles_record(_bases(x, w1, mesh, k), _bases(x, w2, mesh, k), (m, n), k)
+
+
+def _lora_bases(factors, weights, n_used, *, mesh, key, k, iterations):
+    w = jax.device_put(np.asarray(weights, np.float32), stacked_sharding(mesh))
+    found = lora_bases(factors, w, n_used, mesh=mesh, key=key, k=k, iterations=iterations)
+    return tuple(host_array(x) for x in found)
+
+
+def lora_split_half_compare(
+    factors, n_models: int, *, mesh, seed: int, key, k: int = 16, iterations: int = 4
+) -> dict:
+    """`split_half_compare` of a LoRA population from its factors (`(a, b, scales)`), with
+    bases from the randomized solver (k up to half the shorter side)."""
+    a, b, _ = factors
+    m, n = b.shape[1], a.shape[2]
+    half = n_models // 2
+    k = max(1, min(k, m // 2, n // 2, half - 1))
+    if half < 2:
+        return {"skipped": f"{n_models} models are too few to split in halves"}
+    w1, w2 = _halves(n_models, a.shape[0], seed)
+    k1, k2 = jax.random.split(key)
+    common = dict(mesh=mesh, k=k, iterations=iterations)
+    return _angles_record(
+        _lora_bases(factors, w1, half, key=k1, **common),
+        _lora_bases(factors, w2, half, key=k2, **common),
+        (m, n),
+        k,
+    )
+
+
+def lora_population_compare(
+    factors, n_models: int, other, other_models: int, *, mesh, key, k=16, iterations=4
+) -> dict:
+    """`population_compare` of two LoRA populations from their factors."""
+    a, b, _ = factors
+    m, n = b.shape[1], a.shape[2]
+    k = max(1, min(k, m // 2, n // 2, n_models - 1, other_models - 1))
+    k1, k2 = jax.random.split(key)
+    common = dict(mesh=mesh, k=k, iterations=iterations)
+    mine = np.zeros(a.shape[0])
+    mine[:n_models] = 1
+    theirs = np.zeros(other[0].shape[0])
+    theirs[:other_models] = 1
+    return _angles_record(
+        _lora_bases(factors, mine, n_models, key=k1, **common),
+        _lora_bases(other, theirs, other_models, key=k2, **common),
+        (m, n),
+        k,
+    )
 
 
 def population_compare(x, n_models: int, other, other_models: int, *, mesh, k: int = 16):

@@ -65,6 +65,30 @@ def masked_bases(x: jax.Array, weights: jax.Array, *, mesh: Mesh, kmax: int):
     )
 
 
+def lora_bases(factors, weights, n_used: int, *, mesh: Mesh, key, k: int, iterations: int = 4):
+    """`masked_bases` of a LoRA population from its factors: the top-k rows / cols eigenvectors
+    (`f32[m, k]`, `f32[n, k]`, replicated) of the models with weight 1, centred on their mean, by
+    the randomized solver (`kernels.randomized_lora_eigh`, the other models weighted out).
+    `weights` is `f32[N_pad]` sharded over models; `n_used` the number of models it keeps."""
+    a, b, scales = factors
+    bases = []
+    for mode in ("rows", "cols"):
+        key, sub = jax.random.split(key)
+        eig = kernels.randomized_lora_eigh(
+            a,
+            b,
+            scales * weights,
+            sub,
+            mesh=mesh,
+            n_models=n_used,
+            mode=mode,
+            rank=k,
+            iterations=iterations,
+        )
+        bases.append(eig.vectors)
+    return tuple(bases)
+
+
 @functools.partial(jax.jit, static_argnames=("mesh", "kmax"))
 def fold_capture(x, train, ref, *, mesh: Mesh, kmax: int):
     """Captured energies of every model under the basis fitted on `train`.
@@ -286,22 +310,10 @@ def lora_holdout_control(
         train = np.zeros(n_pad, np.float32)
         train[:n_models] = ~held
         train = jax.device_put(train, sharded)
-        weighted = scales * train
-        bases = []
-        for mode in ("rows", "cols"):
-            key, sub = jax.random.split(key)
-            eig = kernels.randomized_lora_eigh(
-                a,
-                b,
-                weighted,
-                sub,
-                mesh=mesh,
-                n_models=n_train,
-                mode=mode,
-                rank=kmax,
-                iterations=iterations,
-            )
-            bases.append(eig.vectors)
+        key, sub = jax.random.split(key)
+        bases = lora_bases(
+            factors, train, n_train, mesh=mesh, key=sub, k=kmax, iterations=iterations
+        )
         out = lora_fold_capture(a, b, scales, train, *bases, mesh=mesh, n_train=n_train)
         t, r, c = (host_array(o).astype(np.float64)[:n_models] for o in out)
         two[held], rows[held], cols[held] = t[held], r[held], c[held]

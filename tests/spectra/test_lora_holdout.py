@@ -100,23 +100,30 @@ def test_factored_holdout_keeps_float32_accuracy_when_the_mean_dominates():
     mesh = models_mesh(2)
     placed = _placed(*_near_one_update(8, 12, 80, 96, 3, 0.01), mesh)
     dw = _updates64(placed)
-    _check(_factored(placed, 3, shift=True), dw, 3, rtol=1e-4)
+    # Errors ~1e-7 shifted, 3-5e-5 of the held-out energy without the shift.
+    _check(_factored(placed, 3, shift=True), dw, 3, rtol=2e-6)
     with pytest.raises(AssertionError):
-        _check(_factored(placed, 3), dw, 3, rtol=1e-4)
+        _check(_factored(placed, 3), dw, 3, rtol=2e-6)
 
 
-def test_analyze_layer_runs_the_factored_holdout_for_layers_too_large_to_materialise(
+def _population_dir(root, seed):
+    a, b = testing.lora_population(seed, n_models=12, shape=(40, 36), rank=4)
+    for i in range(len(a)):
+        testing.write_peft_adapter(
+            root / f"a{i:02d}", {"model.q_proj": (a[i], b[i])}, r=4, lora_alpha=8
+        )
+    return str(root)
+
+
+def test_analyze_layer_takes_the_controls_from_the_factors_for_layers_too_large_to_materialise(
     tmp_path, monkeypatch
 ):
     from jsubspace import io
 
-    a, b = testing.lora_population(5, n_models=12, shape=(40, 36), rank=4)
-    for i in range(len(a)):
-        testing.write_peft_adapter(
-            tmp_path / f"a{i:02d}", {"model.q_proj": (a[i], b[i])}, r=4, lora_alpha=8
-        )
-    population = io.open_population([str(tmp_path)])
+    population = io.open_population([_population_dir(tmp_path / "one", 5)])
+    other = io.open_population([_population_dir(tmp_path / "two", 6)])
     (layer,) = population.layers
+    (other_layer,) = other.layers
     mesh = models_mesh(2)
 
     def record():
@@ -128,15 +135,21 @@ def test_analyze_layer_runs_the_factored_holdout_for_layers_too_large_to_materia
             spectra_config=spectra.SpectraConfig(),
             control_config=spectra.ControlConfig(null_draws=0, holdout=4),
             key=jax.random.key(0),
+            other=(other_layer, io.place_layer(other_layer, mesh)),
         )
 
-    materialised = record()["holdout"]
+    materialised = record()
     monkeypatch.setattr(_analyze, "MATERIALISE_LIMIT", 0)
     factored = record()
-    assert "skipped" in factored["compare"]["split_half"]
-    ours = factored["holdout"]
-    assert ours["ks"] == materialised["ks"] == [1, 2, 4, 8]  # 9 training models: k <= 8
+    ours, theirs = factored["holdout"], materialised["holdout"]
+    assert ours["ks"] == theirs["ks"] == [1, 2, 4, 8]  # 9 training models: k <= 8
     for field in ("two_sided", "rows_one_sided", "cols_one_sided", "mean_plus_basis"):
-        np.testing.assert_allclose(ours[field], materialised[field][: len(ours["ks"])], rtol=1e-3)
-    assert ours["mean_only"] == pytest.approx(materialised["mean_only"], abs=1e-5)
-    assert factored["verdict"]["label"] in spectra.VERDICTS
+        np.testing.assert_allclose(ours[field], theirs[field], rtol=1e-3)
+    assert ours["mean_only"] == pytest.approx(theirs["mean_only"], abs=1e-5)
+    # Split halves and the second population: the same principal angles (k = 5 and 11).
+    for part in ("split_half", "other"):
+        ours, theirs = factored["compare"][part], materialised["compare"][part]
+        assert ours["k"] == theirs["k"]
+        for field in ("rows_cosines", "cols_cosines"):
+            np.testing.assert_allclose(ours[field], theirs[field], atol=1e-4)
+    assert factored["verdict"]["label"] == materialised["verdict"]["label"]
