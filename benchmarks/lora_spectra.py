@@ -2,7 +2,7 @@
 
 Paths timed (each a whole process; median of --repeats; peak RSS from the kernel's rusage):
   jsubspace          the `jsubspace analyze` command: whole-update spectra (all three modes,
-                     centred) and lineage, no null, no holdout, no plots: factored kernels, no
+                     centred) and lineage, no null, no holdout or split-half compare, no plots: no
                      update ever formed
   jsubspace_e2e      the same with the null (1 draw)
   jsubspace_factors  `--lora=factors`: the paper's A / B statistic
@@ -118,8 +118,8 @@ JSUBSPACE_FLAGS.update(
 
 
 def _jsubspace_command(path: str, pop: str, cache: str) -> list[str]:
-    """The installed command line, as a user runs it (no plots, no holdout: spectra, lineage,
-    and the null where asked)."""
+    """The installed command line, as a user runs it (no plots, no holdout or split-half
+    compare: spectra, lineage, and the null where asked)."""
     return [
         sys.executable,
         "-m",
@@ -128,6 +128,7 @@ def _jsubspace_command(path: str, pop: str, cache: str) -> list[str]:
         f"--models={pop}",
         f"--out={os.path.join(_WORK.value, 'out_' + path)}",
         "--holdout=none",
+        "--nosplit_half",
         "--noplots",
         "--quiet",
         "--overwrite",

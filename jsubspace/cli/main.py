@@ -3,7 +3,7 @@
 jsubspace analyze --models=PATH[,PATH...] --out=DIR [--include=REGEX] [--exclude=REGEX]
     [--center=mean|none|base] [--base=PATH] [--modes=models,rows,cols] [--rank=K]
     [--lora=delta|factors] [--lora_space=auto|factor|side] [--null_draws=R] [--holdout=loo|K]
-    [--seed=S] [--mesh=N]
+    [--[no]split_half] [--seed=S] [--mesh=N]
 jsubspace demo --out=DIR      writes a population with known truth and analyses it
 jsubspace compress --models=... --out=STORE (--k=K | --tau=T | --budget_bytes=B) [--kmax=K]
 jsubspace reconstruct --store=STORE --out=DIR [--model=NAME|all] [--k=K] [--lora_rank=R]
@@ -56,6 +56,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of every random draw.")
 _MESH = flags.DEFINE_string("mesh", "auto", "Devices on the models axis: 'auto' or a count.")
 _COMPARE = flags.DEFINE_list(
     "compare_to", None, "A second population: principal angles between the two bases."
+)
+_SPLIT = flags.DEFINE_bool(
+    "split_half", True, "Principal angles between the bases of two random halves (compare)."
 )
 _SKIP = flags.DEFINE_bool("skip_mismatched", False, "Skip layers that models disagree on.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a previous run in --out.")
@@ -133,6 +136,7 @@ def _options() -> dict:
         seed=_SEED.value,
         skip_mismatched=_SKIP.value,
         compare_to=_COMPARE.value,
+        split_half=_SPLIT.value,
         num_devices=None if _MESH.value == "auto" else int(_MESH.value),
         overwrite=_OVERWRITE.value,
         memory_budget=None if _BUDGET.value is None else int(_BUDGET.value * 2**30),

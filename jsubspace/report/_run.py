@@ -136,6 +136,7 @@ def analyze(
     quiet: bool = False,
     memory_budget: int | None = None,
     lora_space: str = "auto",
+    split_half: bool = True,
 ) -> dict:
     """Mode-wise spectra of a population beside their controls; writes `out/` and returns
     the `spectra.json` dict.
@@ -167,6 +168,7 @@ def analyze(
             goes to side space where that fits.
         lora_space: 'auto', 'factor' or 'side': where LoRA layers are computed
             (`spectra.SpectraConfig.lora_space`).
+        split_half: the compare control between two random halves of the population.
     """
     if center == "base" and not base:
         raise OutputError("center='base' needs a base model (--base=PATH)")
@@ -197,7 +199,9 @@ def analyze(
         rank=rank,
         lora_space=lora_space,
     )
-    control_config = spectra.ControlConfig(null_draws=null_draws, holdout=holdout, seed=seed)
+    control_config = spectra.ControlConfig(
+        null_draws=null_draws, holdout=holdout, seed=seed, split_half=split_half
+    )
     config = {
         "models": [m.path for m in population.models],
         "include": include,
@@ -214,8 +218,11 @@ def analyze(
         "skip_mismatched": skip_mismatched,
         "compare_to": None,
     }
-    if lora_space != "auto":  # Recorded when asked for (runs begun before it still resume).
+    # Recorded when they differ from the default (runs begun before them still resume).
+    if lora_space != "auto":
         config["lora_space"] = lora_space
+    if not split_half:
+        config["split_half"] = False
     others = {}
     if compare_to:
         other_pop = io.open_population(

@@ -44,6 +44,7 @@ class ControlConfig:
         holdout: 'loo', an int K for K-fold, or None.
         seed: seeds every random draw (null, folds, sketches).
         lineage: compute the lineage control.
+        split_half: compute the principal angles between the bases of two random halves.
         shared_fraction: the fraction of models in (near-)identical groups from which a layer is
             "explained by shared initialisation".
     """
@@ -53,6 +54,7 @@ class ControlConfig:
     seed: int = 0
     lineage: bool = True
     shared_fraction: float = 0.2
+    split_half: bool = True
 
 
 def _primary_mode(modes) -> str:
@@ -181,8 +183,9 @@ def analyze_layer(
             config=spectra_config,
             key=jax.random.fold_in(key, 2),
         )
-        record["compare"] = {
-            "split_half": _compare.lora_split_half_compare(
+        record["compare"] = {}
+        if control_config.split_half:
+            record["compare"]["split_half"] = _compare.lora_split_half_compare(
                 factors,
                 placed.n_models,
                 mesh=mesh,
@@ -190,7 +193,6 @@ def analyze_layer(
                 key=jax.random.fold_in(key, 3),
                 iterations=spectra_config.iterations,
             )
-        }
         del factors
     else:
         record["holdout"] = _run_holdout(
@@ -201,11 +203,11 @@ def analyze_layer(
             center=spectra_config.center,
             base=base,
         )
-        record["compare"] = {
-            "split_half": _compare.split_half_compare(
+        record["compare"] = {}
+        if control_config.split_half:
+            record["compare"]["split_half"] = _compare.split_half_compare(
                 x, placed.n_models, mesh=mesh, seed=control_config.seed
             )
-        }
     if other is not None:
         other_layer, other_placed = other
         y = dense_stack(other_placed, other_layer)

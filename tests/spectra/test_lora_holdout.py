@@ -126,14 +126,14 @@ def test_analyze_layer_takes_the_controls_from_the_factors_for_layers_too_large_
     (other_layer,) = other.layers
     mesh = models_mesh(2)
 
-    def record():
+    def record(split_half=True):
         return spectra.analyze_layer(
             layer,
             io.place_layer(layer, mesh),
             population.names,
             mesh=mesh,
             spectra_config=spectra.SpectraConfig(),
-            control_config=spectra.ControlConfig(null_draws=0, holdout=4),
+            control_config=spectra.ControlConfig(null_draws=0, holdout=4, split_half=split_half),
             key=jax.random.key(0),
             other=(other_layer, io.place_layer(other_layer, mesh)),
         )
@@ -153,3 +153,4 @@ def test_analyze_layer_takes_the_controls_from_the_factors_for_layers_too_large_
         for field in ("rows_cosines", "cols_cosines"):
             np.testing.assert_allclose(ours[field], theirs[field], atol=1e-4)
     assert factored["verdict"]["label"] == materialised["verdict"]["label"]
+    assert list(record(split_half=False)["compare"]) == ["other"]  # --nosplit_half
