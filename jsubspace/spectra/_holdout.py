@@ -203,6 +203,22 @@ def _record(two, rows, cols, centred, raw, *, m, n, kmax, folds, holdout) -> dic
     }
 
 
+def _one_sided(c, x, w, n_train):
+    """Inside shard_map: `||c_i x_i - mean||^2` per row, `f32[N/d, k]`, for coefficients
+    `c f32[N/d, k, r]` of factors `x f32[N/d, r, p]`, `mean = sum_j w_j c_j x_j / n_train` over
+    the training models (`w`); from the `r x r` Grams of the factors, no `k x p` product per
+    model."""
+    mean = lax.psum(jnp.einsum("ikr,irp->kp", c * w[:, None, None], x, precision=HIGHEST), MODELS)
+    mean = mean / n_train
+    gram = jnp.einsum("irp,isp->irs", x, x, precision=HIGHEST)
+    cross = jnp.einsum("irp,kp->irk", x, mean, precision=HIGHEST)
+    return (
+        jnp.einsum("ikr,irs,iks->ik", c, gram, c, precision=HIGHEST)
+        - 2 * jnp.einsum("ikr,irk->ik", c, cross, precision=HIGHEST)
+        + jnp.sum(mean * mean, axis=1)
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("mesh", "n_train"))
 def lora_fold_capture(a, b, scales, train, u, v, *, mesh: Mesh, n_train: int):
     """`fold_capture` of a LoRA population from its factors, no update formed.
@@ -232,28 +248,10 @@ def lora_fold_capture(a, b, scales, train, u, v, *, mesh: Mesh, n_train: int):
         zbar = lax.psum(jnp.einsum("i,ikl->kl", w, z, precision=HIGHEST), MODELS) / n_train
         two = jnp.cumsum(jnp.cumsum((z - zbar) ** 2, axis=1), axis=2)
         two = jnp.diagonal(two, axis1=1, axis2=2)
-        # Rows: U^T W_i = P_i A_i, U^T mu = sum_j w_j P_j A_j / T.
-        pw = p * w[:, None, None]
-        umu = lax.psum(jnp.einsum("ikr,irn->kn", pw, a, precision=HIGHEST), MODELS) / n_train
-        ga = jnp.einsum("irn,isn->irs", a, a, precision=HIGHEST)
-        cross = jnp.einsum("irn,kn->irk", a, umu, precision=HIGHEST)
-        rows = (
-            jnp.einsum("ikr,irs,iks->ik", p, ga, p, precision=HIGHEST)
-            - 2 * jnp.einsum("ikr,irk->ik", p, cross, precision=HIGHEST)
-            + jnp.sum(umu * umu, axis=1)
-        )
-        # Cols: W_i V = s_i B_i Q_i, mu V = sum_j w_j s_j B_j Q_j / T.
-        sq = q * s[:, None, None]
-        muv = (
-            lax.psum(jnp.einsum("imr,irl->ml", b, sq * w[:, None, None], precision=HIGHEST), MODELS)
-            / n_train
-        )
-        gb = jnp.einsum("imr,ims->irs", b, b, precision=HIGHEST)
-        cross = jnp.einsum("imr,ml->irl", b, muv, precision=HIGHEST)
-        cols = (
-            jnp.einsum("irl,irs,isl->il", sq, gb, sq, precision=HIGHEST)
-            - 2 * jnp.einsum("irl,irl->il", sq, cross, precision=HIGHEST)
-            + jnp.sum(muv * muv, axis=0)
+        # Rows: U^T W_i = P_i A_i. Cols: (W_i V)^T = (s_i Q_i)^T B_i^T.
+        rows = _one_sided(p, a, w, n_train)
+        cols = _one_sided(
+            jnp.swapaxes(q * s[:, None, None], 1, 2), jnp.swapaxes(b, 1, 2), w, n_train
         )
         return two, jnp.cumsum(rows, axis=-1), jnp.cumsum(cols, axis=-1)
 
