@@ -181,13 +181,8 @@ def _dense_spectra(
             center=config.center,
             iterations=config.iterations,
         )
-        out[mode] = ModeResult(
-            np.clip(host_array(eig.values).astype(np.float64), 0.0, None),
-            "randomized",
-            sides[mode],
-            residual=float(np.max(host_array(eig.residuals))),
-            iterations=config.iterations,
-            flops=costs[mode]["randomized"],
+        out[mode] = randomized_result(
+            eig, "randomized", sides[mode], config, flops=costs[mode]["randomized"]
         )
     models_gram = host_array(grams.models).astype(np.float64)
     norms = np.diag(models_gram).copy()
@@ -515,7 +510,7 @@ def _randomized_lora_spectra(
                 center=config.center,
                 **common,
             )
-            out[mode] = _randomized_result(eig, "randomized-factored", sides[mode], config)
+            out[mode] = randomized_result(eig, "randomized-factored", sides[mode], config)
         del factors
     else:
         mask = placed_sample_mask(mesh, *placed.a.shape[:2], ranks)
@@ -531,7 +526,7 @@ def _randomized_lora_spectra(
                     rank=min(config.rank, sides[name]),
                     **common,
                 )
-                out[name] = _randomized_result(
+                out[name] = randomized_result(
                     eig, "randomized-factor-pca", sides[name], config, float(host_array(trace))
                 )
             else:
@@ -550,7 +545,10 @@ def _ordered(modes) -> list[str]:
     return sorted(modes, key=order.index)
 
 
-def _randomized_result(eig: kernels.Eig, method: str, side: int, config, energy=None) -> ModeResult:
+def randomized_result(
+    eig: kernels.Eig, method: str, side: int, config, energy=None, flops=None
+) -> ModeResult:
+    """The ModeResult of a randomized solve: its eigenvalues, largest residual and steps."""
     return ModeResult(
         np.clip(host_array(eig.values).astype(np.float64), 0.0, None),
         method,
@@ -558,6 +556,7 @@ def _randomized_result(eig: kernels.Eig, method: str, side: int, config, energy=
         residual=float(np.max(host_array(eig.residuals))),
         iterations=config.iterations,
         total_energy=energy,
+        flops=flops,
     )
 
 
