@@ -1,0 +1,60 @@
+"""Behaviour preserved: fresh runs of the golden cases equal the recorded `spectra.json` records
+(numbers to float32 rounding, verdict labels and every string exactly). Keys added since the
+recording (the layer plan, say) are allowed; keys that disappeared are not."""
+
+import numpy as np
+import pytest
+
+from tests.golden import cases
+
+# float32 rounding of sums over 16 models and of eigen-solvers, relative to each array's scale.
+RTOL = 2e-4
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    return cases.populations(str(tmp_path_factory.mktemp("golden")))
+
+
+def assert_same(found, want, where="record"):
+    if isinstance(want, dict):
+        assert isinstance(found, dict), where
+        missing = set(want) - set(found)
+        assert not missing, f"{where}: keys gone {sorted(missing)}"
+        for key, value in want.items():
+            assert_same(found[key], value, f"{where}.{key}")
+    elif isinstance(want, list) and _numeric(want):
+        a, b = np.asarray(found, np.float64), np.asarray(want, np.float64)
+        assert a.shape == b.shape, f"{where}: shape {a.shape} != {b.shape}"
+        scale = max(float(np.max(np.abs(b))) if b.size else 0.0, 1e-30)
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=RTOL * scale, err_msg=where)
+    elif isinstance(want, list):
+        assert isinstance(found, list) and len(found) == len(want), where
+        for i, (f, w) in enumerate(zip(found, want)):
+            assert_same(f, w, f"{where}[{i}]")
+    elif isinstance(want, float) and not isinstance(want, bool):
+        assert found == pytest.approx(want, rel=RTOL, abs=1e-6 * max(abs(want), 1e-30)), where
+    else:
+        assert found == want, f"{where}: {found!r} != {want!r}"
+
+
+def _numeric(value: list) -> bool:
+    """A non-empty rectangular array of numbers (no booleans, no strings)."""
+    try:
+        flat = np.asarray(value, dtype=object).ravel()
+        np.asarray(value, np.float64)
+    except (ValueError, TypeError):
+        return False
+    return bool(value) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat
+    )
+
+
+@pytest.mark.parametrize("name", sorted(cases.CASES))
+def test_golden_case(name, paths, tmp_path):
+    found = cases.run_case(name, paths, str(tmp_path / name), no_materialise=cases.no_materialise)
+    want = cases.load(name)
+    assert found["models"] == want["models"]
+    for got, rec in zip(found["layers"], want["layers"], strict=True):
+        assert got["verdict"]["label"] == rec["verdict"]["label"], rec["name"]
+        assert_same(got, rec, rec["name"])
