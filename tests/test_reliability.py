@@ -18,7 +18,7 @@ from jsubspace import CheckpointError
 from jsubspace import PopulationError
 from jsubspace import io
 from jsubspace import testing
-from jsubspace.report import OutputError
+from jsubspace import OutputError
 from tests._distributed import launch_analyze
 
 
@@ -113,7 +113,7 @@ def test_layer_over_the_memory_budget_is_refused_before_reading(tmp_path):
 
 
 def test_disk_full_while_writing_keeps_finished_work(tmp_path, monkeypatch):
-    from jsubspace.report import _atomic
+    from jsubspace.io import _atomic
 
     pop = _population(tmp_path / "pop", layers=5)
     opts = dict(null_draws=1, holdout=None, num_devices=2, quiet=True, plots=False)

@@ -147,8 +147,8 @@ def _options() -> dict:
 
 def _analyze(argv):
     del argv
-    from jsubspace.report import analyze
     from jsubspace.report import verdict_table
+    from jsubspace.run import analyze
 
     if not _MODELS.value or not _OUT.value:
         raise app.UsageError("analyze needs --models and --out")
@@ -162,8 +162,8 @@ def _analyze(argv):
 def _demo(argv):
     del argv
     from jsubspace.cli._demo import write_demo_population
-    from jsubspace.report import analyze
     from jsubspace.report import verdict_table
+    from jsubspace.run import analyze
 
     out = _OUT.value or "demo_out"
     _setup_jax()
@@ -278,8 +278,8 @@ def _merge(argv):
 
 def _errors_as_messages(main):
     def wrapped(argv):
+        from jsubspace.errors import DistributedError
         from jsubspace.errors import JsubspaceError
-        from jsubspace.report import DistributedError
 
         try:
             main(argv)

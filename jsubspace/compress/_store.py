@@ -24,8 +24,8 @@ from jsubspace import sharding
 from jsubspace.compress._basis import LayerBasis
 from jsubspace.compress._basis import dense_basis
 from jsubspace.compress._basis import lora_basis
-from jsubspace.errors import JsubspaceError
-from jsubspace.report._atomic import atomic_write_json
+from jsubspace.errors import StoreError
+from jsubspace.io._atomic import atomic_write_json
 from jsubspace.sharding import host_array
 
 STORE_VERSION = "1"
@@ -35,10 +35,6 @@ STORABLE = {
     np.dtype(ml_dtypes.bfloat16),
     np.dtype(np.float64),
 }
-
-
-class StoreError(JsubspaceError, ValueError):
-    """A store cannot be built, read, or used with the given model or layer."""
 
 
 def storage_dtype(dtype) -> np.dtype:

@@ -1,21 +1,23 @@
-"""spectra.json, layers.csv, plots and report.html; the resumable `analyze` run."""
+"""Renders what a run produced: layers.csv, plots, report.html and the terminal table.
 
-from jsubspace.report._atomic import atomic_write_json
+A leaf: it reads result dicts and writes files; it computes nothing and runs nothing (the run
+loop is `jsubspace.run`).
+"""
+
 from jsubspace.report._outputs import layer_family
 from jsubspace.report._outputs import verdict_rows
 from jsubspace.report._outputs import verdict_table
 from jsubspace.report._outputs import whole_model_cosine
-from jsubspace.report._run import DistributedError
-from jsubspace.report._run import OutputError
-from jsubspace.report._run import analyze
+from jsubspace.report._outputs import write_csv
+from jsubspace.report._outputs import write_plots
+from jsubspace.report._outputs import write_report_html
 
 __all__ = [
-    "DistributedError",
-    "OutputError",
-    "analyze",
-    "atomic_write_json",
     "layer_family",
     "verdict_rows",
     "verdict_table",
     "whole_model_cosine",
+    "write_csv",
+    "write_plots",
+    "write_report_html",
 ]

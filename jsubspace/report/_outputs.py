@@ -12,8 +12,8 @@ import re
 
 import numpy as np
 
-from jsubspace.report._atomic import atomic_write_bytes
-from jsubspace.report._atomic import atomic_write_text
+from jsubspace.io._atomic import atomic_write_bytes
+from jsubspace.io._atomic import atomic_write_text
 from jsubspace.spectra import TAUS
 
 MAX_LAYER_PLOTS = 24

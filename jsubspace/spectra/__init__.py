@@ -16,6 +16,16 @@ from jsubspace.spectra._lineage import lineage_record
 from jsubspace.spectra._null import gaussian_stack
 from jsubspace.spectra._null import marchenko_pastur_eigenvalues
 from jsubspace.spectra._null import null_control
+from jsubspace.spectra._plan import MATERIALISE_LIMIT
+from jsubspace.spectra._plan import LayerPlan
+from jsubspace.spectra._plan import MachineRates
+from jsubspace.spectra._plan import default_memory_budget
+from jsubspace.spectra._plan import describe
+from jsubspace.spectra._plan import exact_sides
+from jsubspace.spectra._plan import layer_models
+from jsubspace.spectra._plan import measure_rates
+from jsubspace.spectra._plan import plan_layer
+from jsubspace.spectra._plan import plan_total
 from jsubspace.spectra._summary import TAUS
 from jsubspace.spectra._summary import cev
 from jsubspace.spectra._summary import effective_rank
@@ -23,25 +33,35 @@ from jsubspace.spectra._summary import k_at
 from jsubspace.spectra._summary import summarize
 
 __all__ = [
+    "MATERIALISE_LIMIT",
     "TAUS",
     "VERDICTS",
     "ControlConfig",
+    "LayerPlan",
     "LayerSpectra",
+    "MachineRates",
     "ModeResult",
     "SpectraConfig",
     "analyze_layer",
     "cev",
+    "default_memory_budget",
+    "describe",
+    "exact_sides",
     "effective_rank",
     "fold_assignment",
     "gaussian_stack",
     "holdout_control",
     "k_at",
+    "layer_models",
     "layer_spectra",
     "lineage_record",
     "lora_randomized_modes",
     "lora_side_space",
     "marchenko_pastur_eigenvalues",
+    "measure_rates",
     "null_control",
+    "plan_layer",
+    "plan_total",
     "summarize",
     "verdict",
 ]

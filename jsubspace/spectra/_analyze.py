@@ -22,6 +22,8 @@ from jsubspace.spectra import _holdout
 from jsubspace.spectra import _layer
 from jsubspace.spectra import _lineage
 from jsubspace.spectra import _null
+from jsubspace.spectra._plan import LayerPlan
+from jsubspace.spectra._plan import plan_layer
 from jsubspace.spectra._summary import summarize
 
 VERDICTS = (
@@ -31,8 +33,6 @@ VERDICTS = (
     "indistinguishable from noise",
     "model-specific structure, not shared",
 )
-# Holdout materialises LoRA updates only below this many bytes (N * m * n * 4).
-MATERIALISE_LIMIT = 256 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,14 +137,22 @@ def analyze_layer(
     base: jax.Array | None = None,
     other=None,
     release: bool = False,
+    plan: LayerPlan | None = None,
 ) -> dict:
     """Spectra and controls of one layer, as the JSON record of `spectra.json`.
 
+    Every step follows the layer's `plan` (`spectra.plan_layer`; made here from the shapes when
+    not given): the spectra's route and solvers, the null on the same route, the bases of the
+    holdout and compare controls, and whether LoRA controls materialise the updates.
     `other` is `(layer, placed)` of the same layer in a second population, for `compare`.
     `release`: free the device memory of `placed` once the controls that read it are done, before
     the null (whose drawn population then takes its place); the caller must not use `placed`
     afterwards.
     """
+    if plan is None:
+        n_pad = placed.x.shape[0] if isinstance(placed, PlacedDense) else placed.a.shape[0]
+        plan = plan_layer(layer, n_pad=n_pad, spectra=spectra_config, controls=control_config)
+    spectra_config = plan.spectra_config(spectra_config)
     ranks = list(layer.ranks) if isinstance(placed, PlacedLora) else None
     k_spec, k_null = jax.random.split(key)
     spectra = _layer.layer_spectra(
@@ -155,6 +163,7 @@ def analyze_layer(
         base=base,
         ranks=ranks,
         lineage=control_config.lineage,
+        plan=plan,
     )
     record = {
         "name": layer.name,
@@ -170,7 +179,11 @@ def analyze_layer(
         record["lora"] = spectra_config.lora
     uncentred_norms = np.diag(spectra.uncentred) if spectra.uncentred is not None else None
     record["null"] = None  # Filled last, after every control that reads the layer itself.
-    x = dense_stack(placed, layer)
+    record["plan"] = plan.to_json()
+    x = dense_stack(placed, plan)
+    bases = dict(
+        solvers=(plan.bases["rows"], plan.bases["cols"]), iterations=spectra_config.iterations
+    )
     if x is None:
         # A LoRA layer too large to materialise: its controls come from the factors.
         factors = _control_factors(placed, spectra, spectra_config, mesh=mesh)
@@ -202,18 +215,31 @@ def analyze_layer(
             control=control_config,
             center=spectra_config.center,
             base=base,
+            key=jax.random.fold_in(key, 2),
+            **bases,
         )
         record["compare"] = {}
         if control_config.split_half:
             record["compare"]["split_half"] = _compare.split_half_compare(
-                x, placed.n_models, mesh=mesh, seed=control_config.seed
+                x,
+                placed.n_models,
+                mesh=mesh,
+                seed=control_config.seed,
+                key=jax.random.fold_in(key, 3),
+                **bases,
             )
     if other is not None:
         other_layer, other_placed = other
-        y = dense_stack(other_placed, other_layer)
+        y = dense_stack(other_placed, plan)
         if x is not None and y is not None:
             found = _compare.population_compare(
-                x, placed.n_models, y, other_placed.n_models, mesh=mesh
+                x,
+                placed.n_models,
+                y,
+                other_placed.n_models,
+                mesh=mesh,
+                key=jax.random.fold_in(key, 4),
+                **bases,
             )
         else:  # LoRA, one of them too large to materialise: from the factors
             found = _compare.lora_population_compare(
@@ -242,7 +268,7 @@ def analyze_layer(
             factor_gram=spectra.factor_gram,
             factor_prints=factor_prints,
         )
-    if release and isinstance(placed, PlacedLora) and _layer.side_space(placed, spectra_config):
+    if release and plan.route == "lora-side":
         # The side-space null draws a population as large as the real one: it takes its place.
         for array in (placed.a, placed.b):
             array.delete()
@@ -255,6 +281,7 @@ def analyze_layer(
         draws=control_config.null_draws,
         ranks=ranks,
         uncentred_norms=uncentred_norms,
+        plan=plan,
     )
     record["verdict"] = verdict(record, shared_fraction=control_config.shared_fraction)
     return record
@@ -263,14 +290,13 @@ def analyze_layer(
 _materialise = jax.jit(kernels.materialized_updates)
 
 
-def dense_stack(placed, layer) -> jax.Array | None:
-    """The layer as a `[N_pad, m, n]` stack: dense as is, LoRA updates materialised when their
-    float32 stack fits `MATERIALISE_LIMIT`; None for larger LoRA layers (whose controls are then
+def dense_stack(placed, plan: LayerPlan) -> jax.Array | None:
+    """The layer as a `[N_pad, m, n]` stack: dense as is, LoRA updates materialised where the
+    plan says so (`LayerPlan.materialise`); None for larger LoRA layers (whose controls are then
     taken from the factors)."""
     if isinstance(placed, PlacedDense):
         return placed.x
-    m, k = layer.shape
-    if placed.a.shape[0] * m * k * 4 > MATERIALISE_LIMIT:
+    if not plan.materialise:
         return None
     return _materialise(placed.a, placed.b, placed.scales)
 
@@ -319,11 +345,11 @@ def _run_lora_holdout(placed, factors, spectra, *, mesh, control, config, key) -
     )
 
 
-def _run_holdout(x, n, *, mesh, control: ControlConfig, center, base) -> dict:
+def _run_holdout(x, n, *, mesh, control: ControlConfig, center, base, **solver) -> dict:
     skipped = _holdout_skipped(n, control)
     if skipped is not None:
         return skipped
     ref = base if center == "base" else None
     return _holdout.holdout_control(
-        x, n, mesh=mesh, holdout=control.holdout, seed=control.seed, ref=ref
+        x, n, mesh=mesh, holdout=control.holdout, seed=control.seed, ref=ref, **solver
     )

@@ -13,6 +13,7 @@ import numpy as np
 
 from jsubspace.sharding._mesh import host_array
 from jsubspace.sharding._mesh import stacked_sharding
+from jsubspace.spectra._holdout import EXACT
 from jsubspace.spectra._holdout import lora_bases
 from jsubspace.spectra._holdout import masked_bases
 
@@ -39,9 +40,9 @@ def _angles_record(a, b, shape, k) -> dict:
     }
 
 
-def _bases(x, weights, mesh, k):
+def _bases(x, weights, mesh, k, solvers=EXACT, key=None, iterations=4):
     w = jax.device_put(weights.astype(np.float32), stacked_sharding(mesh))
-    u, v = masked_bases(x, w, mesh=mesh, kmax=k)
+    u, v = masked_bases(x, w, key, mesh=mesh, kmax=k, solvers=tuple(solvers), iterations=iterations)
     return host_array(u), host_array(v)
 
 
@@ -56,15 +57,25 @@ def _halves(n_models: int, n_pad: int, seed: int) -> tuple[np.ndarray, np.ndarra
     return w1, w2
 
 
-def split_half_compare(x, n_models: int, *, mesh, seed: int, k: int = 16) -> dict:
-    """Principal angles between the bases of two seeded random halves of the population."""
+def split_half_compare(
+    x, n_models: int, *, mesh, seed: int, k: int = 16, solvers=EXACT, key=None, iterations=4
+) -> dict:
+    """Principal angles between the bases of two seeded random halves of the population (bases
+    by the plan's `solvers`, `(rows, cols)`; `key` for the randomized one)."""
     _, m, n = x.shape
     half = n_models // 2
     k = max(1, min(k, m, n, half - 1))
     if half < 2:
         return {"skipped": f"{n_models} models are too few to split in halves"}
     w1, w2 = _halves(n_models, x.shape[0], seed)
-    return _angles_record(_bases(x, w1, mesh, k), _bases(x, w2, mesh, k), (m, n), k)
+    keys = jax.random.split(key) if key is not None else (None, None)
+    common = dict(solvers=solvers, iterations=iterations)
+    return _angles_record(
+        _bases(x, w1, mesh, k, key=keys[0], **common),
+        _bases(x, w2, mesh, k, key=keys[1], **common),
+        (m, n),
+        k,
+    )
 
 
 def _lora_bases(factors, weights, n_used, *, mesh, key, k, iterations):
@@ -116,12 +127,22 @@ def lora_population_compare(
     )
 
 
-def population_compare(x, n_models: int, other, other_models: int, *, mesh, k: int = 16):
-    """Principal angles between the bases of two populations of the same layer."""
+def population_compare(
+    x, n_models: int, other, other_models: int, *, mesh, k=16, solvers=EXACT, key=None, iterations=4
+):
+    """Principal angles between the bases of two populations of the same layer (bases by the
+    plan's `solvers`; `key` for the randomized one)."""
     _, m, n = x.shape
     k = max(1, min(k, m, n, n_models - 1, other_models - 1))
     w1 = np.zeros(x.shape[0])
     w1[:n_models] = 1
     w2 = np.zeros(other.shape[0])
     w2[:other_models] = 1
-    return _angles_record(_bases(x, w1, mesh, k), _bases(other, w2, mesh, k), (m, n), k)
+    keys = jax.random.split(key) if key is not None else (None, None)
+    common = dict(solvers=solvers, iterations=iterations)
+    return _angles_record(
+        _bases(x, w1, mesh, k, key=keys[0], **common),
+        _bases(other, w2, mesh, k, key=keys[1], **common),
+        (m, n),
+        k,
+    )

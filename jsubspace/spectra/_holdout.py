@@ -28,14 +28,42 @@ from jsubspace.sharding._mesh import host_array
 from jsubspace.sharding._mesh import stacked_sharding
 from jsubspace.spectra._null import EXCESS_KS
 
+EXACT = ("exact", "exact")
 
-def weighted_bases(xf: jax.Array, weights: jax.Array, *, kmax: int):
+
+def side_basis(xt: jax.Array, *, mode: str, solver: str, k: int, key, iterations: int):
+    """Inside shard_map: the top-k eigenvectors (`f32[side, k]`, replicated) of the `rows`
+    (`sum_i X_i X_i^T`) or `cols` (`sum_i X_i^T X_i`) matrix of this shard's models `xt`
+    (`f32[N/d, m, n]`, summed over devices): by `eigh` of the `side x side` matrix (`solver`
+    'exact'), or by the randomized block-Krylov solver through `X_i (X_i^T Q)` products, which
+    never forms it ('randomized')."""
+    if solver == "exact":
+        spec = "imn,ikn->mk" if mode == "rows" else "imn,imk->nk"
+        matrix = lax.psum(jnp.einsum(spec, xt, xt, precision=HIGHEST), MODELS)
+        return jnp.linalg.eigh(matrix)[1][:, ::-1][:, :k]
+    x = xt if mode == "rows" else jnp.swapaxes(xt, 1, 2)
+
+    def matmat(q):
+        inner = jnp.einsum("imn,ml->inl", x, q, precision=HIGHEST)
+        return lax.psum(jnp.einsum("imn,inl->ml", x, inner, precision=HIGHEST), MODELS)
+
+    eig = kernels.randomized_eigh(matmat, x.shape[1], rank=k, key=key, iterations=iterations)
+    return eig.vectors
+
+
+def weighted_bases(
+    xf: jax.Array, weights: jax.Array, *, kmax: int, solvers=EXACT, key=None, iterations: int = 4
+):
     """Inside shard_map: the chosen models' mean, and their top-k rows / cols eigenvectors.
 
     Args:
         xf: `f32[N/d, m, n]`, this shard's models.
         weights: `f32[N/d]`, 1 for the models that define the basis, 0 for the others.
         kmax: how many eigenvectors.
+        solvers: `(rows, cols)`, each 'exact' or 'randomized' (`side_basis`): the layer plan's
+            `bases`.
+        key: replicated PRNG key of the randomized solver (unused when both are exact).
+        iterations: block-Krylov steps of the randomized solver.
 
     Returns:
         `(xc f32[N/d, m, n], u f32[m, kmax], v f32[n, kmax])`: every model of the shard centred
@@ -45,24 +73,47 @@ def weighted_bases(xf: jax.Array, weights: jax.Array, *, kmax: int):
     mu = lax.psum(jnp.einsum("i,imn->mn", weights, xf, precision=HIGHEST), MODELS) / count
     xc = xf - mu
     xt = xc * weights[:, None, None]
-    rows = lax.psum(jnp.einsum("imn,ikn->mk", xt, xt, precision=HIGHEST), MODELS)
-    cols = lax.psum(jnp.einsum("imn,imk->nk", xt, xt, precision=HIGHEST), MODELS)
-    u = jnp.linalg.eigh(rows)[1][:, ::-1][:, :kmax]
-    v = jnp.linalg.eigh(cols)[1][:, ::-1][:, :kmax]
+    keys = jax.random.split(key) if key is not None else (None, None)
+    u, v = (
+        side_basis(xt, mode=mode, solver=solver, k=kmax, key=k, iterations=iterations)
+        for mode, solver, k in zip(("rows", "cols"), solvers, keys)
+    )
     return xc, u, v
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "kmax"))
-def masked_bases(x: jax.Array, weights: jax.Array, *, mesh: Mesh, kmax: int):
-    """Top-k rows / cols eigenvectors `(f32[m, k], f32[n, k])` of the models with weight 1."""
+@functools.partial(jax.jit, static_argnames=("mesh", "kmax", "solvers", "iterations"))
+def masked_bases(
+    x: jax.Array,
+    weights: jax.Array,
+    key: jax.Array | None = None,
+    *,
+    mesh: Mesh,
+    kmax: int,
+    solvers=EXACT,
+    iterations: int = 4,
+):
+    """Top-k rows / cols eigenvectors `(f32[m, k], f32[n, k])` of the models with weight 1, by
+    the plan's `solvers` (see `weighted_bases`)."""
 
-    def body(xb, wb):
-        _, u, v = weighted_bases(xb.astype(jnp.float32), wb, kmax=kmax)
+    def body(xb, wb, kb):
+        _, u, v = weighted_bases(
+            xb.astype(jnp.float32), wb, kmax=kmax, solvers=solvers, key=kb, iterations=iterations
+        )
         return u, v
 
-    return jax.shard_map(body, mesh=mesh, in_specs=(P(MODELS), P(MODELS)), out_specs=P())(
-        x, weights
-    )
+    key = _solver_key(key, solvers)
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=(P(MODELS), P(MODELS), P()), out_specs=P(), check_vma=False
+    )(x, weights, key)
+
+
+def _solver_key(key, solvers) -> jax.Array:
+    """The randomized solver's key; exact solvers need none (a fixed one stands in)."""
+    if key is None:
+        if any(s != "exact" for s in solvers):
+            raise ValueError(f"bases solved {solvers} need a PRNG key")
+        key = jax.random.key(0)
+    return key
 
 
 def lora_bases(factors, weights, n_used: int, *, mesh: Mesh, key, k: int, iterations: int = 4):
@@ -89,9 +140,10 @@ def lora_bases(factors, weights, n_used: int, *, mesh: Mesh, key, k: int, iterat
     return tuple(bases)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "kmax"))
-def fold_capture(x, train, ref, *, mesh: Mesh, kmax: int):
-    """Captured energies of every model under the basis fitted on `train`.
+@functools.partial(jax.jit, static_argnames=("mesh", "kmax", "solvers", "iterations"))
+def fold_capture(x, train, ref, key=None, *, mesh: Mesh, kmax: int, solvers=EXACT, iterations=4):
+    """Captured energies of every model under the basis fitted on `train` (by the plan's
+    `solvers`, see `weighted_bases`; `key` for the randomized one).
 
     Args:
         x: `dtype[N_pad, m, n]` sharded over models.
@@ -106,9 +158,9 @@ def fold_capture(x, train, ref, *, mesh: Mesh, kmax: int):
         `W - mu` and `W - ref`.
     """
 
-    def body(xb, tb, rb):
+    def body(xb, tb, rb, kb):
         xf = xb.astype(jnp.float32)
-        xc, u, v = weighted_bases(xf, tb, kmax=kmax)
+        xc, u, v = weighted_bases(xf, tb, kmax=kmax, solvers=solvers, key=kb, iterations=iterations)
         core = jnp.einsum("mk,imn,nl->ikl", u, xc, v, precision=HIGHEST) ** 2
         two = jnp.cumsum(jnp.cumsum(core, axis=1), axis=2)
         two = jnp.diagonal(two, axis1=1, axis2=2)
@@ -121,8 +173,12 @@ def fold_capture(x, train, ref, *, mesh: Mesh, kmax: int):
         return two, rows_one, cols_one, centred, raw
 
     return jax.shard_map(
-        body, mesh=mesh, in_specs=(P(MODELS), P(MODELS), P()), out_specs=P(MODELS)
-    )(x, train, ref)
+        body,
+        mesh=mesh,
+        in_specs=(P(MODELS), P(MODELS), P(), P()),
+        out_specs=P(MODELS),
+        check_vma=False,
+    )(x, train, ref, _solver_key(key, solvers))
 
 
 def fold_assignment(n_models: int, holdout: str | int, seed: int) -> np.ndarray:
@@ -146,12 +202,17 @@ def holdout_control(
     holdout: str | int,
     seed: int,
     ref: jax.Array | None = None,
-    max_side: int = 4096,
+    solvers=EXACT,
+    key: jax.Array | None = None,
+    iterations: int = 4,
 ) -> dict:
-    """The holdout record of one layer (dense stack; LoRA callers pass materialised updates)."""
+    """The holdout record of one layer (dense stack; LoRA callers pass materialised updates).
+
+    Each fold's bases come from the plan's `solvers` (`(rows, cols)`, 'exact' or 'randomized';
+    `key` seeds the randomized one, folded with the fold index), so a long side is never
+    formed as a `side x side` matrix.
+    """
     n_pad, m, n = x.shape
-    if max(m, n) > max_side:
-        return {"skipped": f"side {max(m, n)} exceeds the exact-eigh limit {max_side}"}
     folds = fold_assignment(n_models, holdout, seed)
     n_folds = int(folds.max()) + 1
     smallest_train = n_models - max(np.bincount(folds))
@@ -166,7 +227,14 @@ def holdout_control(
         train = np.zeros(n_pad, np.float32)
         train[:n_models] = folds != f
         out = fold_capture(
-            x, jax.device_put(train, stacked_sharding(mesh)), ref, mesh=mesh, kmax=kmax
+            x,
+            jax.device_put(train, stacked_sharding(mesh)),
+            ref,
+            None if key is None else jax.random.fold_in(key, f),
+            mesh=mesh,
+            kmax=kmax,
+            solvers=tuple(solvers),
+            iterations=iterations,
         )
         t, r, c, ce, ra = (host_array(o).astype(np.float64)[:n_models] for o in out)
         held = folds == f

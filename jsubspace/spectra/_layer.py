@@ -129,27 +129,45 @@ def _eigvals(gram) -> np.ndarray:
     return np.clip(values.astype(np.float64), 0.0, None)
 
 
-def _dense_spectra(
-    placed: PlacedDense, base, *, mesh, config: SpectraConfig, key, lineage: bool
-) -> LayerSpectra:
-    n_pad, m, n = placed.x.shape
-    sides = {"models": placed.n_models, "rows": m, "cols": n}
-    randomized = set()
-    costs = {}
-    for mode in ("rows", "cols"):
-        if mode not in config.modes:
+def dense_mode_solvers(n_models: int, m: int, n: int, config: SpectraConfig) -> dict[str, str]:
+    """The solver, 'exact' or 'randomized', of each mode of a dense `m x n` layer of N models:
+    the randomized solver when asked for, or under 'auto' when it is cheaper by `solver_costs` or
+    the side is longer than `exact_limit` (whose exact eigh would also need the `side^2` Gram in
+    memory), provided the rank is below half the side. The one rule (`spectra.plan_layer`)."""
+    sides = {"models": n_models, "rows": m, "cols": n}
+    out = {}
+    for mode in config.modes:
+        out[mode] = "exact"
+        if mode == "models":
             continue
-        costs[mode] = solver_costs(
-            placed.n_models, m, n, mode=mode, rank=config.rank, iterations=config.iterations
+        costs = solver_costs(
+            n_models, m, n, mode=mode, rank=config.rank, iterations=config.iterations
         )
-        cheaper = costs[mode]["randomized"] < costs[mode]["exact"]
-        # Exact eigh of a side beyond exact_limit also needs its side^2 Gram in memory.
+        cheaper = costs["randomized"] < costs["exact"]
         if config.method == "randomized" or (
             config.method == "auto"
             and (cheaper or sides[mode] > config.exact_limit)
             and config.rank < sides[mode] // 2
         ):
-            randomized.add(mode)
+            out[mode] = "randomized"
+    return out
+
+
+def _dense_spectra(
+    placed: PlacedDense, base, *, mesh, config: SpectraConfig, key, lineage: bool, solvers=None
+) -> LayerSpectra:
+    n_pad, m, n = placed.x.shape
+    sides = {"models": placed.n_models, "rows": m, "cols": n}
+    if solvers is None:
+        solvers = dense_mode_solvers(placed.n_models, m, n, config)
+    randomized = {mode for mode, solver in solvers.items() if solver == "randomized"}
+    costs = {
+        mode: solver_costs(
+            placed.n_models, m, n, mode=mode, rank=config.rank, iterations=config.iterations
+        )
+        for mode in ("rows", "cols")
+        if mode in config.modes
+    }
     exact_modes = tuple(mo for mo in MODES if mo in config.modes and mo not in randomized)
     # The models Gram is always wanted: its diagonal gives the per-model energies.
     grams = kernels.mode_grams(
@@ -561,18 +579,31 @@ def randomized_result(
 
 
 def lora_layer_spectra(
-    placed: PlacedLora, ranks, *, mesh, config: SpectraConfig, key=None, lineage: bool = True
+    placed: PlacedLora,
+    ranks,
+    *,
+    mesh,
+    config: SpectraConfig,
+    key=None,
+    lineage: bool = True,
+    plan=None,
 ) -> LayerSpectra:
-    """Spectra of a LoRA layer (real, or a null draw with `lineage=False`) by the route its shapes
-    and `config` call for: factor or side space, exact or randomized (`key` for the latter)."""
-    fast = randomized_lora_modes(placed, config)
+    """Spectra of a LoRA layer (real, or a null draw with `lineage=False`) by the route of its
+    `plan` (`spectra.LayerPlan`; without one, the rule its shapes and `config` call for): factor
+    or side space, exact or randomized (`key` for the latter)."""
+    if plan is not None:
+        config = plan.spectra_config(config)
+        fast = plan.randomized_modes()
+    else:
+        fast = randomized_lora_modes(placed, config)
     if fast:
         if key is None:
             raise ValueError("randomized LoRA spectra need a PRNG key")
         return _randomized_lora_spectra(
             placed, ranks, fast, mesh=mesh, config=config, key=key, lineage=lineage
         )
-    if side_space(placed, config):
+    side = plan.route == "lora-side" if plan is not None else side_space(placed, config)
+    if side:
         mask = placed_sample_mask(mesh, *placed.a.shape[:2], ranks)
         return side_lora_spectra(*placed, mesh=mesh, config=config, mask=mask, lineage=lineage)
     g = dispatch_lora(placed, mesh=mesh, config=config)
@@ -625,8 +656,10 @@ def layer_spectra(
     base: jax.Array | None = None,
     ranks=None,
     lineage: bool = True,
+    plan=None,
 ) -> LayerSpectra:
-    """Mode spectra of one placed layer.
+    """Mode spectra of one placed layer, by the solvers of its `plan` (`spectra.plan_layer`;
+    without one, by the same rules applied to the placed shapes).
 
     Args:
         placed: the layer on the mesh (io.place_layer).
@@ -647,5 +680,9 @@ def layer_spectra(
             mesh=mesh,
             config=config,
             key=key,
+            plan=plan,
         )
-    return _dense_spectra(placed, base, mesh=mesh, config=config, key=key, lineage=lineage)
+    solvers = plan.solvers if plan is not None else None
+    return _dense_spectra(
+        placed, base, mesh=mesh, config=config, key=key, lineage=lineage, solvers=solvers
+    )

@@ -295,7 +295,7 @@ def dispatch_lora_null(placed: PlacedLora, *, key, config, draws: int, ranks, en
     ]
 
 
-def _null_spectra(placed, spectra, *, key, mesh, config, ranks, pending, energies):
+def _null_spectra(placed, spectra, *, key, mesh, config, ranks, pending, energies, plan=None):
     """The spectra of one draw of the matched Gaussian population (LoRA: `pending` is the draw's
     `dispatch_lora_null` result, `energies` the real updates' `||dW_i||_F^2`)."""
     if isinstance(placed, PlacedDense):
@@ -309,7 +309,9 @@ def _null_spectra(placed, spectra, *, key, mesh, config, ranks, pending, energie
             shape=tuple(placed.x.shape[1:]),
         )
         null = PlacedDense(z, placed.n_models)
-        return _layer.layer_spectra(null, mesh=mesh, config=config, key=key, lineage=False)
+        return _layer.layer_spectra(
+            null, mesh=mesh, config=config, key=key, lineage=False, plan=plan
+        )
     m, n = placed.b.shape[1], placed.a.shape[2]
     n_pad, r = placed.a.shape[:2]
     ranks = ranks or [r] * placed.n_models
@@ -336,6 +338,7 @@ def _null_spectra(placed, spectra, *, key, mesh, config, ranks, pending, energie
             config=config,
             key=key,
             lineage=False,
+            plan=plan,
         )
     g, f_a, f_b = pending
     roots = {"rows": f_b, "cols": f_a} if _layer.factored_on_host(placed.a) else None
@@ -354,8 +357,12 @@ def null_control(
     draws: int,
     ranks=None,
     uncentred_norms=None,
+    plan=None,
 ) -> dict:
     """The null record of one layer: per mode, null CEV band, MP expectation and the excess.
+
+    The drawn populations take the real layer's route and solvers (its `plan`, a
+    `spectra.LayerPlan`; without one, the rules applied to the placed shapes).
 
     LoRA draws are matched to `uncentred_norms`; all their device work is started first.
 
@@ -367,11 +374,16 @@ def null_control(
         return {"draws": 0}
     per_mode: dict[str, list[np.ndarray]] = {mode: [] for mode in spectra.modes}
     pending = None
-    if (
-        isinstance(placed, PlacedLora)
-        and not _layer.side_space(placed, config)
-        and not _layer.randomized_lora_modes(placed, config)
-    ):
+    if plan is not None:
+        config = plan.spectra_config(config)
+        factor_route = plan.route == "lora-factor" and not plan.randomized_modes()
+    else:
+        factor_route = not (
+            isinstance(placed, PlacedDense)
+            or _layer.side_space(placed, config)
+            or _layer.randomized_lora_modes(placed, config)
+        )
+    if isinstance(placed, PlacedLora) and factor_route:
         pending = dispatch_lora_null(
             placed, key=key, config=config, draws=draws, ranks=ranks, energies=uncentred_norms
         )
@@ -386,6 +398,7 @@ def null_control(
             ranks=ranks,
             pending=pending[draw] if pending is not None else None,
             energies=uncentred_norms,
+            plan=plan,
         )
         for mode, result in ns.modes.items():
             energy = result.total_energy if result.total_energy is not None else ns.total_energy

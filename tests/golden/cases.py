@@ -86,16 +86,16 @@ def no_materialise():
     """LoRA controls from the factors whatever the layer's size: the materialise limit at 0."""
     import contextlib
 
-    from jsubspace.spectra import _analyze
+    from jsubspace.spectra import _plan
 
     @contextlib.contextmanager
     def patched():
-        saved = _analyze.MATERIALISE_LIMIT
-        _analyze.MATERIALISE_LIMIT = 0
+        saved = _plan.MATERIALISE_LIMIT
+        _plan.MATERIALISE_LIMIT = 0
         try:
             yield
         finally:
-            _analyze.MATERIALISE_LIMIT = saved
+            _plan.MATERIALISE_LIMIT = saved
 
     return patched()
 

@@ -9,7 +9,6 @@ from jsubspace import io
 from jsubspace import sharding
 from jsubspace import spectra
 from jsubspace import testing
-from jsubspace.report import _run
 
 
 def _adapters(root, n_models, shape, rank, seed=0):
@@ -50,20 +49,27 @@ def test_forced_spaces_give_the_same_spectra(tmp_path, lora):
     assert side["total_energy"] == pytest.approx(factor["total_energy"], rel=1e-5)
 
 
+def _plan(layer, mesh, config, budget=None):
+    n_pad = sharding.padded_count(spectra.layer_models(layer), mesh)
+    return spectra.plan_layer(
+        layer, n_pad=n_pad, spectra=config, controls=spectra.ControlConfig(), budget=budget
+    )
+
+
 def test_auto_space_goes_to_side_space_where_only_it_fits_the_budget(tmp_path):
     # N r = 1000 just below the 1024-wide sides: factor space is the default and the larger.
     pop = _adapters(tmp_path / "pop", 250, (1024, 1024), 4)
     (layer,) = io.open_population([pop]).layers
     mesh = sharding.models_mesh(2)
     config = spectra.SpectraConfig()
-    factor = _run.layer_working_set(layer, mesh, spectra.SpectraConfig(lora_space="factor"))
-    side = _run.layer_working_set(layer, mesh, spectra.SpectraConfig(lora_space="side"))
+    factor = _plan(layer, mesh, spectra.SpectraConfig(lora_space="factor")).working_set_bytes
+    side = _plan(layer, mesh, spectra.SpectraConfig(lora_space="side")).working_set_bytes
     assert side < factor
-    assert _run.lora_space_for(layer, mesh, 10 * factor, config) == "auto"  # the default rule
+    assert _plan(layer, mesh, config, 10 * factor).lora_space == "auto"  # the default rule
     budget = (side + factor) // 2
-    assert _run.lora_space_for(layer, mesh, budget, config) == "side"
+    assert _plan(layer, mesh, config, budget).route == "lora-side"
     forced = spectra.SpectraConfig(lora_space="factor")
-    assert _run.lora_space_for(layer, mesh, budget, forced) == "factor"
+    assert _plan(layer, mesh, forced, budget).route == "lora-factor"
     with pytest.raises(jsubspace.PopulationError, match="over the memory budget"):
         jsubspace.analyze(
             [pop], str(tmp_path / "refused"), lora_space="factor", memory_budget=budget, **OPTIONS
@@ -86,10 +92,10 @@ def test_budget_counts_the_randomized_modes_without_their_side_matrix(tmp_path):
     pop = _adapters(tmp_path / "pop", 10, (6000, 64), 4)
     (layer,) = io.open_population([pop]).layers
     mesh = sharding.models_mesh(2)
-    auto = _run.layer_working_set(layer, mesh, spectra.SpectraConfig(lora_space="side"))
-    exact = _run.layer_working_set(
+    auto = _plan(layer, mesh, spectra.SpectraConfig(lora_space="side")).working_set_bytes
+    exact = _plan(
         layer, mesh, spectra.SpectraConfig(lora_space="side", method="exact")
-    )
+    ).working_set_bytes
     assert exact - auto > 100e6  # its 144 MB matrix, less the solver's basis and factors
     options = dict(OPTIONS, lora_space="side", memory_budget=(auto + exact) // 2)
     with pytest.raises(jsubspace.PopulationError, match="over the memory budget"):

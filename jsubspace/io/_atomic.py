@@ -7,27 +7,33 @@ import json
 import math
 import os
 import tempfile
+import threading
 
 import numpy as np
+
+# Held while a file is written and renamed into place: an interrupted run waits for it before it
+# ends the process (`jsubspace.run._interrupt`), so no write is ever left half done.
+WRITE_LOCK = threading.RLock()
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Writes `data` to a temporary file beside `path`, fsyncs it, then renames it over `path`."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    with WRITE_LOCK:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
         try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -18,15 +18,11 @@ import os
 import jax
 import numpy as np
 
-from jsubspace.errors import JsubspaceError
-from jsubspace.report._atomic import atomic_write_json
-from jsubspace.report._atomic import atomic_write_text
+from jsubspace.errors import OutputError
+from jsubspace.io._atomic import atomic_write_json
+from jsubspace.io._atomic import atomic_write_text
 
 FINAL_FILES = ("spectra.json", "layers.csv", "report.html", "manifest.json")
-
-
-class OutputError(JsubspaceError):
-    """The output directory holds another run, is in use, or cannot be written."""
 
 
 class RunDirectory:

@@ -1,0 +1,341 @@
+"""`analyze`: a population in, `spectra.json` + csv + plots + report out, resumable.
+
+The steps: open the population (headers only), plan every layer (`spectra.plan_layer`: route,
+solvers, memory, estimated time; a layer over the memory budget is refused before any byte is
+read), then stream the layers one at a time through `spectra.analyze_layer` and write each record
+as soon as it is done. The output directory (lock, resume, atomic records) is `RunDirectory`'s
+business. Layer keys are derived from the seed and the layer index, so a resumed run gives the
+same numbers as an uninterrupted one. SIGINT / SIGTERM stop the run within seconds, keeping the
+finished layers (`interruptible`), and a failed peer process ends a multi-host run with a clear
+message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from jsubspace import io
+from jsubspace import sharding
+from jsubspace import spectra
+from jsubspace.errors import CheckpointError
+from jsubspace.errors import DistributedError
+from jsubspace.errors import OutputError
+from jsubspace.io._atomic import atomic_write_text
+from jsubspace.io._atomic import compact_json
+from jsubspace.io._atomic import plain
+from jsubspace.report import write_csv
+from jsubspace.report import write_plots
+from jsubspace.report import write_report_html
+from jsubspace.run._interrupt import interruptible
+from jsubspace.run._manifest import run_manifest
+from jsubspace.run._progress import Progress
+from jsubspace.run._rundir import RunDirectory
+
+SPECTRA_VERSION = "1"
+
+
+def _load_base(path: str, population: io.Population) -> dict[str, io.TensorRef]:
+    """The base model's tensor of every layer (for `center='base'`); headers only."""
+    base = io.load_model(path)
+    refs = {}
+    for layer in population.layers:
+        ref = base.tensors.get(layer.name)
+        if ref is None or math.prod(ref.shape) != layer.shape[0] * layer.shape[1]:
+            raise CheckpointError(
+                path, f"base model lacks layer {layer.name!r} of shape {list(layer.shape)}"
+            )
+        refs[layer.name] = ref
+    return refs
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A run before any tensor is read: the population, configurations, mesh and layer plans."""
+
+    population: io.Population
+    others: dict
+    spectra_config: spectra.SpectraConfig
+    control_config: spectra.ControlConfig
+    config: dict
+    fingerprint: str
+    mesh: object
+    budget: int
+    plans: list[spectra.LayerPlan]
+
+
+def prepare(
+    models: str | Sequence[str],
+    *,
+    include: str | None = None,
+    exclude: str | None = None,
+    center: str = "mean",
+    base: str | None = None,
+    modes: Sequence[str] = ("models", "rows", "cols"),
+    rank: int = 64,
+    method: str = "auto",
+    lora: str = "delta",
+    null_draws: int = 3,
+    holdout: str | int | None = 5,
+    seed: int = 0,
+    skip_mismatched: bool = False,
+    compare_to: str | Sequence[str] | None = None,
+    num_devices: int | None = None,
+    memory_budget: int | None = None,
+    lora_space: str = "auto",
+    split_half: bool = True,
+    quiet: bool = False,
+) -> Prepared:
+    """Opens the population (headers only) and plans every layer; see `analyze` for the
+    arguments. Refuses a layer over the memory budget before any tensor is read."""
+    if center == "base" and not base:
+        raise OutputError("center='base' needs a base model (--base=PATH)")
+    if holdout not in (None, "loo"):
+        holdout = int(holdout)
+
+    def reading(done, total):
+        if not quiet and jax.process_index() == 0 and total >= 8:
+            end = "\n" if done == total else ""
+            print(f"\rreading headers {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+    population = io.open_population(
+        models, include=include, exclude=exclude, skip_mismatched=skip_mismatched, progress=reading
+    )
+    spectra_config = spectra.SpectraConfig(
+        modes=tuple(modes),
+        center=center,
+        lora=lora,
+        method=method,
+        rank=rank,
+        lora_space=lora_space,
+    )
+    control_config = spectra.ControlConfig(
+        null_draws=null_draws, holdout=holdout, seed=seed, split_half=split_half
+    )
+    config = {
+        "models": [m.path for m in population.models],
+        "include": include,
+        "exclude": exclude,
+        "center": center,
+        "base": base,
+        "modes": list(modes),
+        "rank": rank,
+        "method": method,
+        "lora": lora,
+        "null_draws": null_draws,
+        "holdout": holdout,
+        "seed": seed,
+        "skip_mismatched": skip_mismatched,
+        "compare_to": None,
+    }
+    # Recorded when they differ from the default (runs begun before them still resume).
+    if lora_space != "auto":
+        config["lora_space"] = lora_space
+    if not split_half:
+        config["split_half"] = False
+    others = {}
+    if compare_to:
+        other_pop = io.open_population(
+            compare_to, include=include, exclude=exclude, skip_mismatched=True
+        )
+        config["compare_to"] = [m.path for m in other_pop.models]
+        others = {layer.name: layer for layer in other_pop.layers}
+    fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    mesh = sharding.models_mesh(num_devices)
+    budget = memory_budget if memory_budget is not None else spectra.default_memory_budget(mesh)
+    plans = []
+    for layer in population.layers:
+        n_pad = sharding.padded_count(spectra.layer_models(layer), mesh)
+        plan = spectra.plan_layer(
+            layer, n_pad=n_pad, spectra=spectra_config, controls=control_config, budget=budget
+        )
+        plan.check_budget(budget)
+        plans.append(plan)
+    return Prepared(
+        population,
+        others,
+        spectra_config,
+        control_config,
+        config,
+        fingerprint,
+        mesh,
+        budget,
+        plans,
+    )
+
+
+def plan(models: str | Sequence[str], **options) -> list[spectra.LayerPlan]:
+    """The plan of every layer of a population, read from headers only: what `analyze` with the
+    same arguments would do, how much memory each layer needs and how long it should take."""
+    return prepare(models, **options).plans
+
+
+def analyze(
+    models: str | Sequence[str],
+    out: str,
+    *,
+    overwrite: bool = False,
+    plots: bool = True,
+    quiet: bool = False,
+    **options,
+) -> dict:
+    """Mode-wise spectra of a population beside their controls; writes `out/` and returns
+    the `spectra.json` dict.
+
+    Args:
+        models: sources (see `io.resolve_sources`).
+        out: output directory (created).
+        overwrite: discard a previous run in `out` instead of resuming it.
+        plots: write PNG plots and report.html (needs matplotlib).
+        quiet: no progress bar.
+        **options: how the population is analysed:
+            include, exclude: layer-name regexes.
+            center: 'mean', 'none' or 'base' (needs `base`).
+            base: path of the base model for `center='base'`.
+            modes: spectra to compute.
+            rank: eigenvalues computed by randomized solvers (exact solvers give all).
+            method: 'auto', 'exact' or 'randomized' (rows / cols modes, and the LoRA factor
+                PCA; see `spectra.SpectraConfig.method`).
+            lora: 'delta' or 'factors' for PEFT populations.
+            null_draws: Gaussian null draws per layer.
+            holdout: 'loo', K (folds) or None.
+            seed: seeds every random draw.
+            skip_mismatched: skip layers the models disagree on (listed in the output).
+            compare_to: a second population; layers of the same name and shape get principal
+                angles between the two populations' bases (`compare.other`).
+            num_devices: devices of the `models` mesh (all by default).
+            memory_budget: bytes one layer's analysis may use (default: half the host RAM on
+                CPU, 80% of device memory on accelerators); larger layers are refused before
+                any read. With `lora_space='auto'`, a LoRA layer whose factor-space matrices
+                would exceed it goes to side space where that fits.
+            lora_space: 'auto', 'factor' or 'side': where LoRA layers are computed
+                (`spectra.SpectraConfig.lora_space`).
+            split_half: the compare control between two random halves of the population.
+    """
+    run = prepare(models, quiet=quiet, **options)
+    population = run.population
+    base = options.get("base")
+    base_refs = _load_base(base, population) if base else {}
+    with RunDirectory(
+        out, fingerprint=run.fingerprint, config=run.config, overwrite=overwrite
+    ) as rundir:
+        records = rundir.finished([layer.name for layer in population.layers])
+        for rec in records:
+            if rec is not None:
+                rec.pop("fingerprint", None)
+        encoded: list[str | None] = [None] * len(records)
+        todo = [i for i, r in enumerate(records) if r is None]
+
+        def kept() -> str:
+            done = sum(r is not None for r in records)
+            return (
+                f"{done} of {len(records)} layers are kept in {rundir.layers_dir}; run the same "
+                "command again to resume"
+            )
+
+        progress = Progress(
+            len(records),
+            len(records) - len(todo),
+            [run.plans[i].seconds for i in todo],
+            quiet=quiet,
+        )
+        with interruptible(message=kept):
+            _analyze_layers(run, rundir, todo, records, encoded, base_refs, progress)
+            return _finish(run, rundir, records, encoded, out, plots=plots)
+
+
+def _analyze_layers(run: Prepared, rundir, todo, records, encoded, base_refs, progress) -> None:
+    """Streams the layers still to do through `spectra.analyze_layer`, writing each record."""
+    population, mesh = run.population, run.mesh
+    root = jax.random.key(run.control_config.seed)
+    layers = [population.layers[i] for i in todo]
+    # Reading ahead holds one more layer in memory. Side-space LoRA layers compute for seconds
+    # per read, so they are read in turn and memory stays flat.
+    ahead = 0 if any(run.plans[i].route == "lora-side" for i in todo) else 1
+    stream = io.stream_layers(population, mesh, layers=layers, prefetch=ahead)
+    if todo:
+        progress.starting(population.layers[todo[0]].name)
+    for j, (i, (layer, placed)) in enumerate(zip(todo, stream)):
+        base_value = None
+        if layer.name in base_refs:
+            base_value = jax.numpy.asarray(
+                np.asarray(base_refs[layer.name].read()).reshape(layer.shape)
+            )
+        other = run.others.get(layer.name)
+        if other is not None and other.shape == layer.shape and other.kind == layer.kind:
+            other = (other, io.place_layer(other, mesh))
+        else:
+            other = None
+        try:
+            rec = spectra.analyze_layer(
+                layer,
+                placed,
+                population.names,
+                mesh=mesh,
+                spectra_config=run.spectra_config,
+                control_config=run.control_config,
+                key=jax.random.fold_in(root, i),
+                base=base_value,
+                other=other,
+                release=True,
+                plan=run.plans[i],
+            )
+        except jax.errors.JaxRuntimeError as e:
+            if jax.process_count() > 1:
+                raise DistributedError(
+                    f"layer {layer.name!r}: a collective across {jax.process_count()} "
+                    f"processes failed ({str(e).splitlines()[0][:200]}); another process "
+                    f"probably died. Finished layers are kept in {rundir.layers_dir}; "
+                    "restart every process to resume"
+                ) from None
+            raise
+        rec = plain(rec)
+        # Encoded once: the layer file and spectra.json reuse the same text.
+        encoded[i] = compact_json(rec)
+        rundir.write_layer(i, rec, encoded[i])
+        records[i] = rec
+        progress.finished()
+        if j + 1 < len(todo):
+            progress.starting(population.layers[todo[j + 1]].name)
+        # Released before the stream reads the next layer (the loop variable would keep
+        # this layer alive until the next one is placed).
+        del placed, other
+
+
+def _finish(run: Prepared, rundir, records, encoded, out: str, *, plots: bool) -> dict:
+    """Writes the run's final files; spectra.json last, as its presence means complete."""
+    population = run.population
+    result = {
+        "version": SPECTRA_VERSION,
+        "models": population.names,
+        "config": run.config,
+        "manifest": run_manifest(run.config, run.mesh, population),
+        "plan_total": spectra.plan_total(run.plans),
+        "skipped_layers": [{"name": n, "reason": r} for n, r in population.skipped],
+        "layers": records,
+    }
+    if rundir.lead:
+        rundir.write_json("manifest.json", result["manifest"])
+        rundir.write("layers.csv", lambda path: write_csv(path, result))
+        if plots:
+            images = []
+            rundir.write("plots", lambda path: images.extend(write_plots(path, result)))
+            rundir.write(
+                "report.html",
+                lambda path: atomic_write_text(path, write_report_html(result, images, out)),
+            )
+        # Last: spectra.json's presence means the run is complete.
+        layers = ",".join(e if e is not None else compact_json(r) for e, r in zip(encoded, records))
+        head = compact_json({k: v for k, v in result.items() if k != "layers"})
+        rundir.write(
+            "spectra.json",
+            lambda path: atomic_write_text(path, f'{head[:-1]},"layers":[{layers}]}}'),
+        )
+    return result

@@ -1,0 +1,471 @@
+"""The layer plan: every decision about one layer, made once, before any byte is read.
+
+From the layer's shape, N, dtype, the devices, the memory budget and the configuration, the plan
+fixes the route (dense; LoRA in factor or side space), the solver of each mode (exact or
+randomized), the solver of each control's bases (exact eigh where the side is short, the
+randomized solver where it is long, from the factors where a LoRA layer is too large to
+materialise), the working-set bytes and the estimated cost. The spectra, the null, the holdout,
+the compare controls and the compress basis all take the plan; none of them decides again. The
+plan is written into each layer's record of `spectra.json`, and `jsubspace plan` prints it before
+anything runs.
+
+No control builds a `side x side` matrix that the plan did not admit: a side longer than
+`SpectraConfig.exact_limit` is solved by the randomized solver in the spectra and in every
+control alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Mapping
+from typing import Literal
+
+import numpy as np
+
+from jsubspace import kernels
+from jsubspace.errors import PopulationError
+from jsubspace.spectra._layer import SpectraConfig
+from jsubspace.spectra._layer import dense_mode_solvers
+from jsubspace.spectra._layer import lora_randomized_modes
+from jsubspace.spectra._layer import lora_side_space
+
+Route = Literal["dense", "lora-factor", "lora-side"]
+Solver = Literal["exact", "randomized", "factored"]
+# LoRA controls materialise the updates only below this many bytes (N_pad * m * n * 4).
+MATERIALISE_LIMIT = 256 * 2**20
+# Basis sizes the controls fit: holdout up to 64 directions, split-half and compare 16.
+HOLDOUT_KMAX = 64
+COMPARE_K = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineRates:
+    """Measured rates that turn a plan's flops into seconds.
+
+    Attributes:
+        gemm: float32 matrix-product rate at `precision=HIGHEST`, flop/s.
+        eigh: symmetric eigen-solve rate, flop/s, counting `9 d^3` per `d x d` solve.
+        read: bytes/s of reading checkpoint bytes into device arrays.
+        overhead: seconds of fixed cost per kernel call (dispatch, host transfers).
+    """
+
+    gemm: float
+    eigh: float
+    read: float = 1.0e9
+    overhead: float = 0.02
+
+
+@functools.cache
+def measure_rates() -> MachineRates:
+    """The default device's GEMM and eigh rates, measured once per process (about 0.5 s)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((1024, 1024), jnp.float32) / 1024
+    matmul = jax.jit(lambda x: jnp.matmul(x, x, precision=kernels.HIGHEST))
+    gram = a + jnp.eye(512 * 2, dtype=jnp.float32)
+    eigh = jax.jit(lambda g: jnp.linalg.eigh(g[:512, :512])[0])
+
+    def best(fn, arg, repeats=3):
+        fn(arg).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(arg).block_until_ready()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return MachineRates(gemm=2 * 1024**3 / best(matmul, a), eigh=9 * 512**3 / best(eigh, gram))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """Every decision about one layer.
+
+    Attributes:
+        name, kind, shape, dtype: the layer (`shape` as `(m, n)`).
+        n_models: N; n_pad: N padded to the device count.
+        rank: the LoRA rank (None for dense layers).
+        route: 'dense', 'lora-factor' or 'lora-side'.
+        lora_space: the `SpectraConfig.lora_space` the LoRA kernels are given ('auto' unless the
+            user forced one or the budget sent the layer to side space).
+        solvers: per spectra mode, 'exact' or 'randomized'.
+        controls: per control, what runs and how: `{"null": {"draws": R}, "holdout": {"bases":
+            {"rows": solver, "cols": solver}, "from": "stack" | "factors", "kmax": k, ...}, ...}`;
+            a control that does not run says why (`{"skipped": reason}` or `{"off": True}`).
+        bases: the solver of the rows / cols bases of holdout, compare and compress.
+        materialise: LoRA controls work on the materialised updates (else on the factors).
+        working_set_bytes: estimated peak bytes of the layer's analysis.
+        flops: estimated flops (matrix products and eigen-solves).
+        seconds: estimated time at the measured `MachineRates`.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    dtype: str
+    n_models: int
+    n_pad: int
+    rank: int | None
+    route: Route
+    lora_space: str
+    solvers: Mapping[str, Solver]
+    controls: Mapping[str, Mapping]
+    bases: Mapping[str, Solver]
+    materialise: bool
+    working_set_bytes: int
+    flops: float
+    seconds: float
+
+    def spectra_config(self, config: SpectraConfig) -> SpectraConfig:
+        """`config` with the plan's LoRA space, for the kernels that read it."""
+        return dataclasses.replace(config, lora_space=self.lora_space)
+
+    def randomized_modes(self) -> tuple[str, ...]:
+        """The modes whose spectra come from the randomized solver."""
+        return tuple(mode for mode, solver in self.solvers.items() if solver == "randomized")
+
+    def check_budget(self, budget: int) -> None:
+        """Refuses, before anything is read, a layer whose working set exceeds `budget`."""
+        if self.working_set_bytes > budget:
+            raise PopulationError(
+                f"layer {self.name!r} ({list(self.shape)}, {self.dtype}) needs about "
+                f"{self.working_set_bytes / 2**30:.1f} GiB, over the memory budget of "
+                f"{budget / 2**30:.1f} GiB: use more devices or hosts, fewer models, --exclude "
+                "this layer, or raise --memory_budget"
+            )
+
+    def to_json(self) -> dict:
+        """The plan as JSON types, for `spectra.json` and `jsubspace plan --json`."""
+        record = dataclasses.asdict(self)
+        record["shape"] = list(self.shape)
+        return record
+
+
+def layer_models(layer) -> int:
+    """N of an `io.Layer` (headers only)."""
+    return len(layer.refs if layer.kind == "dense" else layer.a_refs)
+
+
+def default_memory_budget(mesh) -> int:
+    """Bytes a layer may use: half the host's RAM on CPU, 80% of the smallest device's memory
+    times the device count on accelerators."""
+    devices = list(mesh.devices.flat)
+    if devices[0].platform == "cpu":
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.5)
+    limits = [(d.memory_stats() or {}).get("bytes_limit", 0) for d in devices]
+    return int(0.8 * min(limits) * len(devices)) if all(limits) else 2**62
+
+
+def basis_solvers(m: int, n: int, config: SpectraConfig) -> dict[str, Solver]:
+    """The solver of the rows / cols bases the controls and compress fit: exact eigh of the
+    `side x side` matrix up to `config.exact_limit`, the randomized solver beyond."""
+    return {
+        mode: "exact" if side <= config.exact_limit else "randomized"
+        for mode, side in (("rows", m), ("cols", n))
+    }
+
+
+def control_plan(n_models: int, m: int, n: int, controls, *, factored: bool, bases) -> dict:
+    """What each control runs (see `LayerPlan.controls`)."""
+    out = {"null": {"draws": controls.null_draws} if controls.null_draws else {"off": True}}
+    source = "factors" if factored else "stack"
+    if controls.holdout is None:
+        out["holdout"] = {"off": True}
+    elif controls.holdout != "loo" and n_models < max(3, int(controls.holdout)):
+        out["holdout"] = {
+            "skipped": f"{n_models} models are too few for {controls.holdout}-fold holdout"
+        }
+    else:
+        folds = n_models if controls.holdout == "loo" else int(controls.holdout)
+        largest = -(-n_models // folds)
+        train = n_models - largest
+        cap = (m // 2, n // 2) if factored else (m, n)
+        kmax = max(1, min(HOLDOUT_KMAX, *cap, train - 1 if train > 1 else 1))
+        out["holdout"] = {"folds": folds, "kmax": kmax, "from": source, "bases": bases}
+    if not controls.split_half:
+        out["split_half"] = {"off": True}
+    elif n_models // 2 < 2:
+        out["split_half"] = {"skipped": f"{n_models} models are too few to split in halves"}
+    else:
+        out["split_half"] = {"from": source, "bases": bases}
+    out["lineage"] = {} if controls.lineage else {"off": True}
+    return out
+
+
+def plan_layer(
+    layer,
+    *,
+    n_pad: int,
+    spectra: SpectraConfig,
+    controls,
+    budget: int | None = None,
+    rates: MachineRates | None = None,
+    materialise_limit: int | None = None,
+) -> LayerPlan:
+    """The plan of one layer (an `io.Layer`, headers only).
+
+    Args:
+        layer: the layer.
+        n_pad: N padded to the device count (`sharding.padded_count`).
+        spectra: how spectra are computed (`lora_space` 'auto' may be resolved to 'side' here).
+        controls: a `ControlConfig`.
+        budget: the memory budget in bytes; under `lora_space='auto'`, a LoRA layer whose factor
+            space would exceed it goes to side space where that fits.
+        rates: measured rates for the estimated seconds (`measure_rates()` by default).
+        materialise_limit: LoRA controls use materialised updates up to this many bytes
+            (default `MATERIALISE_LIMIT`, and never more than a quarter of the budget).
+    """
+    rates = rates or measure_rates()
+    n_models = layer_models(layer)
+    m, n = layer.shape
+    dtype = np.dtype(layer.dtype)
+    rank = None if layer.kind == "dense" else layer.rank
+    if layer.kind == "dense":
+        route, space = "dense", spectra.lora_space
+        solvers = dense_mode_solvers(n_models, m, n, spectra)
+        materialise = True
+    else:
+        space = _lora_space(layer, n_pad, spectra, budget)
+        side = lora_side_space(n_pad=n_pad, rank=rank, m=m, n=n, space=space)
+        route = "lora-side" if side else "lora-factor"
+        fast = lora_randomized_modes(spectra, m=m, n=n, side=side)
+        wanted = spectra.modes if spectra.lora == "delta" else ("models", "lora_A", "lora_B")
+        solvers = {mo: "randomized" if mo in fast else "exact" for mo in wanted}
+        limit = MATERIALISE_LIMIT if materialise_limit is None else materialise_limit
+        if budget is not None:
+            limit = min(limit, budget // 4)
+        materialise = n_pad * m * n * 4 <= limit
+    bases = (
+        basis_solvers(m, n, spectra) if materialise else {"rows": "factored", "cols": "factored"}
+    )
+    planned = control_plan(n_models, m, n, controls, factored=not materialise, bases=bases)
+    config = dataclasses.replace(spectra, lora_space=space)
+    working = working_set(layer, n_pad, config, materialise=materialise, bases=bases)
+    gemm, eigh = estimated_flops(
+        layer.kind, n_models, m, n, rank, config, solvers, planned, route=route
+    )
+    calls = 1 + len(solvers) * (1 + controls.null_draws)
+    calls += 2 * planned["holdout"].get("folds", 0) + 4 * ("bases" in planned["split_half"])
+    read = n_models * m * n * dtype.itemsize if layer.kind == "dense" else 0
+    if rank is not None:
+        read = sum(r * (m + n) for r in layer.ranks) * dtype.itemsize
+    seconds = gemm / rates.gemm + eigh / rates.eigh + read / rates.read + calls * rates.overhead
+    return LayerPlan(
+        name=layer.name,
+        kind=layer.kind,
+        shape=(m, n),
+        dtype=str(dtype),
+        n_models=n_models,
+        n_pad=n_pad,
+        rank=rank,
+        route=route,
+        lora_space=space,
+        solvers=solvers,
+        controls=planned,
+        bases=bases,
+        materialise=materialise,
+        working_set_bytes=working,
+        flops=gemm + eigh,
+        seconds=float(seconds),
+    )
+
+
+def _lora_space(layer, n_pad: int, config: SpectraConfig, budget: int | None) -> str:
+    """`config.lora_space`, except that under 'auto' a LoRA layer whose factor-space `(Nr)^2`
+    matrices would exceed the budget, and whose side-space ones would not, goes to 'side'."""
+    space = config.lora_space
+    m, n = layer.shape
+    if space != "auto" or budget is None:
+        return space
+    if lora_side_space(n_pad=n_pad, rank=layer.rank, m=m, n=n, space="auto"):
+        return space
+    factor = working_set(layer, n_pad, dataclasses.replace(config, lora_space="factor"))
+    side = working_set(layer, n_pad, dataclasses.replace(config, lora_space="side"))
+    return "side" if factor > budget >= side else space
+
+
+def _krylov_bytes(side: int, k: int, config: SpectraConfig) -> int:
+    """A randomized solve's float32 Krylov basis and its image: `2 side (iterations + 1) l`."""
+    return 4 * 2 * side * (config.iterations + 1) * (k + 10)
+
+
+def working_set(layer, n_pad: int, config: SpectraConfig, *, materialise=False, bases=None) -> int:
+    """Estimated peak bytes of one layer's analysis.
+
+    Dense: the stored stack, its float32 centred copies and temporaries (x3), the prefetched next
+    layer, the `side x side` matrices of the modes and control bases solved exactly, the models
+    Grams, and the randomized solver's Krylov basis where it runs. LoRA: the factors and the
+    matrices of `config.lora_space` (with the randomized solver's float32 factors and Krylov
+    basis where it runs), plus the materialised updates of the controls where they are formed.
+    """
+    m, n = layer.shape
+    itemsize = np.dtype(layer.dtype).itemsize
+    sides = {"rows": m, "cols": n}
+    if layer.kind == "dense":
+        solvers = dense_mode_solvers(layer_models(layer), m, n, config)
+        bases = bases or basis_solvers(m, n, config)
+        exact = {s for s in sides if solvers.get(s) == "exact" or bases[s] == "exact"}
+        fast = {s for s in sides if solvers.get(s) == "randomized" or bases[s] == "randomized"}
+        krylov = max((_krylov_bytes(sides[s], config.rank, config) for s in fast), default=0)
+        stack = n_pad * m * n
+        grams = sum(sides[s] ** 2 for s in exact) + n_pad * n_pad
+        return int(stack * (2 * itemsize + 3 * 4) + 4 * grams + krylov)
+    found = _lora_working_set(layer, n_pad, config)
+    if materialise:
+        found += 3 * 4 * n_pad * m * n
+    return found
+
+
+def _lora_working_set(layer, n_pad: int, config: SpectraConfig) -> int:
+    m, n = layer.shape
+    itemsize = np.dtype(layer.dtype).itemsize
+    r = layer.rank
+    factors = n_pad * r * (m + n)
+    side = lora_side_space(n_pad=n_pad, rank=r, m=m, n=n, space=config.lora_space)
+    lengths = {"rows": m, "cols": n, "lora_A": n, "lora_B": m}
+    fast = lora_randomized_modes(config, m=m, n=n, side=side)
+    krylov = 0
+    if fast:
+        # Float32 factors, or their rank-2r shift, and a side x (iterations + 1) l basis with
+        # its image under the operator.
+        krylov = 4 * 2 * factors + max(
+            _krylov_bytes(lengths[mo], config.rank, config) for mo in fast
+        )
+    if side:
+        # The stored factors and, in their place once they are released, the null's drawn ones
+        # (no read-ahead; reading holds a second copy briefly); one side matrix of the modes
+        # solved exactly, the sum of the updates (for those of the whole updates), a few float32
+        # blocks and the models Grams.
+        wanted = config.modes if config.lora == "delta" else ("lora_A", "lora_B")
+        exact = [lengths[mo] for mo in wanted if mo in lengths and mo not in fast]
+        blocks = 8 * kernels.BLOCK_ROWS * (m + n)
+        summed = m * n if config.lora == "delta" and exact else 0
+        matrix = max(exact, default=0) ** 2
+        return int(
+            2 * factors * itemsize + 4 * (matrix + summed + 3 * n_pad**2) + 4 * blocks + krylov
+        )
+    return int(factors * (2 * itemsize + 3 * 4) + 4 * 6 * (n_pad * r) ** 2 + krylov)
+
+
+def _basis_flops(n_models, m, n, k, bases, config) -> tuple[float, float]:
+    """`(gemm, eigh)` flops of fitting rows / cols bases of N stacked `m x n` models."""
+    gemm = eigh = 0.0
+    for mode, side in (("rows", m), ("cols", n)):
+        if bases[mode] == "exact":
+            gemm += 2.0 * n_models * m * n * side
+            eigh += 9.0 * side**3
+        else:
+            block = (config.iterations + 1) * (k + 10)
+            gemm += (config.iterations + 1) * 4.0 * n_models * m * n * (k + 10)
+            gemm += 8.0 * side * block**2
+    return gemm, eigh
+
+
+def estimated_flops(kind, n_models, m, n, rank, config, solvers, controls, *, route):
+    """`(gemm, eigh)` flops of a layer's spectra and controls, by the plan's solvers."""
+    gemm = eigh = 0.0
+    sides = {"rows": m, "cols": n, "lora_A": n, "lora_B": m}
+    width = config.rank + 10
+    block = (config.iterations + 1) * width
+    if kind == "dense":
+        gemm += 2.0 * n_models**2 * m * n * (1 + (controls["lineage"] == {}))
+        for mode in ("rows", "cols"):
+            if mode not in solvers:
+                continue
+            side = sides[mode]
+            if solvers[mode] == "exact":
+                gemm += 2.0 * n_models * m * n * side
+                eigh += 9.0 * side**3
+            else:
+                gemm += (config.iterations + 1) * 4.0 * n_models * m * n * width
+                gemm += 8.0 * side * block**2
+        size = n_models * m * n
+    else:
+        nr = n_models * rank
+        size = nr * (m + n)
+        for mode, solver in solvers.items():
+            if mode == "models":
+                continue
+            side = sides[mode]
+            if solver == "randomized":
+                gemm += (config.iterations + 1) * 4.0 * size * width + 8.0 * side * block**2
+            elif route == "lora-side":
+                gemm += 2.0 * nr * side**2
+                eigh += 9.0 * side**3
+            else:
+                gemm += 2.0 * nr * nr * (m + n)
+                eigh += 9.0 * nr**3
+        gemm += 2.0 * nr * nr * (m + n)  # the models Gram through the factors
+    spectra_gemm, spectra_eigh = gemm, eigh
+    null = controls["null"].get("draws", 0)
+    gemm += null * spectra_gemm
+    eigh += null * spectra_eigh
+    holdout = controls["holdout"]
+    if "folds" in holdout:
+        stack = n_models * m * n
+        if kind != "dense" and holdout["from"] == "stack":
+            gemm += 2.0 * stack * rank  # the materialised updates
+        for _ in range(holdout["folds"]):
+            if holdout["from"] == "factors":
+                g = 2 * (config.iterations + 1) * 4.0 * size * (holdout["kmax"] + 10)
+                gemm += g + 4.0 * size * holdout["kmax"]
+                continue
+            g, e = _basis_flops(n_models, m, n, holdout["kmax"], holdout["bases"], config)
+            gemm += g + 6.0 * stack * holdout["kmax"]
+            eigh += e
+    half = controls["split_half"]
+    if "bases" in half:
+        if half["from"] == "factors":
+            gemm += 2 * 2 * (config.iterations + 1) * 4.0 * size / 2 * (COMPARE_K + 10)
+        else:
+            g, e = _basis_flops(n_models / 2, m, n, COMPARE_K, half["bases"], config)
+            gemm += 2 * g
+            eigh += 2 * e
+    return float(gemm), float(eigh)
+
+
+def plan_total(plans) -> dict:
+    """The run's total: estimated seconds and flops, and the largest working set."""
+    plans = list(plans)
+    return {
+        "layers": len(plans),
+        "seconds": float(sum(p.seconds for p in plans)),
+        "flops": float(sum(p.flops for p in plans)),
+        "working_set_bytes": max((p.working_set_bytes for p in plans), default=0),
+    }
+
+
+def describe(plan: LayerPlan) -> dict:
+    """One row of the printed plan: route, solvers, memory and time in words."""
+    solvers = ",".join(
+        f"{mo}:{'r' if s == 'randomized' else 'e'}" for mo, s in plan.solvers.items()
+    )
+    holdout = plan.controls["holdout"]
+    if "folds" in holdout:
+        b = holdout["bases"]
+        ho = f"{holdout['folds']}f {b['rows'][0]}{b['cols'][0]}"
+    else:
+        ho = "off" if holdout.get("off") else "skip"
+    return {
+        "layer": plan.name,
+        "shape": "x".join(map(str, plan.shape)),
+        "route": plan.route,
+        "solvers": solvers,
+        "holdout": ho,
+        "memory": f"{plan.working_set_bytes / 2**20:,.0f} MB",
+        "seconds": f"{plan.seconds:,.1f}",
+    }
+
+
+def exact_sides(plan: LayerPlan) -> set[int]:
+    """The `side x side` matrices the plan admits: the sides of the modes and control bases
+    solved exactly (what `tests` check XLA's buffers against)."""
+    m, n = plan.shape
+    sides = {"rows": m, "cols": n, "lora_A": n, "lora_B": m}
+    found = {sides[mo] for mo, s in plan.solvers.items() if mo in sides and s == "exact"}
+    found |= {sides[mo] for mo, s in plan.bases.items() if s == "exact"}
+    return found
