@@ -48,6 +48,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -76,7 +77,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "gpt2 / minilm: seed of the written popu
 _PATHS = flags.DEFINE_list(
     "paths", ["analyze", "compress_reconstruct", "plan", "numpy"], "Paths to time."
 )
-_REPEATS = flags.DEFINE_integer("repeats", 1, "Timed runs per path (median reported).")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 1, "Timed runs per path; past one, the median of all but the first is reported."
+)
 _TIMEOUT = flags.DEFINE_float(
     "timeout", 1800.0, "Seconds allowed to each process; past it the path is reported 'timeout'."
 )
@@ -92,6 +95,7 @@ _RESULTS = flags.DEFINE_string(
     "results_dir", None, "Where the results JSON goes (default: benchmarks/results)."
 )
 _NUMPY_CHILD = flags.DEFINE_string("_numpy_path", None, "Internal: run the numpy path on DIR.")
+_WRITE_CHILD = flags.DEFINE_string("_write_population", None, "Internal: write into DIR.")
 
 _BIG = 4096  # sides above this use the smaller equivalent problem in the numpy path
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -171,12 +175,23 @@ def _population(name: str, n: int) -> tuple[str, dict]:
     os.makedirs(directory)
     print(f"writing the {name} population ({n} models) into {directory}", flush=True)
     start = time.perf_counter()
-    if name == "minilm":
-        from jsubspace import testing
-
-        testing.minilm_population(directory, n_models=n, seed=_SEED.value)
-    else:
-        _write_gpt2(directory, n, _BLOCKS.value, _DTYPE.value, _NOISE.value, _SEED.value)
+    # In a child process: a child's peak RSS as wait4 reports it includes the peak RSS of the
+    # process that started it (Linux copies the parent's high-water mark at fork and keeps it
+    # through exec), so this driver must never hold a population in memory.
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            f"--_write_population={directory}",
+            f"--population={name}",
+            f"--n={n}",
+            f"--blocks={_BLOCKS.value}",
+            f"--dtype={_DTYPE.value}",
+            f"--noise={_NOISE.value}",
+            f"--seed={_SEED.value}",
+        ],
+        check=True,
+    )
     with open(marker, "w") as f:  # last: a population killed while written is written again
         json.dump(params, f)
     print(f"  written in {time.perf_counter() - start:.1f} s", flush=True)
@@ -264,6 +279,7 @@ def numpy_path(directory: str, selection: dict[str, str], dtype: str) -> dict:
     work = np.dtype(dtype)
     out = {}
     for name, shape in _layers(paths[0], selection):
+        start = time.perf_counter()
         m, k = shape[0], int(np.prod(shape[1:]))
         x = np.empty((n, m, k), work)
         for i, h in enumerate(handles):
@@ -287,6 +303,7 @@ def numpy_path(directory: str, selection: dict[str, str], dtype: str) -> dict:
                 "cols": cols[:5].tolist(),
             },
             "how": {"rows": rows_how, "cols": cols_how},
+            "seconds": time.perf_counter() - start,
         }
         del x, flat
     return out
@@ -303,9 +320,13 @@ def _jsubspace() -> list[str]:
 
 
 def _error_line(text: str) -> str:
+    """The message of a failed command: jsubspace's own error line, else the exception's."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in lines:
-        if "error" in line.lower() and "Traceback" not in line:
+        if line.startswith("jsubspace: error:") or line.startswith("FATAL Flags parsing error"):
+            return line
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b", line):
             return line
     return lines[-1] if lines else "no output"
 
@@ -368,14 +389,17 @@ def _repeated(command: list[str], label: str) -> dict:
         "command": runs[0]["command"],
         "runs_seconds": [r["seconds"] for r in runs],
         "runs_rss_mb": [r["rss_mb"] for r in runs],
-        "seconds": statistics.median(r["seconds"] for r in ok) if ok else None,
+        # With repeats, the first run (which may compile into the persistent cache) apart.
+        "seconds": statistics.median(r["seconds"] for r in (ok[1:] or ok)) if ok else None,
+        "first_seconds": ok[0]["seconds"] if ok else None,
         "rss_mb": max(r["rss_mb"] for r in ok) if ok else None,
         "stdout": runs[-1]["stdout"],
     }
     if "error" in runs[-1]:
         res["error"] = runs[-1]["error"]
-    if res["status"] == "timeout":
-        res["seconds_at_timeout"] = runs[-1]["seconds"]
+    if res["status"] != "ok":  # how long it ran and how large it grew before it ended
+        res["seconds_until_end"] = runs[-1]["seconds"]
+        res["rss_mb_until_end"] = runs[-1]["rss_mb"]
     return res
 
 
@@ -385,7 +409,7 @@ def _compare(numpy_res: dict, spectra_path: str) -> dict | None:
         return None
     with open(spectra_path) as f:
         layers = {entry["name"]: entry for entry in json.load(f)["layers"]}
-    worst, where, compared = 0.0, None, 0
+    worst, where, compared, each = 0.0, None, 0, {}
     for name, ours in numpy_res.items():
         if name not in layers:
             continue
@@ -397,9 +421,15 @@ def _compare(numpy_res: dict, spectra_path: str) -> dict | None:
             scale = abs(theirs[0]) or 1.0
             diff = max(abs(a - b) / scale for a, b in zip(values, theirs))
             compared += 1
+            each[f"{name} {mode}"] = {"diff": diff, "jsubspace_solver": record.get("method")}
             if diff >= worst:
                 worst, where = diff, f"{name} {mode}"
-    return {"max_rel_diff_top5": worst, "worst": where, "spectra_compared": compared}
+    return {
+        "max_rel_diff_top5": worst,
+        "worst": where,
+        "spectra_compared": compared,
+        "per_spectrum": each,
+    }
 
 
 def _gemm_rate() -> float:
@@ -447,12 +477,14 @@ def _machine(cores: int) -> dict:
     return {"cores": cores, "cpu": cpu, "memory_bytes": memory, "platform": platform.platform()}
 
 
-def _fmt(res: dict | None, key: str, spec: str) -> str:
-    if res is None:
-        return "-"
-    if res["status"] != "ok":
-        return res["status"]
-    return format(res[key], spec)
+def _seconds(res: dict) -> str:
+    if res["status"] == "ok":
+        return f"{res['seconds']:.1f}"
+    return f"{res['status']} ({res['seconds_until_end']:.0f} s)"
+
+
+def _rss(res: dict) -> str:
+    return f"{res['rss_mb'] if res['status'] == 'ok' else res['rss_mb_until_end']:.0f}"
 
 
 def main(argv):
@@ -463,6 +495,16 @@ def main(argv):
     if _NUMPY_CHILD.value:
         result = numpy_path(_NUMPY_CHILD.value, selection, _NUMPY_DTYPE.value)
         print(json.dumps(result))
+        return 0
+    if _WRITE_CHILD.value:
+        if _POPULATION.value == "minilm":
+            from jsubspace import testing
+
+            testing.minilm_population(_WRITE_CHILD.value, n_models=_N.value, seed=_SEED.value)
+        else:
+            _write_gpt2(
+                _WRITE_CHILD.value, _N.value, _BLOCKS.value, _DTYPE.value, _NOISE.value, _SEED.value
+            )
         return 0
     population = _POPULATION.value
     n = _N.value or (8 if population == "minilm" else 16)
@@ -482,6 +524,7 @@ def main(argv):
     results: dict[str, dict] = {}
     plan = None
     for path in _PATHS.value:
+        before = set(results)
         if path == "analyze":
             command = [
                 *jsub,
@@ -546,14 +589,10 @@ def main(argv):
             results["numpy"] = res
         else:
             raise app.UsageError(f"unknown path {path!r}")
-        last = list(results)[-1]
-        res = results[last]
-        detail = f" ({res.get('error', '')})" if res["status"] == "failed" else ""
-        print(
-            f"  {last:<12} {_fmt(res, 'seconds', '.1f'):>8} s  peak RSS "
-            f"{_fmt(res, 'rss_mb', '.0f'):>7} MB{detail}",
-            flush=True,
-        )
+        for key in [k for k in results if k not in before]:
+            res = results[key]
+            detail = f": {res['error']}" if res["status"] == "failed" else ""
+            print(f"  {key:<12} {_seconds(res)} s, peak RSS {_rss(res)} MB{detail}", flush=True)
     if "compress" in results and "reconstruct" in results:
         c, r = results["compress"], results["reconstruct"]
         if c["status"] == r["status"] == "ok":
@@ -561,7 +600,9 @@ def main(argv):
                 "status": "ok",
                 "seconds": c["seconds"] + r["seconds"],
                 "rss_mb": max(c["rss_mb"], r["rss_mb"]),
+                "first_seconds": c["first_seconds"] + r["first_seconds"],
             }
+    driver_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     checks = {}
     if "numpy" in results and results["numpy"]["status"] == "ok":
         checks["numpy_vs_analyze"] = _compare(
@@ -589,7 +630,11 @@ def main(argv):
     if extra:
         what += f"; analyze flags: {' '.join(extra)}"
     print(f"\n{what}; {len(layers)} layers, {cores} cores")
-    print(f"  {'path':<36} {'seconds':>9} {'peak RSS MB':>12} {'x analyze':>10}")
+    first = _REPEATS.value > 1
+    print(
+        f"  {'path':<36} {'seconds':>16} {'peak RSS MB':>12} {'x analyze':>10}"
+        + (f" {'first run s':>12}" if first else "")
+    )
     for key, label in labels.items():
         res = results.get(key)
         if res is None:
@@ -600,10 +645,10 @@ def main(argv):
             ratio = "-"
         if key == "plan" and res["status"] != "ok":
             continue  # reported below
-        print(
-            f"  {label:<36} {_fmt(res, 'seconds', '.1f'):>9} {_fmt(res, 'rss_mb', '.0f'):>12} "
-            f"{ratio:>10}"
-        )
+        extra_column = ""
+        if first:
+            extra_column = f" {res.get('first_seconds') or float('nan'):>12.1f}"
+        print(f"  {label:<36} {_seconds(res):>16} {_rss(res):>12} {ratio:>10}{extra_column}")
     if "plan" in results:
         res = results["plan"]
         if res["status"] == "ok":
@@ -619,12 +664,23 @@ def main(argv):
             print(line)
         else:
             print(f"plan: n/a ({res.get('error', res['status'])})")
+    for key, res in results.items():
+        if res["status"] == "failed" and key != "plan":
+            print(f"{key} failed: {res['error']}")
     if checks.get("numpy_vs_analyze"):
         c = checks["numpy_vs_analyze"]
         print(
             f"numpy vs analyze, top-5 eigenvalues of {c['spectra_compared']} spectra: max "
             f"difference {c['max_rel_diff_top5']:.2e} of the largest (at {c['worst']})"
         )
+        by_solver: dict[str, list[float]] = {}
+        for entry in c["per_spectrum"].values():
+            by_solver.setdefault(str(entry["jsubspace_solver"]), []).append(entry["diff"])
+        print(
+            "  by jsubspace's solver: "
+            + "; ".join(f"{k}: {len(v)}, max {max(v):.2e}" for k, v in sorted(by_solver.items()))
+        )
+    print(f"driver peak RSS {driver_rss_mb:.0f} MB (a floor under every child's figure)")
     if "gemm_flops_per_s" in machine:
         print(f"float32 GEMM (JAX): {machine['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s")
 
@@ -636,6 +692,8 @@ def main(argv):
         "layers": [[name, list(shape)] for name, shape in layers],
         "bytes": nbytes,
         "analyze_flags": extra,
+        # Each child's peak RSS includes this (its parent's peak at the start): a floor.
+        "driver_peak_rss_mb": driver_rss_mb,
         "results": results,
         "plan": plan,
         "checks": checks,

@@ -53,4 +53,12 @@ class StoreError(JsubspaceError, ValueError):
 
 
 class Interrupted(JsubspaceError):
-    """The run was stopped by SIGINT or SIGTERM; finished layers are kept for resume."""
+    """The run was stopped by SIGINT or SIGTERM; finished layers are kept for resume.
+
+    Attributes:
+        exit_code: the conventional exit status of the signal (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, *, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -4,6 +4,9 @@ jsubspace analyze --models=PATH[,PATH...] --out=DIR [--include=REGEX] [--exclude
     [--center=mean|none|base] [--base=PATH] [--modes=models,rows,cols] [--rank=K]
     [--lora=delta|factors] [--lora_space=auto|factor|side] [--null_draws=R] [--holdout=loo|K]
     [--[no]split_half] [--seed=S] [--mesh=N]
+jsubspace plan --models=PATH[,PATH...] [analyze's flags] [--json=FILE]
+    per layer: route, solvers, memory and estimated time; nothing is computed (also: analyze
+    --dry_run)
 jsubspace demo --out=DIR      writes a population with known truth and analyses it
 jsubspace compress --models=... --out=STORE (--k=K | --tau=T | --budget_bytes=B) [--kmax=K]
 jsubspace reconstruct --store=STORE --out=DIR [--model=NAME|all] [--k=K] [--lora_rank=R]
@@ -20,7 +23,7 @@ import sys
 from absl import app
 from absl import flags
 
-COMMANDS = ("analyze", "demo", "compress", "reconstruct", "merge")
+COMMANDS = ("analyze", "plan", "demo", "compress", "reconstruct", "merge")
 
 _MODELS = flags.DEFINE_list("models", None, "Model sources: dirs, globs, files or @list files.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
@@ -67,6 +70,10 @@ _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
 _BUDGET = flags.DEFINE_float(
     "memory_budget", None, "GiB one layer's analysis may use (default: half the RAM on CPU)."
 )
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "analyze: print the layer plan (routes, memory, estimated time) and stop."
+)
+_JSON = flags.DEFINE_string("json", None, "plan: also write the plan as JSON to this file.")
 _STORE = flags.DEFINE_string("store", None, "A subspace store directory.")
 _K = flags.DEFINE_integer("k", None, "Basis size per layer.")
 _TAU = flags.DEFINE_float("tau", None, "Per layer: smallest k capturing this energy fraction.")
@@ -145,13 +152,41 @@ def _options() -> dict:
     )
 
 
-def _analyze(argv):
+def _plan(argv):
     del argv
+    from jsubspace import spectra
+    from jsubspace.io._atomic import atomic_write_json
+    from jsubspace.report import plan_table
+    from jsubspace.run import plan
+
+    if not _MODELS.value:
+        raise app.UsageError("plan needs --models")
+    _setup_jax()
+    options = _options()
+    for key in ("overwrite", "plots"):
+        options.pop(key)
+    plans = plan(_MODELS.value, **options)
+    total = spectra.plan_total(plans)
+    records = [p.to_json() for p in plans]
+    print(plan_table(records, total))
+    if _JSON.value:
+        rates = spectra.measure_rates()
+        atomic_write_json(
+            _JSON.value,
+            {"layers": records, "total": total, "rates": rates.__dict__},
+        )
+        print(f"wrote {_JSON.value}")
+
+
+def _analyze(argv):
     from jsubspace.report import verdict_table
     from jsubspace.run import analyze
 
-    if not _MODELS.value or not _OUT.value:
+    if not _MODELS.value or (not _OUT.value and not _DRY_RUN.value):
         raise app.UsageError("analyze needs --models and --out")
+    if _DRY_RUN.value:
+        return _plan(argv)
+    del argv
     _setup_jax()
     result = analyze(_MODELS.value, _OUT.value, **_options())
     print(verdict_table(result))
@@ -186,16 +221,20 @@ def _compress(argv):
     if not _MODELS.value or not _OUT.value:
         raise app.UsageError("compress needs --models and --out")
     _setup_jax()
-    store = fit_store(
-        _MODELS.value,
-        _OUT.value,
-        k=_K.value,
-        tau=_TAU.value,
-        budget_bytes=_BUDGET_BYTES.value,
-        kmax=_KMAX.value,
-        include=_INCLUDE.value,
-        exclude=_EXCLUDE.value,
-    )
+    from jsubspace.run import interruptible
+
+    with interruptible(message=lambda: f"no store was written to {_OUT.value}"):
+        store = fit_store(
+            _MODELS.value,
+            _OUT.value,
+            k=_K.value,
+            tau=_TAU.value,
+            budget_bytes=_BUDGET_BYTES.value,
+            kmax=_KMAX.value,
+            include=_INCLUDE.value,
+            exclude=_EXCLUDE.value,
+            progress=_fitting,
+        )
     acc = store.accounting()
     print(f"{'layer':<40} {'k':>4} {'captured':>9} {'original':>12} {'store':>10} {'ratio':>7}")
     for name, e in acc["layers"].items():
@@ -208,6 +247,18 @@ def _compress(argv):
         f"{acc['store_bytes']:>10} {acc['ratio']:>7.2f}"
     )
     print(f"\nwrote {_OUT.value}/store.safetensors and store.json")
+
+
+def _fitting(stream, total, population):
+    """Names each layer on stderr as its basis is fitted (compress)."""
+    import time
+
+    start = time.time()
+    for i, item in enumerate(stream):
+        line = f"fitting {i + 1}/{total} ({time.time() - start:.0f}s) {item[0].name}"
+        print(f"\r{line:<100.100}", end="", file=sys.stderr, flush=True)
+        yield item
+    print(f"\rfitted {total} layers in {time.time() - start:.0f}s{'':<60}", file=sys.stderr)
 
 
 def _reconstruct(argv):
@@ -279,10 +330,17 @@ def _merge(argv):
 def _errors_as_messages(main):
     def wrapped(argv):
         from jsubspace.errors import DistributedError
+        from jsubspace.errors import Interrupted
         from jsubspace.errors import JsubspaceError
 
         try:
             main(argv)
+        except Interrupted as e:
+            # Every write has been finished or undone on the way here. The process ends at once:
+            # a normal exit would wait for XLA computations still running (a long solve).
+            print(f"\njsubspace: interrupted: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(e.exit_code)
         except DistributedError as e:
             # The peer is gone: skip jax.distributed's exit barrier, which would wait for it
             # and then abort the process with a fatal log instead of this message.
@@ -308,6 +366,7 @@ def run() -> None:
         sys.exit(_supervise(argv))
     main = {
         "analyze": _analyze,
+        "plan": _plan,
         "demo": _demo,
         "compress": _compress,
         "reconstruct": _reconstruct,

@@ -50,19 +50,52 @@ def _top_vectors(gram: jax.Array, k: int) -> jax.Array:
     return jnp.linalg.eigh(gram)[1][:, ::-1][:, :k]
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "n_models", "center", "k"))
+@functools.partial(
+    jax.jit, static_argnames=("mesh", "n_models", "center", "k", "solvers", "iterations")
+)
 def dense_basis(
-    x: jax.Array, base: jax.Array | None = None, *, mesh: Mesh, n_models: int, center: str, k: int
+    x: jax.Array,
+    base: jax.Array | None = None,
+    key: jax.Array | None = None,
+    *,
+    mesh: Mesh,
+    n_models: int,
+    center: str,
+    k: int,
+    solvers: tuple[str, str] = ("exact", "exact"),
+    iterations: int = 4,
 ) -> LayerBasis:
-    """Exact basis of a dense stack `dtype[N_pad, m, n]` (eigh of the rows and cols Grams)."""
+    """Basis of a dense stack `dtype[N_pad, m, n]`: per side, by the layer plan's solver
+    (`spectra.basis_solvers`): eigh of the `rows` / `cols` Gram ('exact'), or the top-k
+    eigenvectors from the randomized block-Krylov solver, which never forms the Gram
+    ('randomized', `key` seeds it)."""
     if base is None:
         base = jnp.zeros(x.shape[1:], x.dtype)
-    grams = kernels.mode_grams(
-        x, base, mesh=mesh, n_models=n_models, center=center, modes=("rows", "cols")
-    )
-    u = _top_vectors(grams.rows, k)
-    v = _top_vectors(grams.cols, k)
-    return project_dense(x, base, u, v, mesh=mesh, n_models=n_models, center=center)
+    exact = tuple(mode for mode, s in zip(("rows", "cols"), solvers) if s == "exact")
+    grams = None
+    if exact:
+        grams = kernels.mode_grams(
+            x, base, mesh=mesh, n_models=n_models, center=center, modes=exact
+        )
+    vectors = []
+    for mode, solver in zip(("rows", "cols"), solvers):
+        if solver == "exact":
+            vectors.append(_top_vectors(getattr(grams, mode), k))
+            continue
+        key, sub = jax.random.split(key)
+        eig = kernels.randomized_mode_eigh(
+            x,
+            base,
+            key=sub,
+            mesh=mesh,
+            n_models=n_models,
+            mode=mode,
+            rank=k,
+            center=center,
+            iterations=iterations,
+        )
+        vectors.append(eig.vectors)
+    return project_dense(x, base, *vectors, mesh=mesh, n_models=n_models, center=center)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "n_models", "center"))

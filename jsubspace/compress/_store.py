@@ -21,6 +21,7 @@ import numpy as np
 
 from jsubspace import io
 from jsubspace import sharding
+from jsubspace import spectra
 from jsubspace.compress._basis import LayerBasis
 from jsubspace.compress._basis import dense_basis
 from jsubspace.compress._basis import lora_basis
@@ -119,6 +120,8 @@ def fit_store(
     include: str | None = None,
     exclude: str | None = None,
     num_devices: int | None = None,
+    seed: int = 0,
+    progress=lambda stream, total, population: stream,
 ) -> SubspaceStore:
     """Fits the universal basis of every layer and writes a store to `out`.
 
@@ -134,6 +137,9 @@ def fit_store(
             m x n matrix) or 'base' is not offered here (use task vectors as the population).
         include, exclude: layer-name regexes.
         num_devices: devices of the `models` mesh.
+        seed: seeds the randomized solver of long sides.
+        progress: wraps the stream of `(layer, placed)` pairs (`(stream, total, population)`),
+            e.g. to show which layer is being fitted.
     """
     if sum(x is not None for x in (k, tau, budget_bytes)) != 1:
         raise StoreError("give exactly one of k, tau or budget_bytes")
@@ -148,11 +154,25 @@ def fit_store(
     mesh = sharding.models_mesh(num_devices)
     n = len(population.models)
     fitted: list[_Fitted] = []
-    for layer, placed in io.stream_layers(population, mesh):
+    key = jax.random.key(seed)
+    stream = io.stream_layers(population, mesh)
+    for i, (layer, placed) in enumerate(progress(stream, len(population.layers), population)):
         m, nn = layer.shape
         if layer.kind == "dense":
             kk = min(kmax, m, nn)
-            basis = dense_basis(placed.x, mesh=mesh, n_models=n, center=center, k=kk)
+            # The same rule as the analysis's control bases: no side x side Gram past the
+            # exact limit, the randomized solver where it is cheaper.
+            bases = spectra.basis_solvers(n, m, nn, kk, spectra.SpectraConfig())
+            basis = dense_basis(
+                placed.x,
+                None,
+                jax.random.fold_in(key, i),
+                mesh=mesh,
+                n_models=n,
+                center=center,
+                k=kk,
+                solvers=(bases["rows"], bases["cols"]),
+            )
         else:
             kk = min(kmax, m, nn, n * layer.rank)
             basis = lora_basis(

@@ -11,9 +11,13 @@ from jsubspace.report._outputs import whole_model_cosine
 from jsubspace.report._outputs import write_csv
 from jsubspace.report._outputs import write_plots
 from jsubspace.report._outputs import write_report_html
+from jsubspace.report._plan import middle_ellipsis
+from jsubspace.report._plan import plan_table
 
 __all__ = [
     "layer_family",
+    "middle_ellipsis",
+    "plan_table",
     "verdict_rows",
     "verdict_table",
     "whole_model_cosine",

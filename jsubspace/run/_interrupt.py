@@ -58,7 +58,10 @@ def interruptible(*, grace: float = 2.0, message=lambda: "nothing was written"):
     done = threading.Event()
 
     def handler(signum, frame):
-        raise Interrupted(f"stopped by {signal.Signals(signum).name}; {message()}")
+        raise Interrupted(
+            f"stopped by {signal.Signals(signum).name}; {message()}",
+            exit_code=EXIT_CODES.get(signum, 130),
+        )
 
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
     old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)

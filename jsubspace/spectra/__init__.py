@@ -19,8 +19,8 @@ from jsubspace.spectra._null import null_control
 from jsubspace.spectra._plan import MATERIALISE_LIMIT
 from jsubspace.spectra._plan import LayerPlan
 from jsubspace.spectra._plan import MachineRates
+from jsubspace.spectra._plan import basis_solvers
 from jsubspace.spectra._plan import default_memory_budget
-from jsubspace.spectra._plan import describe
 from jsubspace.spectra._plan import exact_sides
 from jsubspace.spectra._plan import layer_models
 from jsubspace.spectra._plan import measure_rates
@@ -43,9 +43,9 @@ __all__ = [
     "ModeResult",
     "SpectraConfig",
     "analyze_layer",
+    "basis_solvers",
     "cev",
     "default_memory_budget",
-    "describe",
     "exact_sides",
     "effective_rank",
     "fold_assignment",

@@ -8,6 +8,7 @@ record carries the null, holdout and lineage controls, and the verdict reads all
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import numpy as np
@@ -22,7 +23,9 @@ from jsubspace.spectra import _holdout
 from jsubspace.spectra import _layer
 from jsubspace.spectra import _lineage
 from jsubspace.spectra import _null
+from jsubspace.spectra._plan import COMPARE_K
 from jsubspace.spectra._plan import LayerPlan
+from jsubspace.spectra._plan import basis_solvers
 from jsubspace.spectra._plan import plan_layer
 from jsubspace.spectra._summary import summarize
 
@@ -155,6 +158,7 @@ def analyze_layer(
     spectra_config = plan.spectra_config(spectra_config)
     ranks = list(layer.ranks) if isinstance(placed, PlacedLora) else None
     k_spec, k_null = jax.random.split(key)
+    clock = _Clock()
     spectra = _layer.layer_spectra(
         placed,
         mesh=mesh,
@@ -180,10 +184,16 @@ def analyze_layer(
     uncentred_norms = np.diag(spectra.uncentred) if spectra.uncentred is not None else None
     record["null"] = None  # Filled last, after every control that reads the layer itself.
     record["plan"] = plan.to_json()
+    clock.lap("spectra")
     x = dense_stack(placed, plan)
-    bases = dict(
-        solvers=(plan.bases["rows"], plan.bases["cols"]), iterations=spectra_config.iterations
-    )
+
+    def bases(control: str) -> dict:
+        """The solvers of a control's rows / cols bases, as the plan has them."""
+        chosen = plan.controls[control].get("bases")
+        if chosen is None:  # compare_to without the split-half: the same rule at k = 16
+            chosen = basis_solvers(placed.n_models, *plan.shape, COMPARE_K, spectra_config)
+        return dict(solvers=(chosen["rows"], chosen["cols"]), iterations=spectra_config.iterations)
+
     if x is None:
         # A LoRA layer too large to materialise: its controls come from the factors.
         factors = _control_factors(placed, spectra, spectra_config, mesh=mesh)
@@ -196,6 +206,7 @@ def analyze_layer(
             config=spectra_config,
             key=jax.random.fold_in(key, 2),
         )
+        clock.lap("holdout")
         record["compare"] = {}
         if control_config.split_half:
             record["compare"]["split_half"] = _compare.lora_split_half_compare(
@@ -216,8 +227,9 @@ def analyze_layer(
             center=spectra_config.center,
             base=base,
             key=jax.random.fold_in(key, 2),
-            **bases,
+            **bases("holdout"),
         )
+        clock.lap("holdout")
         record["compare"] = {}
         if control_config.split_half:
             record["compare"]["split_half"] = _compare.split_half_compare(
@@ -226,7 +238,7 @@ def analyze_layer(
                 mesh=mesh,
                 seed=control_config.seed,
                 key=jax.random.fold_in(key, 3),
-                **bases,
+                **bases("split_half"),
             )
     if other is not None:
         other_layer, other_placed = other
@@ -239,7 +251,7 @@ def analyze_layer(
                 other_placed.n_models,
                 mesh=mesh,
                 key=jax.random.fold_in(key, 4),
-                **bases,
+                **bases("split_half"),
             )
         else:  # LoRA, one of them too large to materialise: from the factors
             found = _compare.lora_population_compare(
@@ -254,6 +266,7 @@ def analyze_layer(
         record["compare"]["other"] = found
         del y
     del x
+    clock.lap("compare")
     if control_config.lineage and spectra.uncentred is not None:
         prints = factor_prints = None
         if isinstance(placed, PlacedDense):
@@ -268,6 +281,7 @@ def analyze_layer(
             factor_gram=spectra.factor_gram,
             factor_prints=factor_prints,
         )
+    clock.lap("lineage")
     if release and plan.route == "lora-side":
         # The side-space null draws a population as large as the real one: it takes its place.
         for array in (placed.a, placed.b):
@@ -283,8 +297,24 @@ def analyze_layer(
         uncentred_norms=uncentred_norms,
         plan=plan,
     )
+    clock.lap("null")
+    record["seconds"] = clock.laps
     record["verdict"] = verdict(record, shared_fraction=control_config.shared_fraction)
     return record
+
+
+class _Clock:
+    """Wall seconds of each part of a layer's analysis (`record["seconds"]`), beside the plan's
+    estimate: where the time of a layer went. Parts end where their results reach the host."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.laps[part] = self.laps.get(part, 0.0) + now - self._last
+        self._last = now
 
 
 _materialise = jax.jit(kernels.materialized_updates)

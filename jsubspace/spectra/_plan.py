@@ -31,6 +31,7 @@ from jsubspace.spectra._layer import SpectraConfig
 from jsubspace.spectra._layer import dense_mode_solvers
 from jsubspace.spectra._layer import lora_randomized_modes
 from jsubspace.spectra._layer import lora_side_space
+from jsubspace.spectra._layer import solver_costs
 
 Route = Literal["dense", "lora-factor", "lora-side"]
 Solver = Literal["exact", "randomized", "factored"]
@@ -96,7 +97,6 @@ class LayerPlan:
         controls: per control, what runs and how: `{"null": {"draws": R}, "holdout": {"bases":
             {"rows": solver, "cols": solver}, "from": "stack" | "factors", "kmax": k, ...}, ...}`;
             a control that does not run says why (`{"skipped": reason}` or `{"off": True}`).
-        bases: the solver of the rows / cols bases of holdout, compare and compress.
         materialise: LoRA controls work on the materialised updates (else on the factors).
         working_set_bytes: estimated peak bytes of the layer's analysis.
         flops: estimated flops (matrix products and eigen-solves).
@@ -114,7 +114,6 @@ class LayerPlan:
     lora_space: str
     solvers: Mapping[str, Solver]
     controls: Mapping[str, Mapping]
-    bases: Mapping[str, Solver]
     materialise: bool
     working_set_bytes: int
     flops: float
@@ -160,17 +159,29 @@ def default_memory_budget(mesh) -> int:
     return int(0.8 * min(limits) * len(devices)) if all(limits) else 2**62
 
 
-def basis_solvers(m: int, n: int, config: SpectraConfig) -> dict[str, Solver]:
-    """The solver of the rows / cols bases the controls and compress fit: exact eigh of the
-    `side x side` matrix up to `config.exact_limit`, the randomized solver beyond."""
-    return {
-        mode: "exact" if side <= config.exact_limit else "randomized"
-        for mode, side in (("rows", m), ("cols", n))
-    }
+def basis_solvers(n_models: int, m: int, n: int, k: int, config: SpectraConfig) -> dict:
+    """The solver of the top-k rows / cols bases that the controls and compress fit from N
+    models: the randomized solver where the side is longer than `config.exact_limit` (whose
+    exact eigh would need the `side x side` matrix), or where it is cheaper by `solver_costs`
+    and k is below half the side (unless `config.method` is 'exact'); exact eigh otherwise. The
+    same rule as the spectra's (`dense_mode_solvers`), at the control's own k."""
+    out = {}
+    for mode, side in (("rows", m), ("cols", n)):
+        costs = solver_costs(n_models, m, n, mode=mode, rank=k, iterations=config.iterations)
+        cheaper = costs["randomized"] < costs["exact"] and k < side // 2
+        fast = side > config.exact_limit or (cheaper and config.method != "exact")
+        out[mode] = "randomized" if fast else "exact"
+    return out
 
 
-def control_plan(n_models: int, m: int, n: int, controls, *, factored: bool, bases) -> dict:
+def control_plan(n_models: int, m: int, n: int, controls, *, factored: bool, config) -> dict:
     """What each control runs (see `LayerPlan.controls`)."""
+
+    def bases(count, k):
+        if factored:
+            return {"rows": "factored", "cols": "factored"}
+        return basis_solvers(count, m, n, k, config)
+
     out = {"null": {"draws": controls.null_draws} if controls.null_draws else {"off": True}}
     source = "factors" if factored else "stack"
     if controls.holdout is None:
@@ -185,13 +196,19 @@ def control_plan(n_models: int, m: int, n: int, controls, *, factored: bool, bas
         train = n_models - largest
         cap = (m // 2, n // 2) if factored else (m, n)
         kmax = max(1, min(HOLDOUT_KMAX, *cap, train - 1 if train > 1 else 1))
-        out["holdout"] = {"folds": folds, "kmax": kmax, "from": source, "bases": bases}
+        out["holdout"] = {
+            "folds": folds,
+            "kmax": kmax,
+            "from": source,
+            "bases": bases(train, kmax),
+        }
     if not controls.split_half:
         out["split_half"] = {"off": True}
     elif n_models // 2 < 2:
         out["split_half"] = {"skipped": f"{n_models} models are too few to split in halves"}
     else:
-        out["split_half"] = {"from": source, "bases": bases}
+        k = max(1, min(COMPARE_K, m, n, n_models // 2 - 1))
+        out["split_half"] = {"k": k, "from": source, "bases": bases(n_models // 2, k)}
     out["lineage"] = {} if controls.lineage else {"off": True}
     return out
 
@@ -239,12 +256,10 @@ def plan_layer(
         if budget is not None:
             limit = min(limit, budget // 4)
         materialise = n_pad * m * n * 4 <= limit
-    bases = (
-        basis_solvers(m, n, spectra) if materialise else {"rows": "factored", "cols": "factored"}
-    )
-    planned = control_plan(n_models, m, n, controls, factored=not materialise, bases=bases)
+    planned = control_plan(n_models, m, n, controls, factored=not materialise, config=spectra)
     config = dataclasses.replace(spectra, lora_space=space)
-    working = working_set(layer, n_pad, config, materialise=materialise, bases=bases)
+    used = [planned[c]["bases"] for c in ("holdout", "split_half") if "bases" in planned[c]]
+    working = working_set(layer, n_pad, config, materialise=materialise, bases=used)
     gemm, eigh = estimated_flops(
         layer.kind, n_models, m, n, rank, config, solvers, planned, route=route
     )
@@ -266,7 +281,6 @@ def plan_layer(
         lora_space=space,
         solvers=solvers,
         controls=planned,
-        bases=bases,
         materialise=materialise,
         working_set_bytes=working,
         flops=gemm + eigh,
@@ -293,12 +307,13 @@ def _krylov_bytes(side: int, k: int, config: SpectraConfig) -> int:
     return 4 * 2 * side * (config.iterations + 1) * (k + 10)
 
 
-def working_set(layer, n_pad: int, config: SpectraConfig, *, materialise=False, bases=None) -> int:
+def working_set(layer, n_pad: int, config: SpectraConfig, *, materialise=False, bases=()) -> int:
     """Estimated peak bytes of one layer's analysis.
 
     Dense: the stored stack, its float32 centred copies and temporaries (x3), the prefetched next
-    layer, the `side x side` matrices of the modes and control bases solved exactly, the models
-    Grams, and the randomized solver's Krylov basis where it runs. LoRA: the factors and the
+    layer, the `side x side` matrices of the modes and control `bases` (their solvers) solved
+    exactly, the models Grams, and the randomized solver's Krylov basis where it runs. LoRA:
+    the factors and the
     matrices of `config.lora_space` (with the randomized solver's float32 factors and Krylov
     basis where it runs), plus the materialised updates of the controls where they are formed.
     """
@@ -306,10 +321,9 @@ def working_set(layer, n_pad: int, config: SpectraConfig, *, materialise=False, 
     itemsize = np.dtype(layer.dtype).itemsize
     sides = {"rows": m, "cols": n}
     if layer.kind == "dense":
-        solvers = dense_mode_solvers(layer_models(layer), m, n, config)
-        bases = bases or basis_solvers(m, n, config)
-        exact = {s for s in sides if solvers.get(s) == "exact" or bases[s] == "exact"}
-        fast = {s for s in sides if solvers.get(s) == "randomized" or bases[s] == "randomized"}
+        solvers = [dense_mode_solvers(layer_models(layer), m, n, config), *bases]
+        exact = {s for s in sides if any(used.get(s) == "exact" for used in solvers)}
+        fast = {s for s in sides if any(used.get(s) == "randomized" for used in solvers)}
         krylov = max((_krylov_bytes(sides[s], config.rank, config) for s in fast), default=0)
         stack = n_pad * m * n
         grams = sum(sides[s] ** 2 for s in exact) + n_pad * n_pad
@@ -422,7 +436,7 @@ def estimated_flops(kind, n_models, m, n, rank, config, solvers, controls, *, ro
         if half["from"] == "factors":
             gemm += 2 * 2 * (config.iterations + 1) * 4.0 * size / 2 * (COMPARE_K + 10)
         else:
-            g, e = _basis_flops(n_models / 2, m, n, COMPARE_K, half["bases"], config)
+            g, e = _basis_flops(n_models / 2, m, n, half["k"], half["bases"], config)
             gemm += 2 * g
             eigh += 2 * e
     return float(gemm), float(eigh)
@@ -439,33 +453,12 @@ def plan_total(plans) -> dict:
     }
 
 
-def describe(plan: LayerPlan) -> dict:
-    """One row of the printed plan: route, solvers, memory and time in words."""
-    solvers = ",".join(
-        f"{mo}:{'r' if s == 'randomized' else 'e'}" for mo, s in plan.solvers.items()
-    )
-    holdout = plan.controls["holdout"]
-    if "folds" in holdout:
-        b = holdout["bases"]
-        ho = f"{holdout['folds']}f {b['rows'][0]}{b['cols'][0]}"
-    else:
-        ho = "off" if holdout.get("off") else "skip"
-    return {
-        "layer": plan.name,
-        "shape": "x".join(map(str, plan.shape)),
-        "route": plan.route,
-        "solvers": solvers,
-        "holdout": ho,
-        "memory": f"{plan.working_set_bytes / 2**20:,.0f} MB",
-        "seconds": f"{plan.seconds:,.1f}",
-    }
-
-
 def exact_sides(plan: LayerPlan) -> set[int]:
     """The `side x side` matrices the plan admits: the sides of the modes and control bases
     solved exactly (what `tests` check XLA's buffers against)."""
     m, n = plan.shape
     sides = {"rows": m, "cols": n, "lora_A": n, "lora_B": m}
     found = {sides[mo] for mo, s in plan.solvers.items() if mo in sides and s == "exact"}
-    found |= {sides[mo] for mo, s in plan.bases.items() if s == "exact"}
+    for control in plan.controls.values():
+        found |= {sides[mo] for mo, s in control.get("bases", {}).items() if s == "exact"}
     return found
