@@ -15,10 +15,10 @@ import pytest
 
 import jsubspace
 from jsubspace import CheckpointError
+from jsubspace import OutputError
 from jsubspace import PopulationError
 from jsubspace import io
 from jsubspace import testing
-from jsubspace import OutputError
 from tests._distributed import launch_analyze
 
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import jsubspace
+from jsubspace import OutputError
 from jsubspace import PopulationError
 from jsubspace import testing
 from jsubspace.cli._demo import TRUTH
 from jsubspace.cli._demo import write_demo_population
-from jsubspace import OutputError
 from tests._distributed import launch_analyze
 from tests._distributed import wait_all
 
