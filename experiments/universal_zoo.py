@@ -95,13 +95,10 @@ def function_eval(zoos, data, model, out) -> dict:
         w = dict(originals[i])
         for name in layers:
             shape = w[name].shape
-            centre = store.center(name)
-            if mean_only:
-                w[name] = centre.reshape(shape)
-                continue
-            u, v = store.basis(name)
             c = store.project(w[name], name) if held_out else store.coefficients(names[i], name)
-            w[name] = (centre + u[:, :k] @ c[:k, :k] @ v[:, :k].T).reshape(shape)
+            # A layer keeps at most its shorter side's directions (the 64 x 10 output: 10).
+            kk = 0 if mean_only else min(k, store.layers[name]["k"])
+            w[name] = store.rebuild(c, name, k=kk).reshape(shape)
         return w
 
     seen_idx, held_idx = range(n_seen), range(n_seen, len(names))

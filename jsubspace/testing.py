@@ -212,3 +212,73 @@ def minilm_population(
             write_safetensors(os.path.join(directory, f"minilm_{i:02d}.safetensors"), tensors)
         )
     return paths
+
+
+def place_lora(a: np.ndarray, b: np.ndarray, scales: np.ndarray, mesh, dtype=np.float32):
+    """A LoRA population `(A f[N, r, n], B f[N, m, r], s f[N])` on `mesh` as `io.PlacedLora`,
+    zero-padded to a multiple of the device count (what `io.place_layer` builds from files)."""
+    import jax
+
+    from jsubspace.io import PlacedLora
+    from jsubspace.sharding import padded_count
+    from jsubspace.sharding import stacked_sharding
+
+    n = a.shape[0]
+    n_pad = padded_count(n, mesh)
+
+    def put(x, dt):
+        out = np.zeros((n_pad, *x.shape[1:]), dt)
+        out[:n] = x
+        return jax.device_put(out, stacked_sharding(mesh))
+
+    return PlacedLora(put(a, dtype), put(b, dtype), put(scales, np.float32), n)
+
+
+def lora_updates64(placed) -> np.ndarray:
+    """The float64 updates `s_i B_i A_i` (`f64[N, m, n]`) of a placed LoRA population."""
+    n = placed.n_models
+    a, b, s = (np.asarray(x, np.float64)[:n] for x in placed[:3])
+    return np.einsum("i,imr,irn->imn", s, b, a)
+
+
+def mixed_lora_population(seed: int, n_models: int = 13, m: int = 20, k: int = 24, r: int = 4):
+    """`(A, B, scales)` with the awkward cases of real collections: a group of three models
+    sharing one A, one model of rank 2 zero-padded to r, and scales spread over [0.5, 2]."""
+    a, b = lora_population(seed, n_models=n_models, shape=(m, k), rank=r)
+    a[4:7] = a[3]  # a group sharing one A
+    a[9, 2:] = 0.0  # ranks zero-padded from 4 to 2
+    b[9, :, 2:] = 0.0
+    scales = np.linspace(0.5, 2.0, n_models).astype(np.float32)
+    return a, b, scales
+
+
+def near_one_update(seed: int, n_models: int, m: int, k: int, r: int, spread: float):
+    """`(A, B, scales)` of adapters close to one update `B0 A0` (fine-tunes of one adapter):
+    each factor is the shared one plus `spread` times iid Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    a0, b0 = rng.standard_normal((r, k)), rng.standard_normal((m, r))
+    a = (a0 + spread * rng.standard_normal((n_models, r, k))).astype(np.float32)
+    b = (b0 + spread * rng.standard_normal((n_models, m, r))).astype(np.float32)
+    return a, b, np.full(n_models, 2.0, np.float32)
+
+
+def mode_spectra64(x: np.ndarray) -> dict[str, np.ndarray]:
+    """Descending float64 eigenvalues of the three mode Grams of a centred stack `[N, m, n]`:
+    the oracle of every spectrum."""
+    return {
+        "models": np.linalg.eigvalsh(np.einsum("imn,jmn->ij", x, x))[::-1],
+        "rows": np.linalg.eigvalsh(np.einsum("imn,ikn->mk", x, x))[::-1],
+        "cols": np.linalg.eigvalsh(np.einsum("imn,imk->nk", x, x))[::-1],
+    }
+
+
+def factor_pca64(a: np.ndarray, b: np.ndarray, ranks) -> dict[str, np.ndarray]:
+    """The paper's factor statistic in float64: eigenvalues of the centred covariance of every
+    real A row (`"A"`) and every real B column (`"B"`)."""
+    rows = np.concatenate([a[i, :k] for i, k in enumerate(ranks)]).astype(np.float64)
+    cols = np.concatenate([b[i, :, :k].T for i, k in enumerate(ranks)]).astype(np.float64)
+    out = {}
+    for name, x in (("A", rows), ("B", cols)):
+        x = x - x.mean(0)
+        out[name] = np.linalg.eigvalsh(x.T @ x)[::-1]
+    return out

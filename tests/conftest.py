@@ -40,3 +40,32 @@ def mesh(request):
     from jsubspace import sharding
 
     return sharding.models_mesh(request.param)
+
+
+@pytest.fixture
+def tiny_torch_model():
+    """A factory of a two-block torch model whose q_proj / v_proj / down_proj modules PEFT can
+    adapt (the tests write real adapters with `peft` on it)."""
+    torch = pytest.importorskip("torch")
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(12, 16, bias=False)
+            self.v_proj = torch.nn.Linear(12, 8, bias=False)
+            self.down_proj = torch.nn.Linear(16, 12, bias=False)
+
+        def forward(self, x):
+            return self.down_proj(self.q_proj(x)) + self.v_proj(x).sum()
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    return Tiny

@@ -287,7 +287,6 @@ def _merge(argv):
     from jsubspace import io
     from jsubspace.compress import SubspaceStore
     from jsubspace.compress import merge
-    from jsubspace.errors import CheckpointError
 
     if not _MODELS.value or not _OUT.value or not _BASE.value:
         raise app.UsageError("merge needs --models, --base and --out")
@@ -300,15 +299,11 @@ def _merge(argv):
         raise app.UsageError("--merge_method=subspace needs --store (the basis)")
     key = jax.random.key(_SEED.value)
     tensors = {name: ref.read() for name, ref in base.tensors.items()}
+    if any(layer.kind != "dense" for layer in population.layers):
+        raise app.UsageError("merge works on full models; rebuild adapters first")
+    refs = io.base_refs(_BASE.value, population.layers)
     for i, layer in enumerate(population.layers):
-        if layer.kind != "dense":
-            raise app.UsageError("merge works on full models; rebuild adapters first")
-        ref = base.tensors.get(layer.name)
-        if ref is None or int(np.prod(ref.shape)) != layer.shape[0] * layer.shape[1]:
-            raise CheckpointError(
-                _BASE.value,
-                f"base model lacks layer {layer.name!r} of shape {list(layer.stored_shape)}",
-            )
+        ref = refs[layer.name]
         stack = np.stack([r.read().reshape(layer.shape) for r in layer.refs])
         params = {}
         if method != "mean":

@@ -71,31 +71,18 @@ def dense_basis(
     ('randomized', `key` seeds it)."""
     if base is None:
         base = jnp.zeros(x.shape[1:], x.dtype)
-    exact = tuple(mode for mode, s in zip(("rows", "cols"), solvers) if s == "exact")
-    grams = None
-    if exact:
-        grams = kernels.mode_grams(
-            x, base, mesh=mesh, n_models=n_models, center=center, modes=exact
-        )
-    vectors = []
-    for mode, solver in zip(("rows", "cols"), solvers):
-        if solver == "exact":
-            vectors.append(_top_vectors(getattr(grams, mode), k))
-            continue
-        key, sub = jax.random.split(key)
-        eig = kernels.randomized_mode_eigh(
-            x,
-            base,
-            key=sub,
-            mesh=mesh,
-            n_models=n_models,
-            mode=mode,
-            rank=k,
-            center=center,
-            iterations=iterations,
-        )
-        vectors.append(eig.vectors)
-    return project_dense(x, base, *vectors, mesh=mesh, n_models=n_models, center=center)
+    u, v = kernels.mode_bases(
+        x,
+        base,
+        key,
+        mesh=mesh,
+        n_models=n_models,
+        center=center,
+        ranks=(k, k),
+        solvers=solvers,
+        iterations=iterations,
+    )
+    return project_dense(x, base, u, v, mesh=mesh, n_models=n_models, center=center)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "n_models", "center"))

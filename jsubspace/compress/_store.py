@@ -332,10 +332,16 @@ class SubspaceStore:
         return self._tensor(f"{layer}::C")[self._index(model)].astype(np.float32)
 
     def reconstruct(self, model: str, layer: str, *, k: int | None = None) -> np.ndarray:
-        """`c + U_k C_i V_k^T` as `f32[m, n]` (k defaults to the stored k)."""
+        """`c + U_k C_i V_k^T` of a model of the store as `f32[m, n]` (k defaults to the stored
+        k)."""
+        return self.rebuild(self.coefficients(model, layer), layer, k=k)
+
+    def rebuild(self, coefficients: np.ndarray, layer: str, *, k: int | None = None) -> np.ndarray:
+        """`c + U_k C V_k^T` as `f32[m, n]` for any coefficients `C` (`f32[K, K]`): a model's own
+        (`coefficients`), a new model's (`project`); `k = 0` gives the centre alone."""
         u, v = self.basis(layer)
-        c = self.coefficients(model, layer)
         k = self._check_k(layer, k)
+        c = np.asarray(coefficients, np.float32)
         return self.center(layer) + u[:, :k] @ c[:k, :k] @ v[:, :k].T
 
     def _check_k(self, layer, k):

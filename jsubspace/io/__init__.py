@@ -16,6 +16,7 @@ from jsubspace.io._population import DenseLayer
 from jsubspace.io._population import Layer
 from jsubspace.io._population import LoraLayer
 from jsubspace.io._population import Population
+from jsubspace.io._population import base_refs
 from jsubspace.io._population import open_population
 from jsubspace.io._population import resolve_sources
 from jsubspace.io._safetensors import SafetensorsHeader
@@ -25,6 +26,7 @@ from jsubspace.io._safetensors import read_tensor
 from jsubspace.io._safetensors import write_file as write_safetensors
 
 __all__ = [
+    "base_refs",
     "DenseLayer",
     "Layer",
     "LoraConfig",

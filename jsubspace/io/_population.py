@@ -329,3 +329,21 @@ def _align_lora(models, include, exclude, skip_mismatched):
     if problems:
         raise _mismatch_error(problems)
     return layers, skipped
+
+
+def base_refs(path: str, layers) -> dict[str, TensorRef]:
+    """The base model's tensor of every layer (for `center='base'`, task vectors and merges);
+    headers only.
+
+    Raises:
+        CheckpointError: naming `path`, when the base lacks a layer or holds it in another shape.
+    """
+    base = _formats.load_model(path)
+    refs = {}
+    for layer in layers:
+        ref = base.tensors.get(layer.name)
+        if ref is None or math.prod(ref.shape) != layer.shape[0] * layer.shape[1]:
+            shape = list(getattr(layer, "stored_shape", layer.shape))
+            raise CheckpointError(path, f"base model lacks layer {layer.name!r} of shape {shape}")
+        refs[layer.name] = ref
+    return refs

@@ -15,6 +15,7 @@ from jsubspace.kernels._gram import self_gram
 from jsubspace.kernels._gram import streaming_mode_grams
 from jsubspace.kernels._hosvd import Tucker
 from jsubspace.kernels._hosvd import hosvd
+from jsubspace.kernels._hosvd import mode_bases
 from jsubspace.kernels._lora import LoraGrams
 from jsubspace.kernels._lora import centering_matrix
 from jsubspace.kernels._lora import factor_root
@@ -58,6 +59,7 @@ __all__ = [
     "lora_grams",
     "factor_root",
     "materialized_updates",
+    "mode_bases",
     "mode_matrices",
     "mode_grams",
     "model_mask",

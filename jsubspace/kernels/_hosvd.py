@@ -21,6 +21,55 @@ from jax.sharding import Mesh
 from jsubspace.kernels._gram import HIGHEST
 from jsubspace.kernels._gram import mode_grams
 from jsubspace.kernels._rsvd import exact_eigh
+from jsubspace.kernels._rsvd import randomized_mode_eigh
+
+EXACT = ("exact", "exact")
+
+
+def mode_bases(
+    x: jax.Array,
+    base: jax.Array | None = None,
+    key: jax.Array | None = None,
+    *,
+    mesh: Mesh,
+    n_models: int,
+    center: str,
+    ranks: tuple[int, int],
+    solvers: tuple[str, str] = EXACT,
+    iterations: int = 4,
+) -> tuple[jax.Array, jax.Array]:
+    """Top eigenvectors `(U f32[m, k_rows], V f32[n, k_cols])` of the `rows` and `cols` modes of
+    a models-sharded stack (the HOSVD factors; the universal basis).
+
+    Each side by its solver (a layer plan's choice, `spectra.basis_solvers`): 'exact' takes the
+    eigenvectors of the mode's Gram; 'randomized' takes them from the block-Krylov solver
+    (`randomized_mode_eigh`, seeded by `key`), which never forms the `side x side` Gram.
+    Call inside jit (static `mesh`, `n_models`, `center`, `ranks`, `solvers`, `iterations`).
+    """
+    exact = tuple(mode for mode, s in zip(("rows", "cols"), solvers) if s == "exact")
+    grams = None
+    if exact:
+        grams = mode_grams(x, base, mesh=mesh, n_models=n_models, center=center, modes=exact)
+    vectors = []
+    for mode, solver, k in zip(("rows", "cols"), solvers, ranks):
+        if solver == "exact":
+            vectors.append(exact_eigh(getattr(grams, mode), rank=k).vectors)
+            continue
+        key, sub = jax.random.split(key)
+        vectors.append(
+            randomized_mode_eigh(
+                x,
+                base,
+                key=sub,
+                mesh=mesh,
+                n_models=n_models,
+                mode=mode,
+                rank=k,
+                center=center,
+                iterations=iterations,
+            ).vectors
+        )
+    return vectors[0], vectors[1]
 
 
 class Tucker(NamedTuple):
@@ -64,10 +113,7 @@ def hosvd(
     """
     order3 = len(ranks) == 3
     k_rows, k_cols = ranks[-2:]
-    modes = ("models", "rows", "cols") if order3 else ("rows", "cols")
-    grams = mode_grams(x, base, mesh=mesh, n_models=n_models, center=center, modes=modes)
-    u = exact_eigh(grams.rows, rank=k_rows).vectors
-    v = exact_eigh(grams.cols, rank=k_cols).vectors
+    u, v = mode_bases(x, base, mesh=mesh, n_models=n_models, center=center, ranks=(k_rows, k_cols))
     xf = x[:n_models].astype(jnp.float32)
     if center == "mean":
         xf = xf - jnp.mean(xf, axis=0)
@@ -75,6 +121,7 @@ def hosvd(
         xf = xf - base.astype(jnp.float32)
     core = jnp.einsum("mk,imn,nl->ikl", u, xf, v, precision=HIGHEST)
     models_factor = None
+    grams = mode_grams(x, base, mesh=mesh, n_models=n_models, center=center, modes=("models",))
     if order3:
         models_factor = exact_eigh(grams.models, rank=ranks[0]).vectors
         core = jnp.einsum("it,ikl->tkl", models_factor, core, precision=HIGHEST)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import sys
 from collections.abc import Sequence
 
@@ -25,7 +24,6 @@ import numpy as np
 from jsubspace import io
 from jsubspace import sharding
 from jsubspace import spectra
-from jsubspace.errors import CheckpointError
 from jsubspace.errors import DistributedError
 from jsubspace.errors import OutputError
 from jsubspace.io._atomic import atomic_write_text
@@ -40,20 +38,6 @@ from jsubspace.run._progress import Progress
 from jsubspace.run._rundir import RunDirectory
 
 SPECTRA_VERSION = "1"
-
-
-def _load_base(path: str, population: io.Population) -> dict[str, io.TensorRef]:
-    """The base model's tensor of every layer (for `center='base'`); headers only."""
-    base = io.load_model(path)
-    refs = {}
-    for layer in population.layers:
-        ref = base.tensors.get(layer.name)
-        if ref is None or math.prod(ref.shape) != layer.shape[0] * layer.shape[1]:
-            raise CheckpointError(
-                path, f"base model lacks layer {layer.name!r} of shape {list(layer.shape)}"
-            )
-        refs[layer.name] = ref
-    return refs
 
 
 @dataclasses.dataclass
@@ -222,7 +206,7 @@ def analyze(
     run = prepare(models, quiet=quiet, **options)
     population = run.population
     base = options.get("base")
-    base_refs = _load_base(base, population) if base else {}
+    base_refs = io.base_refs(base, population.layers) if base else {}
     with RunDirectory(
         out, fingerprint=run.fingerprint, config=run.config, overwrite=overwrite
     ) as rundir:

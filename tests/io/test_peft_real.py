@@ -10,30 +10,8 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 
-class _Block(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj = torch.nn.Linear(12, 16, bias=False)
-        self.v_proj = torch.nn.Linear(12, 8, bias=False)
-        self.down_proj = torch.nn.Linear(16, 12, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(self.q_proj(x)) + self.v_proj(x).sum()
-
-
-class _Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = torch.nn.ModuleList([_Block(), _Block()])
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
 @pytest.mark.parametrize("rslora", [False, True])
-def test_real_peft_adapters(tmp_path, rslora):
+def test_real_peft_adapters(tmp_path, rslora, tiny_torch_model):
     deltas = []
     for seed in range(3):
         torch.manual_seed(seed)
@@ -46,7 +24,7 @@ def test_real_peft_adapters(tmp_path, rslora):
             rank_pattern={"down_proj": 2},
             alpha_pattern={"layers.1.q_proj": 32},
         )
-        model = peft.get_peft_model(_Tiny(), config)
+        model = peft.get_peft_model(tiny_torch_model(), config)
         model.save_pretrained(str(tmp_path / f"adapter{seed}"))
         found = {}
         for name, module in model.named_modules():

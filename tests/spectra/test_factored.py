@@ -17,15 +17,6 @@ from jsubspace.spectra import _layer
 from jsubspace.spectra import _null
 
 
-def mode_spectra64(x):
-    """Descending float64 eigenvalues of the three mode Grams of a centred stack `[N, m, n]`."""
-    return {
-        "models": np.linalg.eigvalsh(np.einsum("imn,jmn->ij", x, x))[::-1],
-        "rows": np.linalg.eigvalsh(np.einsum("imn,ikn->mk", x, x))[::-1],
-        "cols": np.linalg.eigvalsh(np.einsum("imn,imk->nk", x, x))[::-1],
-    }
-
-
 def _sandwich64(f, mid):
     f = np.asarray(f, np.float64)
     return np.linalg.eigvalsh(f @ np.asarray(mid, np.float64) @ f.T)[::-1]
@@ -129,7 +120,7 @@ def test_host_lora_spectra_with_shared_factors_equal_float64(d):
     )
     dw = np.einsum("i,imr,irn->imn", scales.astype(np.float64), b, a)
     x = dw - dw.mean(0)
-    want = mode_spectra64(x)
+    want = testing.mode_spectra64(x)
     top = want["rows"][0]
     for mode, lam in want.items():
         ours = got.modes[mode].eigenvalues

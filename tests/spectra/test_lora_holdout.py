@@ -9,12 +9,8 @@ from jsubspace import kernels
 from jsubspace import spectra
 from jsubspace import testing
 from jsubspace.sharding import models_mesh
-from jsubspace.spectra import _analyze
 from jsubspace.spectra import _holdout
-from tests.spectra.test_side import _near_one_update
-from tests.spectra.test_side import _placed
-from tests.spectra.test_side import _population
-from tests.spectra.test_side import _updates64
+from jsubspace.spectra import _plan
 
 
 def _holdout64(dw, folds, kmax):
@@ -89,17 +85,17 @@ def _check(record, dw, holdout, *, rtol):
 def test_factored_holdout_equals_float64(mesh, holdout):
     # Sides of 20 / 24: the Krylov basis spans them, so the bases are the exact eigenvectors
     # (shared A group, ranks padded from 4 to 2).
-    placed = _placed(*_population(0), mesh)
+    placed = testing.place_lora(*testing.mixed_lora_population(0), mesh)
     record = _factored(placed, holdout)
     assert record["ks"] == [1, 2, 4, 8]  # k up to half the shorter side
-    _check(record, _updates64(placed), holdout, rtol=2e-5)
+    _check(record, testing.lora_updates64(placed), holdout, rtol=2e-5)
 
 
 def test_factored_holdout_keeps_float32_accuracy_when_the_mean_dominates():
     # ~5000x the centred energy in the mean: the captures are taken of the shifted population.
     mesh = models_mesh(2)
-    placed = _placed(*_near_one_update(8, 12, 80, 96, 3, 0.01), mesh)
-    dw = _updates64(placed)
+    placed = testing.place_lora(*testing.near_one_update(8, 12, 80, 96, 3, 0.01), mesh)
+    dw = testing.lora_updates64(placed)
     # Errors ~1e-7 shifted, 3-5e-5 of the held-out energy without the shift.
     _check(_factored(placed, 3, shift=True), dw, 3, rtol=2e-6)
     with pytest.raises(AssertionError):
@@ -139,7 +135,7 @@ def test_analyze_layer_takes_the_controls_from_the_factors_for_layers_too_large_
         )
 
     materialised = record()
-    monkeypatch.setattr(_analyze, "MATERIALISE_LIMIT", 0)
+    monkeypatch.setattr(_plan, "MATERIALISE_LIMIT", 0)
     factored = record()
     ours, theirs = factored["holdout"], materialised["holdout"]
     assert ours["ks"] == theirs["ks"] == [1, 2, 4, 8]  # 9 training models: k <= 8

@@ -7,15 +7,10 @@ import pytest
 
 from jsubspace import kernels
 from jsubspace import spectra
+from jsubspace import testing
 from jsubspace.sharding import models_mesh
 from jsubspace.spectra import _layer
 from jsubspace.spectra import _null
-from tests.spectra.test_factored import mode_spectra64
-from tests.spectra.test_side import _factor_pca64
-from tests.spectra.test_side import _near_one_update
-from tests.spectra.test_side import _placed
-from tests.spectra.test_side import _population
-from tests.spectra.test_side import _updates64
 
 
 def _planted(seed, n_models=24, m=160, k=128, r=4, noise=0.05):
@@ -33,9 +28,9 @@ def _planted(seed, n_models=24, m=160, k=128, r=4, noise=0.05):
 def test_operator_eigenvalues_equal_float64(mesh, center):
     # Sides of 20 / 24: the Krylov block spans the whole side, so the Ritz values are the exact
     # eigenvalues and any error is the operator's (shared A group, ranks padded from 4 to 2).
-    placed = _placed(*_population(0), mesh)
-    dw = _updates64(placed)
-    want = mode_spectra64(dw - dw.mean(0) if center == "mean" else dw)
+    placed = testing.place_lora(*testing.mixed_lora_population(0), mesh)
+    dw = testing.lora_updates64(placed)
+    want = testing.mode_spectra64(dw - dw.mean(0) if center == "mean" else dw)
     for mode in ("rows", "cols"):
         eig = kernels.randomized_lora_eigh(
             *placed[:3],
@@ -51,11 +46,11 @@ def test_operator_eigenvalues_equal_float64(mesh, center):
 
 
 def test_factor_pca_operator_equals_float64(mesh):
-    a, b, scales = _population(2)
-    placed = _placed(a, b, scales, mesh)
+    a, b, scales = testing.mixed_lora_population(2)
+    placed = testing.place_lora(a, b, scales, mesh)
     ranks = [4] * 9 + [2] + [4] * 3
     mask = _layer.placed_sample_mask(mesh, *placed.a.shape[:2], ranks)
-    want = _factor_pca64(a, b, ranks)
+    want = testing.factor_pca64(a, b, ranks)
     for factor in ("A", "B"):
         eig, trace = kernels.randomized_factor_pca(
             placed.a, placed.b, mask, jax.random.key(3), mesh=mesh, factor=factor, rank=6
@@ -70,7 +65,7 @@ def test_factor_pca_operator_equals_float64(mesh):
 def test_randomized_route_top_eigenvalues_match_the_exact_route(lora, space):
     # Sides of 160 / 128, rank 12: the block Krylov solver has to converge.
     mesh = models_mesh(2)
-    placed = _placed(*_planted(4), mesh)
+    placed = testing.place_lora(*_planted(4), mesh)
     ranks = [4] * placed.n_models
     exact = spectra.SpectraConfig(lora=lora, lora_space=space, method="exact")
     fast = spectra.SpectraConfig(lora=lora, lora_space=space, method="randomized", rank=12)
@@ -103,9 +98,9 @@ def test_randomized_route_keeps_float32_accuracy_when_the_mean_dominates(monkeyp
     # ~5000x more energy in the mean than around it: the products through the factors are taken
     # of the shifted population, as the exact routes' are.
     mesh = models_mesh(d)
-    placed = _placed(*_near_one_update(8, 12, 80, 96, 3, 0.01), mesh)
-    dw = _updates64(placed)
-    want = mode_spectra64(dw - dw.mean(0))
+    placed = testing.place_lora(*testing.near_one_update(8, 12, 80, 96, 3, 0.01), mesh)
+    dw = testing.lora_updates64(placed)
+    want = testing.mode_spectra64(dw - dw.mean(0))
     config = spectra.SpectraConfig(method="randomized", rank=36)  # the whole nonzero spectrum
 
     def worst():
@@ -122,8 +117,10 @@ def test_randomized_route_keeps_float32_accuracy_when_the_mean_dominates(monkeyp
 
 def test_auto_goes_randomized_only_for_long_sides_in_side_space():
     mesh = models_mesh(1)
-    side = _placed(*_population(0), mesh)  # Nr = 52 > sides 20 / 24: side space
-    factor = _placed(*_planted(4), mesh)  # Nr = 96 < sides 160 / 128
+    side = testing.place_lora(
+        *testing.mixed_lora_population(0), mesh
+    )  # Nr = 52 > sides 20 / 24: side space
+    factor = testing.place_lora(*_planted(4), mesh)  # Nr = 96 < sides 160 / 128
     short = spectra.SpectraConfig(exact_limit=22, rank=4)
     assert _layer.randomized_lora_modes(side, short) == ("cols",)  # 24 > 22 >= 20
     assert _layer.randomized_lora_modes(factor, short) == ()  # (Nr)^2 matrices, exact
@@ -150,7 +147,7 @@ def test_auto_goes_randomized_only_for_long_sides_in_side_space():
 )
 def test_null_takes_the_randomized_route_with_the_exact_null_law(lora, modes):
     mesh = models_mesh(1)
-    placed = _placed(*_planted(6, n_models=10, m=60, k=48), mesh)
+    placed = testing.place_lora(*_planted(6, n_models=10, m=60, k=48), mesh)
     ranks = [4] * placed.n_models
     key = jax.random.key(0)
 

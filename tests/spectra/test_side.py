@@ -16,34 +16,6 @@ from jsubspace.sharding import stacked_sharding
 from jsubspace.spectra import _factored
 from jsubspace.spectra import _layer
 from jsubspace.spectra import _null
-from tests.spectra.test_factored import mode_spectra64
-
-
-def _placed(a, b, scales, mesh, dtype=np.float32):
-    n = a.shape[0]
-    n_pad = padded_count(n, mesh)
-
-    def put(x, dt):
-        out = np.zeros((n_pad, *x.shape[1:]), dt)
-        out[:n] = x
-        return jax.device_put(out, stacked_sharding(mesh))
-
-    return PlacedLora(put(a, dtype), put(b, dtype), put(scales, np.float32), n)
-
-
-def _updates64(placed):
-    n = placed.n_models
-    a, b, s = (np.asarray(x, np.float64)[:n] for x in placed[:3])
-    return np.einsum("i,imr,irn->imn", s, b, a)
-
-
-def _population(seed, n_models=13, m=20, k=24, r=4):
-    a, b = testing.lora_population(seed, n_models=n_models, shape=(m, k), rank=r)
-    a[4:7] = a[3]  # a group sharing one A
-    a[9, 2:] = 0.0  # ranks zero-padded from 4 to 2
-    b[9, :, 2:] = 0.0
-    scales = np.linspace(0.5, 2.0, n_models).astype(np.float32)
-    return a, b, scales
 
 
 @pytest.fixture
@@ -54,8 +26,8 @@ def small_blocks(monkeypatch):
 
 @pytest.mark.parametrize("center", ["mean", "none"])
 def test_side_matrices_equal_float64(mesh, center, small_blocks):
-    placed = _placed(*_population(0), mesh)
-    dw = _updates64(placed)
+    placed = testing.place_lora(*testing.mixed_lora_population(0), mesh)
+    dw = testing.lora_updates64(placed)
     x = dw - dw.mean(0) if center == "mean" else dw
     common = dict(mesh=mesh, n_models=placed.n_models, center=center)
     rows = kernels.side_mode_matrix(*placed[:3], mode="rows", **common)
@@ -88,15 +60,15 @@ def test_side_matrices_equal_float64(mesh, center, small_blocks):
 
 def test_side_route_equals_float64_and_the_factor_route():
     mesh = models_mesh(2)
-    placed = _placed(*_population(1, n_models=11), mesh)
+    placed = testing.place_lora(*testing.mixed_lora_population(1, n_models=11), mesh)
     assert _layer.side_space(placed, spectra.SpectraConfig())
     config = spectra.SpectraConfig()
     side = spectra.layer_spectra(placed, mesh=mesh, config=config, key=jax.random.key(0))
     in_factors = spectra.SpectraConfig(lora_space="factor")
     factored = spectra.layer_spectra(placed, mesh=mesh, config=in_factors, key=jax.random.key(0))
-    x = _updates64(placed)
+    x = testing.lora_updates64(placed)
     x = x - x.mean(0)
-    want = mode_spectra64(x)
+    want = testing.mode_spectra64(x)
     top = want["rows"][0]
     for mode, lam in want.items():
         assert side.modes[mode].method == "exact-side"
@@ -119,8 +91,8 @@ def test_side_route_keeps_float32_accuracy_when_the_mean_dominates():
     a = (a0 + 0.01 * rng.standard_normal((n_models, r, k))).astype(np.float32)
     b = (b0 + 0.01 * rng.standard_normal((n_models, m, r))).astype(np.float32)
     mesh = models_mesh(1)
-    placed = _placed(a, b, np.ones(n_models, np.float32), mesh)
-    dw = _updates64(placed)
+    placed = testing.place_lora(a, b, np.ones(n_models, np.float32), mesh)
+    dw = testing.lora_updates64(placed)
     x = dw - dw.mean(0)
     assert n_models * np.sum(dw.mean(0) ** 2) > 50 * np.sum(x * x)
     got = spectra.layer_spectra(
@@ -155,7 +127,7 @@ def test_null_factors_are_matched_drawn_by_model_and_gaussian():
         )
         assert a.dtype == b.dtype == jax.numpy.bfloat16  # stored like the real factors
         placed = PlacedLora(a, b, s, n_models)
-        dw = _updates64(placed)
+        dw = testing.lora_updates64(placed)
         np.testing.assert_allclose(np.sum(dw * dw, axis=(1, 2)), energies, rtol=1e-5)
         assert not np.any(np.asarray(a, np.float32)[3, 2:]) and not np.any(
             np.asarray(b, np.float32)[3, :, 2:]
@@ -197,7 +169,7 @@ def test_side_null_matches_explicit_gaussian_factors():
 )
 def test_layer_null_control_uses_the_side_route(lora, modes):
     mesh = models_mesh(2)
-    placed = _placed(*_population(3), mesh)
+    placed = testing.place_lora(*testing.mixed_lora_population(3), mesh)
     config = spectra.SpectraConfig(lora=lora)
     ranks = [4] * 9 + [2] + [4] * 3
     key = jax.random.key(0)
@@ -223,7 +195,7 @@ def test_layer_null_control_uses_the_side_route(lora, modes):
 def test_analyze_layer_releases_side_space_factors_before_the_null(tmp_path, release):
     from jsubspace import io
 
-    a, b, _ = _population(4)
+    a, b, _ = testing.mixed_lora_population(4)
     for i in range(len(a)):
         testing.write_peft_adapter(
             tmp_path / f"a{i:02d}", {"model.q_proj": (a[i], b[i])}, r=4, lora_alpha=8
@@ -249,28 +221,16 @@ def test_analyze_layer_releases_side_space_factors_before_the_null(tmp_path, rel
     assert list(record).index("null") < list(record).index("holdout")  # its place in the file
 
 
-def _factor_pca64(a, b, ranks):
-    """The paper's statistic in float64: eigenvalues of the centred covariance of every real A
-    row and every real B column."""
-    rows = np.concatenate([a[i, :k] for i, k in enumerate(ranks)]).astype(np.float64)
-    cols = np.concatenate([b[i, :, :k].T for i, k in enumerate(ranks)]).astype(np.float64)
-    out = {}
-    for name, x in (("A", rows), ("B", cols)):
-        x = x - x.mean(0)
-        out[name] = np.linalg.eigvalsh(x.T @ x)[::-1]
-    return out
-
-
 def test_factor_covariance_equals_float64(mesh, small_blocks):
-    a, b, scales = _population(5)
+    a, b, scales = testing.mixed_lora_population(5)
     # Samples far from the origin: centring before the products keeps float32 accuracy.
     a = (a + 30.0).astype(np.float32)
     ranks = [4] * 9 + [2] + [4] * 3
-    placed = _placed(a, b, scales, mesh)
+    placed = testing.place_lora(a, b, scales, mesh)
     n_pad = placed.a.shape[0]
     mask = _layer.factor_sample_mask(n_pad, 4, ranks).reshape(n_pad, 4)
     mask = jax.device_put(mask, stacked_sharding(mesh))
-    want = _factor_pca64(a, b, ranks)
+    want = testing.factor_pca64(a, b, ranks)
     for factor in ("A", "B"):
         x = a if factor == "A" else b
         samples = (
@@ -300,16 +260,16 @@ def test_factor_statistic_side_route_equals_the_factor_route(monkeypatch, host):
     if not host:  # The accelerators' route: matrices and eigenvalues from the device kernels.
         monkeypatch.setattr(_layer, "factored_on_host", lambda _: False)
     mesh = models_mesh(2)
-    a, b, scales = _population(6, n_models=11)
+    a, b, scales = testing.mixed_lora_population(6, n_models=11)
     ranks = [4] * 9 + [2] + [4]
-    placed = _placed(a, b, scales, mesh)
+    placed = testing.place_lora(a, b, scales, mesh)
     config = spectra.SpectraConfig(lora="factors")
     assert _layer.side_space(placed, config)
     key = jax.random.key(0)
     side = spectra.layer_spectra(placed, mesh=mesh, config=config, key=key, ranks=ranks)
     in_factors = spectra.SpectraConfig(lora="factors", lora_space="factor")
     factored = spectra.layer_spectra(placed, mesh=mesh, config=in_factors, key=key, ranks=ranks)
-    want = _factor_pca64(a, b, ranks)
+    want = testing.factor_pca64(a, b, ranks)
     for name, factor in (("lora_A", "A"), ("lora_B", "B")):
         ours, theirs = side.modes[name], factored.modes[name]
         assert ours.method == "exact-factor-pca-side" and ours.side == theirs.side
@@ -330,7 +290,7 @@ def test_factor_statistic_null_has_one_law_on_both_routes():
     # The side route draws Gaussian factors, the factor route Bartlett Gram factors: the same
     # matched null, so the mean CEV curves of the factor statistic agree.
     mesh = models_mesh(1)
-    placed = _placed(*_population(7), mesh)
+    placed = testing.place_lora(*testing.mixed_lora_population(7), mesh)
     config = spectra.SpectraConfig(lora="factors")
     ranks = [4] * 13
     real = spectra.layer_spectra(
@@ -356,26 +316,18 @@ def test_factor_statistic_null_has_one_law_on_both_routes():
         assert not np.allclose(ours[:12], theirs[:12], atol=1e-7)  # two different draws
 
 
-def _near_one_update(seed, n_models, m, k, r, spread):
-    rng = np.random.default_rng(seed)
-    a0, b0 = rng.standard_normal((r, k)), rng.standard_normal((m, r))
-    a = (a0 + spread * rng.standard_normal((n_models, r, k))).astype(np.float32)
-    b = (b0 + spread * rng.standard_normal((n_models, m, r))).astype(np.float32)
-    return a, b, np.full(n_models, 2.0, np.float32)
-
-
 @pytest.mark.parametrize("d", [1, 2])
 def test_factor_route_keeps_float32_accuracy_when_the_mean_dominates(monkeypatch, d):
     # Nr = 36 below both sides (factor route), 2Nr = 72 too; the mean carries ~5000x the
     # centred energy. Without the shift the top eigenvalues are off by ~1e-3.
     mesh = models_mesh(d)
-    placed = _placed(*_near_one_update(8, 12, 80, 96, 3, 0.01), mesh)
+    placed = testing.place_lora(*testing.near_one_update(8, 12, 80, 96, 3, 0.01), mesh)
     config = spectra.SpectraConfig()
     assert not _layer.side_space(placed, config)
-    dw = _updates64(placed)
+    dw = testing.lora_updates64(placed)
     x = dw - dw.mean(0)
     assert np.sum(dw * dw) > 1000 * np.sum(x * x)
-    want = mode_spectra64(x)
+    want = testing.mode_spectra64(x)
 
     def worst(got):
         return max(
@@ -397,12 +349,12 @@ def test_factor_route_keeps_float32_accuracy_when_the_mean_dominates(monkeypatch
 def test_mean_dominated_layer_goes_to_side_space_when_shifted_rows_outnumber_the_sides():
     # Nr = 60 is below the sides (64, 48), 2Nr = 120 is not: the side route shifts instead.
     mesh = models_mesh(1)
-    placed = _placed(*_near_one_update(9, 20, 64, 48, 3, 0.01), mesh)
+    placed = testing.place_lora(*testing.near_one_update(9, 20, 64, 48, 3, 0.01), mesh)
     config = spectra.SpectraConfig()
     assert not _layer.side_space(placed, config)
     got = spectra.layer_spectra(placed, mesh=mesh, config=config, key=jax.random.key(0))
-    x = _updates64(placed)
+    x = testing.lora_updates64(placed)
     x = x - x.mean(0)
-    for mode, lam in mode_spectra64(x).items():
+    for mode, lam in testing.mode_spectra64(x).items():
         assert got.modes[mode].method == "exact-side"
         np.testing.assert_allclose(got.modes[mode].eigenvalues[:5], lam[:5], rtol=1e-5)
