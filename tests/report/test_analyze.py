@@ -211,8 +211,7 @@ def _cli(args, **kw):
 
 
 def _numbers(path):
-    data = json.loads(open(path).read())
-    return [{k: v for k, v in layer.items()} for layer in data["layers"]]
+    return testing.reproducible_layers(json.loads(open(path).read()))
 
 
 def test_cli_on_8_devices_equals_1_device(demo, tmp_path):

@@ -102,13 +102,7 @@ def _flags(out):
 
 def _records(out) -> list[dict]:
     with open(os.path.join(out, "spectra.json"), encoding="utf-8") as f:
-        layers = json.load(f)["layers"]
-    for layer in layers:
-        # Wall times and the estimate from this process's measured rates: the things a rerun
-        # cannot repeat.
-        layer.pop("seconds")
-        layer["plan"].pop("seconds")
-    return layers
+        return testing.reproducible_layers(json.load(f))
 
 
 @pytest.fixture(scope="module")
