@@ -133,16 +133,19 @@ def test_interrupt_is_prompt_clean_and_resumable(
     proc = subprocess.Popen(
         cmd + _flags(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "the run never reached the seeded point"
-        time.sleep(0.05)
-    time.sleep(0.3)
-    sent = time.time()
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=30)
-    took = time.time() - sent
+    try:
+        deadline = time.time() + 300
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "the run never reached the seeded point"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        sent = time.time()
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)
+        took = time.time() - sent
+    finally:
+        proc.kill()  # a run that did not stop must not outlive the test
     assert took < 5, f"took {took:.1f}s to stop"
     assert proc.returncode == (130 if signum == signal.SIGINT else 143), err
     assert "interrupted" in err and "Traceback" not in err, err
