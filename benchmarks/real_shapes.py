@@ -1,4 +1,4 @@
-"""Dense populations with real transformer layer shapes: jsubspace against a plain numpy script.
+r"""Dense populations with real transformer layer shapes: jsubspace against a plain numpy script.
 
 Populations (written once into --workdir, reused while a marker JSON of their parameters matches):
   minilm   the real MiniLM (all-MiniLM-L6-v2: a 30522 x 384 word embedding, 512 x 384 position

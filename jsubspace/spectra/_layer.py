@@ -21,6 +21,13 @@ from jsubspace.sharding import stacked_sharding
 from jsubspace.spectra import _factored
 
 MODES = ("models", "rows", "cols")
+# Under method='auto' a side no longer than exact_limit is solved exactly unless the exact solve
+# costs more than this many flops (a few seconds on one CPU core) and the randomized one is at
+# least RANDOMIZED_GAIN times cheaper: the top-`rank` eigenvalues of a randomized solve leave
+# `k_at` and the effective rank open and are less accurate on flat spectra, which is no bargain
+# for a 768-wide layer whose exact eigh takes a fraction of a second.
+EXACT_FLOPS = 1e11
+RANDOMIZED_GAIN = 4.0
 # Side-space LoRA sums are shifted first when the uncentred energy exceeds the centred one by
 # more than this (see `kernels.side_mode_matrix`).
 SHIFT_RATIO = 8.0
@@ -129,11 +136,22 @@ def _eigvals(gram) -> np.ndarray:
     return np.clip(values.astype(np.float64), 0.0, None)
 
 
+def prefers_randomized(costs: dict, side: int, rank: int, config: SpectraConfig) -> bool:
+    """The rule of `method='auto'` for one side (`costs` from `solver_costs`): randomized when
+    the side is longer than `exact_limit` (its exact eigh would need the `side^2` Gram in
+    memory), or when the exact solve is expensive (over `EXACT_FLOPS`) and the randomized one
+    `RANDOMIZED_GAIN` times cheaper; in both cases only while `rank` is below half the side."""
+    if rank >= side // 2:
+        return False
+    if side > config.exact_limit:
+        return True
+    return costs["exact"] > EXACT_FLOPS and costs["randomized"] * RANDOMIZED_GAIN < costs["exact"]
+
+
 def dense_mode_solvers(n_models: int, m: int, n: int, config: SpectraConfig) -> dict[str, str]:
     """The solver, 'exact' or 'randomized', of each mode of a dense `m x n` layer of N models:
-    the randomized solver when asked for, or under 'auto' when it is cheaper by `solver_costs` or
-    the side is longer than `exact_limit` (whose exact eigh would also need the `side^2` Gram in
-    memory), provided the rank is below half the side. The one rule (`spectra.plan_layer`)."""
+    the randomized solver when asked for, or under 'auto' by `prefers_randomized`. The one rule
+    of the spectra (`spectra.plan_layer`); the controls' bases follow it at their own k."""
     sides = {"models": n_models, "rows": m, "cols": n}
     out = {}
     for mode in config.modes:
@@ -143,11 +161,10 @@ def dense_mode_solvers(n_models: int, m: int, n: int, config: SpectraConfig) -> 
         costs = solver_costs(
             n_models, m, n, mode=mode, rank=config.rank, iterations=config.iterations
         )
-        cheaper = costs["randomized"] < costs["exact"]
-        if config.method == "randomized" or (
-            config.method == "auto"
-            and (cheaper or sides[mode] > config.exact_limit)
-            and config.rank < sides[mode] // 2
+        if config.method == "randomized":
+            out[mode] = "randomized"
+        elif config.method == "auto" and prefers_randomized(
+            costs, sides[mode], config.rank, config
         ):
             out[mode] = "randomized"
     return out

@@ -31,6 +31,7 @@ from jsubspace.spectra._layer import SpectraConfig
 from jsubspace.spectra._layer import dense_mode_solvers
 from jsubspace.spectra._layer import lora_randomized_modes
 from jsubspace.spectra._layer import lora_side_space
+from jsubspace.spectra._layer import prefers_randomized
 from jsubspace.spectra._layer import solver_costs
 
 Route = Literal["dense", "lora-factor", "lora-side"]
@@ -161,15 +162,15 @@ def default_memory_budget(mesh) -> int:
 
 def basis_solvers(n_models: int, m: int, n: int, k: int, config: SpectraConfig) -> dict:
     """The solver of the top-k rows / cols bases that the controls and compress fit from N
-    models: the randomized solver where the side is longer than `config.exact_limit` (whose
-    exact eigh would need the `side x side` matrix), or where it is cheaper by `solver_costs`
-    and k is below half the side (unless `config.method` is 'exact'); exact eigh otherwise. The
-    same rule as the spectra's (`dense_mode_solvers`), at the control's own k."""
+    models: the spectra's rule (`spectra._layer.prefers_randomized`) at the control's own k, so
+    no control forms a `side x side` matrix past `exact_limit`; a side past it is solved
+    randomized whatever `config.method` says (as the spectra are, unless forced exact)."""
     out = {}
     for mode, side in (("rows", m), ("cols", n)):
         costs = solver_costs(n_models, m, n, mode=mode, rank=k, iterations=config.iterations)
-        cheaper = costs["randomized"] < costs["exact"] and k < side // 2
-        fast = side > config.exact_limit or (cheaper and config.method != "exact")
+        fast = side > config.exact_limit or (
+            config.method != "exact" and prefers_randomized(costs, side, k, config)
+        )
         out[mode] = "randomized" if fast else "exact"
     return out
 

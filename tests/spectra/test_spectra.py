@@ -33,15 +33,23 @@ def _placed(values, mesh):
     return PlacedDense(jax.device_put(padded, stacked_sharding(mesh)), n)
 
 
-def test_auto_solver_choice_is_by_cost_and_recorded():
+def test_auto_solver_choice_is_by_side_and_cost_and_recorded(monkeypatch):
     mesh = models_mesh(2)
     values = testing.planted_population(0, n_models=20, shape=(600, 500), rank=6, noise=0.02)
     placed = _placed(values, mesh)
-    cfg = spectra.SpectraConfig(rank=8, iterations=4)
+    # rows: 600 past the exact limit, randomized; cols: 500 within it and cheap, exact.
+    cfg = spectra.SpectraConfig(rank=8, iterations=4, exact_limit=512)
     costs = spectra._layer.solver_costs(20, 600, 500, mode="rows", rank=8, iterations=4)
-    assert costs["randomized"] < costs["exact"]
+    assert costs["randomized"] < costs["exact"] < spectra._layer.EXACT_FLOPS
     got = spectra.layer_spectra(placed, mesh=mesh, config=cfg, key=jax.random.key(0))
     assert got.modes["rows"].method == "randomized" and got.modes["models"].method == "exact"
+    assert got.modes["cols"].method == "exact"
+    # Within the limit, an exact solve that is both expensive and 4x dearer goes randomized.
+    monkeypatch.setattr(spectra._layer, "EXACT_FLOPS", 1e9)
+    wide = spectra.SpectraConfig(rank=2, iterations=2)
+    assert spectra._layer.dense_mode_solvers(20, 600, 500, wide)["cols"] == "randomized"
+    monkeypatch.setattr(spectra._layer, "EXACT_FLOPS", 1e11)
+    assert spectra._layer.dense_mode_solvers(20, 600, 500, wide)["cols"] == "exact"
     assert got.modes["rows"].flops == costs["randomized"]
     exact = spectra.layer_spectra(
         placed, mesh=mesh, config=spectra.SpectraConfig(method="exact"), key=jax.random.key(0)
