@@ -94,7 +94,7 @@ def project_dense(x, base, u, v, *, mesh: Mesh, n_models: int, center: str) -> L
     def body(xb, cb, ub, vb):
         # xb: dtype[N/d, m, n]
         xc = kernels.centered_block(xb, cb, n_models=n_models, center=center)
-        coeff = jnp.einsum("mk,imn,nl->ikl", ub, xc, vb, precision=HIGHEST)
+        coeff = jnp.einsum("mk,iml->ikl", ub, kernels.stack_times(xc, vb), precision=HIGHEST)
         energy = jnp.sum(xc * xc, axis=(1, 2))
         xf = xb.astype(jnp.float32)
         mask = kernels.model_mask(xb.shape[0], n_models)[:, None, None]

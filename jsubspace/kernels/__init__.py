@@ -8,10 +8,15 @@ from jsubspace.kernels._gram import CENTERS
 from jsubspace.kernels._gram import HIGHEST
 from jsubspace.kernels._gram import ModeGrams
 from jsubspace.kernels._gram import centered_block
+from jsubspace.kernels._gram import cross_gram
+from jsubspace.kernels._gram import mode_gram
 from jsubspace.kernels._gram import mode_grams
+from jsubspace.kernels._gram import mode_product
 from jsubspace.kernels._gram import model_mask
 from jsubspace.kernels._gram import ring_cross_gram
 from jsubspace.kernels._gram import self_gram
+from jsubspace.kernels._gram import stack_t_times
+from jsubspace.kernels._gram import stack_times
 from jsubspace.kernels._gram import streaming_mode_grams
 from jsubspace.kernels._hosvd import Tucker
 from jsubspace.kernels._hosvd import hosvd
@@ -61,7 +66,12 @@ __all__ = [
     "materialized_updates",
     "mode_bases",
     "mode_matrices",
+    "cross_gram",
+    "mode_gram",
     "mode_grams",
+    "mode_product",
+    "stack_t_times",
+    "stack_times",
     "model_mask",
     "orthonormalize",
     "psd_root",

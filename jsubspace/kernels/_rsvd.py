@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from jsubspace.kernels._gram import HIGHEST
 from jsubspace.kernels._gram import centered_block
+from jsubspace.kernels._gram import mode_product
 from jsubspace.sharding._mesh import MODELS
 
 METHODS = ("subspace", "krylov")
@@ -207,12 +208,9 @@ def randomized_mode_eigh(
     def body(xb, cb, k):
         # xb: dtype[N/d, m, n]; cb: dtype[m, n]; k: replicated key
         xc = centered_block(xb, cb, n_models=n_models, center=center)
-        if mode == "cols":
-            xc = jnp.swapaxes(xc, 1, 2)
 
         def matmat(q):
-            inner = jnp.einsum("imn,ml->inl", xc, q, precision=HIGHEST)
-            return lax.psum(jnp.einsum("imn,inl->ml", xc, inner, precision=HIGHEST), MODELS)
+            return lax.psum(mode_product(xc, q, mode=mode), MODELS)
 
         return randomized_eigh(
             matmat,

@@ -31,23 +31,22 @@ from jsubspace.spectra._null import EXCESS_KS
 EXACT = ("exact", "exact")
 
 
-def side_basis(xt: jax.Array, *, mode: str, solver: str, k: int, key, iterations: int):
+def side_basis(xc, weights, *, mode: str, solver: str, k: int, key, iterations: int):
     """Inside shard_map: the top-k eigenvectors (`f32[side, k]`, replicated) of the `rows`
-    (`sum_i X_i X_i^T`) or `cols` (`sum_i X_i^T X_i`) matrix of this shard's models `xt`
-    (`f32[N/d, m, n]`, summed over devices): by `eigh` of the `side x side` matrix (`solver`
-    'exact'), or by the randomized block-Krylov solver through `X_i (X_i^T Q)` products, which
-    never forms it ('randomized')."""
+    (`sum_i w_i X_i X_i^T`) or `cols` (`sum_i w_i X_i^T X_i`) matrix of this shard's models
+    `xc` (`f32[N/d, m, n]`, weights `f32[N/d]`, summed over devices): by `eigh` of the
+    `side x side` matrix (`solver` 'exact'), or by the randomized block-Krylov solver through
+    `X_i (w_i X_i^T Q)` products, which never forms it ('randomized'). No weighted or
+    transposed copy of the stack is made (`kernels.mode_gram`, `kernels.mode_product`)."""
     if solver == "exact":
-        spec = "imn,ikn->mk" if mode == "rows" else "imn,imk->nk"
-        matrix = lax.psum(jnp.einsum(spec, xt, xt, precision=HIGHEST), MODELS)
+        matrix = lax.psum(kernels.mode_gram(xc, mode=mode, weights=weights), MODELS)
         return jnp.linalg.eigh(matrix)[1][:, ::-1][:, :k]
-    x = xt if mode == "rows" else jnp.swapaxes(xt, 1, 2)
 
     def matmat(q):
-        inner = jnp.einsum("imn,ml->inl", x, q, precision=HIGHEST)
-        return lax.psum(jnp.einsum("imn,inl->ml", x, inner, precision=HIGHEST), MODELS)
+        return lax.psum(kernels.mode_product(xc, q, mode=mode, weights=weights), MODELS)
 
-    eig = kernels.randomized_eigh(matmat, x.shape[1], rank=k, key=key, iterations=iterations)
+    side = xc.shape[1] if mode == "rows" else xc.shape[2]
+    eig = kernels.randomized_eigh(matmat, side, rank=k, key=key, iterations=iterations)
     return eig.vectors
 
 
@@ -72,11 +71,10 @@ def weighted_bases(
     count = lax.psum(jnp.sum(weights), MODELS)
     mu = lax.psum(jnp.einsum("i,imn->mn", weights, xf, precision=HIGHEST), MODELS) / count
     xc = xf - mu
-    xt = xc * weights[:, None, None]
     keys = jax.random.split(key) if key is not None else (None, None)
     u, v = (
-        side_basis(xt, mode=mode, solver=solver, k=kmax, key=k, iterations=iterations)
-        for mode, solver, k in zip(("rows", "cols"), solvers, keys)
+        side_basis(xc, weights, mode=mode, solver=solver, k=kmax, key=sub, iterations=iterations)
+        for mode, solver, sub in zip(("rows", "cols"), solvers, keys)
     )
     return xc, u, v
 
@@ -161,13 +159,13 @@ def fold_capture(x, train, ref, key=None, *, mesh: Mesh, kmax: int, solvers=EXAC
     def body(xb, tb, rb, kb):
         xf = xb.astype(jnp.float32)
         xc, u, v = weighted_bases(xf, tb, kmax=kmax, solvers=solvers, key=kb, iterations=iterations)
-        core = jnp.einsum("mk,imn,nl->ikl", u, xc, v, precision=HIGHEST) ** 2
+        xv = kernels.stack_times(xc, v)  # f32[N/d, m, k]: X_i V
+        core = jnp.einsum("mk,iml->ikl", u, xv, precision=HIGHEST) ** 2  # (U^T X_i V)^2
         two = jnp.cumsum(jnp.cumsum(core, axis=1), axis=2)
         two = jnp.diagonal(two, axis1=1, axis2=2)
-        xv = jnp.einsum("imn,nl->iml", xc, v, precision=HIGHEST)
         cols_one = jnp.cumsum(jnp.sum(xv * xv, axis=1), axis=-1)
-        ux = jnp.einsum("mk,imn->ikn", u, xc, precision=HIGHEST)
-        rows_one = jnp.cumsum(jnp.sum(ux * ux, axis=2), axis=-1)
+        ux = kernels.stack_t_times(xc, u)  # f32[N/d, n, k]: (U^T X_i)^T
+        rows_one = jnp.cumsum(jnp.sum(ux * ux, axis=1), axis=-1)
         centred = jnp.sum(xc * xc, axis=(1, 2))
         raw = jnp.sum((xf - rb) ** 2, axis=(1, 2))
         return two, rows_one, cols_one, centred, raw
