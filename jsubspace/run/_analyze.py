@@ -24,6 +24,7 @@ import numpy as np
 from jsubspace import io
 from jsubspace import sharding
 from jsubspace import spectra
+from jsubspace.config import AnalysisConfig
 from jsubspace.errors import DistributedError
 from jsubspace.errors import OutputError
 from jsubspace.io._atomic import atomic_write_text
@@ -53,36 +54,23 @@ class Prepared:
     mesh: object
     budget: int
     plans: list[spectra.LayerPlan]
+    analysis: AnalysisConfig
 
 
 def prepare(
     models: str | Sequence[str],
     *,
-    include: str | None = None,
-    exclude: str | None = None,
-    center: str = "mean",
-    base: str | None = None,
-    modes: Sequence[str] = ("models", "rows", "cols"),
-    rank: int = 64,
-    method: str = "auto",
-    lora: str = "delta",
-    null_draws: int = 3,
-    holdout: str | int | None = 5,
-    seed: int = 0,
-    skip_mismatched: bool = False,
-    compare_to: str | Sequence[str] | None = None,
-    num_devices: int | None = None,
-    memory_budget: int | None = None,
-    lora_space: str = "auto",
-    split_half: bool = True,
+    config: AnalysisConfig | None = None,
     quiet: bool = False,
+    **options,
 ) -> Prepared:
-    """Opens the population (headers only) and plans every layer; see `analyze` for the
-    arguments. Refuses a layer over the memory budget before any tensor is read."""
-    if center == "base" and not base:
+    """Opens the population (headers only) and plans every layer. The analysis is described by
+    `config` or, equivalently, by the flat `options` of `analyze`. Refuses a layer over the
+    memory budget before any tensor is read."""
+    config = config or AnalysisConfig.from_options(**options)
+    spectra_config, control_config, run = config.spectra, config.controls, config.run
+    if spectra_config.center == "base" and not run.base:
         raise OutputError("center='base' needs a base model (--base=PATH)")
-    if holdout not in (None, "loo"):
-        holdout = int(holdout)
 
     def reading(done, total):
         if not quiet and jax.process_index() == 0 and total >= 8:
@@ -90,50 +78,47 @@ def prepare(
             print(f"\rreading headers {done}/{total}", end=end, file=sys.stderr, flush=True)
 
     population = io.open_population(
-        models, include=include, exclude=exclude, skip_mismatched=skip_mismatched, progress=reading
+        models,
+        include=run.include,
+        exclude=run.exclude,
+        skip_mismatched=run.skip_mismatched,
+        progress=reading,
     )
-    spectra_config = spectra.SpectraConfig(
-        modes=tuple(modes),
-        center=center,
-        lora=lora,
-        method=method,
-        rank=rank,
-        lora_space=lora_space,
-    )
-    control_config = spectra.ControlConfig(
-        null_draws=null_draws, holdout=holdout, seed=seed, split_half=split_half
-    )
-    config = {
+    # The run's identity (resume fingerprint, spectra.json "config"): the keys of the first
+    # version, so that runs begun before a new option existed still resume.
+    legacy = {
         "models": [m.path for m in population.models],
-        "include": include,
-        "exclude": exclude,
-        "center": center,
-        "base": base,
-        "modes": list(modes),
-        "rank": rank,
-        "method": method,
-        "lora": lora,
-        "null_draws": null_draws,
-        "holdout": holdout,
-        "seed": seed,
-        "skip_mismatched": skip_mismatched,
+        "include": run.include,
+        "exclude": run.exclude,
+        "center": spectra_config.center,
+        "base": run.base,
+        "modes": list(spectra_config.modes),
+        "rank": spectra_config.rank,
+        "method": spectra_config.method,
+        "lora": spectra_config.lora,
+        "null_draws": control_config.null_draws,
+        "holdout": control_config.holdout,
+        "seed": control_config.seed,
+        "skip_mismatched": run.skip_mismatched,
         "compare_to": None,
     }
-    # Recorded when they differ from the default (runs begun before them still resume).
-    if lora_space != "auto":
-        config["lora_space"] = lora_space
-    if not split_half:
-        config["split_half"] = False
+    # Recorded when they differ from the default.
+    if spectra_config.lora_space != "auto":
+        legacy["lora_space"] = spectra_config.lora_space
+    if not control_config.split_half:
+        legacy["split_half"] = False
     others = {}
-    if compare_to:
+    if run.compare_to:
         other_pop = io.open_population(
-            compare_to, include=include, exclude=exclude, skip_mismatched=True
+            list(run.compare_to), include=run.include, exclude=run.exclude, skip_mismatched=True
         )
-        config["compare_to"] = [m.path for m in other_pop.models]
+        legacy["compare_to"] = [m.path for m in other_pop.models]
         others = {layer.name: layer for layer in other_pop.layers}
-    fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-    mesh = sharding.models_mesh(num_devices)
-    budget = memory_budget if memory_budget is not None else spectra.default_memory_budget(mesh)
+    fingerprint = hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+    mesh = sharding.models_mesh(run.num_devices)
+    budget = run.memory_budget
+    if budget is None:
+        budget = spectra.default_memory_budget(mesh)
     plans = []
     for layer in population.layers:
         n_pad = sharding.padded_count(spectra.layer_models(layer), mesh)
@@ -147,11 +132,12 @@ def prepare(
         others,
         spectra_config,
         control_config,
-        config,
+        legacy,
         fingerprint,
         mesh,
         budget,
         plans,
+        config,
     )
 
 
@@ -179,7 +165,9 @@ def analyze(
         overwrite: discard a previous run in `out` instead of resuming it.
         plots: write PNG plots and report.html (needs matplotlib).
         quiet: no progress bar.
-        **options: how the population is analysed:
+        **options: how the population is analysed, either `config=` a
+            `jsubspace.config.AnalysisConfig` or its flat fields
+            (`AnalysisConfig.from_options`):
             include, exclude: layer-name regexes.
             center: 'mean', 'none' or 'base' (needs `base`).
             base: path of the base model for `center='base'`.
@@ -205,7 +193,7 @@ def analyze(
     """
     run = prepare(models, quiet=quiet, **options)
     population = run.population
-    base = options.get("base")
+    base = run.analysis.run.base
     base_refs = io.base_refs(base, population.layers) if base else {}
     with RunDirectory(
         out, fingerprint=run.fingerprint, config=run.config, overwrite=overwrite
@@ -300,6 +288,7 @@ def _finish(run: Prepared, rundir, records, encoded, out: str, *, plots: bool) -
         "version": SPECTRA_VERSION,
         "models": population.names,
         "config": run.config,
+        "analysis": run.analysis.to_json(),
         "manifest": run_manifest(run.config, run.mesh, population),
         "plan_total": spectra.plan_total(run.plans),
         "skipped_layers": [{"name": n, "reason": r} for n, r in population.skipped],

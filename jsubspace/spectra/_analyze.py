@@ -7,7 +7,6 @@ record carries the null, holdout and lineage controls, and the verdict reads all
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import jax
@@ -15,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jsubspace import kernels
+from jsubspace.config import ControlConfig
 from jsubspace.io import PlacedDense
 from jsubspace.io import PlacedLora
 from jsubspace.sharding import host_array
@@ -36,28 +36,6 @@ VERDICTS = (
     "indistinguishable from noise",
     "model-specific structure, not shared",
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class ControlConfig:
-    """Which controls run and how.
-
-    Attributes:
-        null_draws: Gaussian null draws per layer (0 turns the null off).
-        holdout: 'loo', an int K for K-fold, or None.
-        seed: seeds every random draw (null, folds, sketches).
-        lineage: compute the lineage control.
-        split_half: compute the principal angles between the bases of two random halves.
-        shared_fraction: the fraction of models in (near-)identical groups from which a layer is
-            "explained by shared initialisation".
-    """
-
-    null_draws: int = 3
-    holdout: str | int | None = 5
-    seed: int = 0
-    lineage: bool = True
-    shared_fraction: float = 0.2
-    split_half: bool = True
 
 
 def _primary_mode(modes) -> str:

@@ -14,13 +14,15 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jsubspace import kernels
+from jsubspace.config import LORA_SPACES
+from jsubspace.config import MODES
+from jsubspace.config import SpectraConfig
 from jsubspace.io import PlacedDense
 from jsubspace.io import PlacedLora
 from jsubspace.sharding import host_array
 from jsubspace.sharding import stacked_sharding
 from jsubspace.spectra import _factored
 
-MODES = ("models", "rows", "cols")
 # Under method='auto' a side no longer than exact_limit is solved exactly unless the exact solve
 # costs more than this many flops (a few seconds on one CPU core) and the randomized one is at
 # least RANDOMIZED_GAIN times cheaper: the top-`rank` eigenvalues of a randomized solve leave
@@ -32,50 +34,6 @@ RANDOMIZED_GAIN = 4.0
 # more than this (see `kernels.side_mode_matrix`).
 SHIFT_RATIO = 8.0
 FACTOR_MODES = ("lora_A", "lora_B")
-LORA_SPACES = ("auto", "factor", "side")
-
-
-@dataclasses.dataclass(frozen=True)
-class SpectraConfig:
-    """How spectra are computed.
-
-    Attributes:
-        modes: any of 'models', 'rows', 'cols'.
-        center: 'mean', 'none' or 'base'.
-        lora: 'delta' (spectra of the whole updates s B A, in factor space) or 'factors' (the
-            paper's statistic: PCA of the stacked centred A rows and B columns).
-        method: 'auto', 'exact' or 'randomized' for the rows / cols modes (LoRA: and the factor
-            PCA; `randomized_lora_modes` says which LoRA modes 'auto' solves randomized).
-        rank: how many eigenvalues the randomized solver computes (exact ones keep all).
-        exact_limit: 'auto' solves a side exactly when it is at most this long.
-        iterations: block-Krylov steps of the randomized solver.
-        lora_space: where LoRA layers are computed: 'auto' (factor space while the `Nr` factor
-            rows are fewer than a side, side space past that), 'factor' or 'side'.
-    """
-
-    modes: tuple[str, ...] = MODES
-    center: str = "mean"
-    lora: str = "delta"
-    method: str = "auto"
-    rank: int = 64
-    exact_limit: int = 4096
-    iterations: int = 4
-    lora_space: str = "auto"
-
-    def __post_init__(self):
-        bad = set(self.modes) - set(MODES)
-        if bad or not self.modes:
-            raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
-        if self.center not in kernels.CENTERS:
-            raise ValueError(f"center must be one of {kernels.CENTERS}, got {self.center!r}")
-        if self.lora not in ("delta", "factors"):
-            raise ValueError(f"lora must be 'delta' or 'factors', got {self.lora!r}")
-        if self.method not in ("auto", "exact", "randomized"):
-            raise ValueError(f"method must be auto/exact/randomized, got {self.method!r}")
-        if self.lora_space not in LORA_SPACES:
-            raise ValueError(f"lora_space must be one of {LORA_SPACES}, got {self.lora_space!r}")
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
 
 
 @dataclasses.dataclass

@@ -1,0 +1,181 @@
+"""One typed configuration of an analysis: how spectra are computed (`SpectraConfig`), which
+controls run (`ControlConfig`) and what the run reads and may use (`RunConfig`), nested in
+`AnalysisConfig`, with a JSON round trip.
+
+The Python API (`jsubspace.analyze(models, out, **options)`, `jsubspace.run.plan`) and the
+command line take the same flat options; `AnalysisConfig.from_options` is the one place that
+turns them into this typed form, and `to_json` / `from_json` carry it into `spectra.json` and
+back.
+
+Example:
+    >>> from jsubspace.config import AnalysisConfig
+    >>> config = AnalysisConfig.from_options(null_draws=5, holdout="loo", rank=32)
+    >>> config.controls.null_draws, config.spectra.rank
+    (5, 32)
+    >>> AnalysisConfig.from_json(config.to_json()) == config
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from jsubspace.kernels import CENTERS
+
+MODES = ("models", "rows", "cols")
+LORA_SPACES = ("auto", "factor", "side")
+Center = Literal["mean", "none", "base"]
+Method = Literal["auto", "exact", "randomized"]
+LoraStatistic = Literal["delta", "factors"]
+LoraSpace = Literal["auto", "factor", "side"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectraConfig:
+    """How spectra are computed.
+
+    Attributes:
+        modes: any of 'models', 'rows', 'cols'.
+        center: 'mean', 'none' or 'base'.
+        lora: 'delta' (spectra of the whole updates s B A, in factor space) or 'factors' (the
+            paper's statistic: PCA of the stacked centred A rows and B columns).
+        method: 'auto', 'exact' or 'randomized' for the rows / cols modes (LoRA: and the factor
+            PCA; `randomized_lora_modes` says which LoRA modes 'auto' solves randomized).
+        rank: how many eigenvalues the randomized solver computes (exact ones keep all).
+        exact_limit: 'auto' solves a side exactly when it is at most this long.
+        iterations: block-Krylov steps of the randomized solver.
+        lora_space: where LoRA layers are computed: 'auto' (factor space while the `Nr` factor
+            rows are fewer than a side, side space past that), 'factor' or 'side'.
+    """
+
+    modes: tuple[str, ...] = MODES
+    center: Center = "mean"
+    lora: LoraStatistic = "delta"
+    method: Method = "auto"
+    rank: int = 64
+    exact_limit: int = 4096
+    iterations: int = 4
+    lora_space: LoraSpace = "auto"
+
+    def __post_init__(self):
+        bad = set(self.modes) - set(MODES)
+        if bad or not self.modes:
+            raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
+        if self.center not in CENTERS:
+            raise ValueError(f"center must be one of {CENTERS}, got {self.center!r}")
+        if self.lora not in ("delta", "factors"):
+            raise ValueError(f"lora must be 'delta' or 'factors', got {self.lora!r}")
+        if self.method not in ("auto", "exact", "randomized"):
+            raise ValueError(f"method must be auto/exact/randomized, got {self.method!r}")
+        if self.lora_space not in LORA_SPACES:
+            raise ValueError(f"lora_space must be one of {LORA_SPACES}, got {self.lora_space!r}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlConfig:
+    """Which controls run and how.
+
+    Attributes:
+        null_draws: Gaussian null draws per layer (0 turns the null off).
+        holdout: 'loo', an int K for K-fold, or None.
+        seed: seeds every random draw (null, folds, sketches).
+        lineage: compute the lineage control.
+        split_half: compute the principal angles between the bases of two random halves.
+        shared_fraction: the fraction of models in (near-)identical groups from which a layer is
+            "explained by shared initialisation".
+    """
+
+    null_draws: int = 3
+    holdout: str | int | None = 5
+    seed: int = 0
+    lineage: bool = True
+    shared_fraction: float = 0.2
+    split_half: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What a run reads and what it may use.
+
+    Attributes:
+        include, exclude: layer-name regexes.
+        base: the base model for `center='base'`.
+        compare_to: a second population (sources) for the compare control.
+        skip_mismatched: skip layers the models disagree on (listed in the output).
+        num_devices: devices of the `models` mesh (None: all).
+        memory_budget: bytes one layer's analysis may use (None: half the host RAM on CPU, 80%
+            of device memory on accelerators).
+    """
+
+    include: str | None = None
+    exclude: str | None = None
+    base: str | None = None
+    compare_to: tuple[str, ...] | None = None
+    skip_mismatched: bool = False
+    num_devices: int | None = None
+    memory_budget: int | None = None
+
+
+_PARTS = {"spectra": SpectraConfig, "controls": ControlConfig, "run": RunConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisConfig:
+    """The whole configuration of an analysis: `spectra`, `controls` and `run` parts."""
+
+    spectra: SpectraConfig = SpectraConfig()
+    controls: ControlConfig = ControlConfig()
+    run: RunConfig = RunConfig()
+
+    @classmethod
+    def from_options(cls, **options) -> AnalysisConfig:
+        """The typed form of the flat keyword options of `jsubspace.analyze` (each option is a
+        field of exactly one part; an unknown one is a TypeError naming it)."""
+        parts = {name: {} for name in _PARTS}
+        owner = {f.name: name for name, part in _PARTS.items() for f in dataclasses.fields(part)}
+        for key, value in options.items():
+            if key not in owner:
+                raise TypeError(f"unknown option {key!r}; options are {sorted(owner)}")
+            parts[owner[key]][key] = _normalise(key, value)
+        return cls(**{name: _PARTS[name](**values) for name, values in parts.items()})
+
+    def options(self) -> dict:
+        """The flat keyword options (`from_options` of them gives this config back)."""
+        out = {}
+        for name in _PARTS:
+            out.update(dataclasses.asdict(getattr(self, name)))
+        return out
+
+    def to_json(self) -> dict:
+        """`{"spectra": {...}, "controls": {...}, "run": {...}}` in JSON types."""
+        return {
+            name: {k: list(v) if isinstance(v, tuple) else v for k, v in part.items()}
+            for name, part in ((n, dataclasses.asdict(getattr(self, n))) for n in _PARTS)
+        }
+
+    @classmethod
+    def from_json(cls, record: dict) -> AnalysisConfig:
+        """The config `to_json` wrote."""
+        return cls(
+            **{
+                name: _PARTS[name](
+                    **{k: _normalise(k, v) for k, v in (record.get(name) or {}).items()}
+                )
+                for name in _PARTS
+            }
+        )
+
+
+def _normalise(key: str, value):
+    """Sequences as tuples (hashable, comparable after a JSON round trip); a K-fold holdout
+    given as text ('5') as an int."""
+    if key in ("modes", "compare_to") and value is not None:
+        if isinstance(value, str):
+            value = [value]
+        return tuple(value)
+    if key == "holdout" and value not in (None, "loo"):
+        return int(value)
+    return value
