@@ -9,6 +9,7 @@ from jsubspace.kernels._gram import HIGHEST
 from jsubspace.kernels._gram import ModeGrams
 from jsubspace.kernels._gram import centered_block
 from jsubspace.kernels._gram import cross_gram
+from jsubspace.kernels._gram import dual_mode_gram
 from jsubspace.kernels._gram import mode_gram
 from jsubspace.kernels._gram import mode_grams
 from jsubspace.kernels._gram import mode_product
@@ -67,6 +68,7 @@ __all__ = [
     "mode_bases",
     "mode_matrices",
     "cross_gram",
+    "dual_mode_gram",
     "mode_gram",
     "mode_grams",
     "mode_product",

@@ -362,3 +362,47 @@ def streaming_mode_grams(
     return ModeGrams(
         None, rows if "rows" in modes else None, cols if "cols" in modes else None, energy
     )
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "n_models", "center", "mode"))
+def dual_mode_gram(
+    x: jax.Array,
+    base: jax.Array | None = None,
+    *,
+    mesh: Mesh,
+    n_models: int,
+    center: str = "mean",
+    mode: str = "rows",
+) -> jax.Array:
+    """The `[N n, N n]` (rows) or `[N m, N m]` (cols) cross-Gram of a centred stack, whose
+    nonzero eigenvalues are those of the `rows` (`m x m`) or `cols` (`n x n`) matrix: for a
+    tall layer (a vocabulary embedding, `m >> N n`) the exact spectrum of its long side from a
+    matrix as small as the stacked short sides.
+
+    `rows`: `K[(i, a), (j, b)] = <X_i[:, a], X_j[:, b]>`, and `sum_i X_i X_i^T` and `K` are
+    `Y Y^T` and `Y^T Y` for `Y = [X_1 ... X_N]`. `cols` likewise with the `X_i^T`.
+
+    Args:
+        x: `dtype[N_pad, m, n]` sharded over `models` (zero padding past `n_models`).
+        base, mesh, n_models, center: as in `mode_grams`.
+        mode: 'rows' or 'cols'.
+
+    Returns:
+        `f32[N_pad q, N_pad q]` (q = n for rows, m for cols), replicated.
+    """
+    if mode not in ("rows", "cols"):
+        raise ValueError(f"mode must be 'rows' or 'cols', got {mode!r}")
+    d = mesh.devices.size
+    if base is None:
+        base = jnp.zeros(x.shape[1:], x.dtype)
+
+    def body(xb, cb):
+        # xb: dtype[N/d, m, n]; the gram's rows of this shard: f32[N/d, q, N_pad, q]
+        xc = centered_block(xb, cb, n_models=n_models, center=center)
+        if mode == "cols":
+            xc = jnp.swapaxes(xc, 1, 2)
+        return ring_cross_gram(xc, num_devices=d)
+
+    gram = jax.shard_map(body, mesh=mesh, in_specs=(P(MODELS), P()), out_specs=P(MODELS))(x, base)
+    q = gram.shape[1]
+    return gram.reshape(x.shape[0] * q, x.shape[0] * q)

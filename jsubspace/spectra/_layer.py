@@ -107,9 +107,12 @@ def prefers_randomized(costs: dict, side: int, rank: int, config: SpectraConfig)
 
 
 def dense_mode_solvers(n_models: int, m: int, n: int, config: SpectraConfig) -> dict[str, str]:
-    """The solver, 'exact' or 'randomized', of each mode of a dense `m x n` layer of N models:
-    the randomized solver when asked for, or under 'auto' by `prefers_randomized`. The one rule
-    of the spectra (`spectra.plan_layer`); the controls' bases follow it at their own k."""
+    """The solver of each mode of a dense `m x n` layer of N models: the randomized solver when
+    asked for, or under 'auto' by `prefers_randomized`; but a side past `exact_limit` whose dual
+    (`N` times the other side: a vocabulary embedding's `N n`) is within it is solved exactly
+    from the dual cross-Gram ('exact-dual', `kernels.dual_mode_gram`), which has the same
+    nonzero eigenvalues. The one rule of the spectra (`spectra.plan_layer`); the controls' bases
+    follow `prefers_randomized` at their own k."""
     sides = {"models": n_models, "rows": m, "cols": n}
     out = {}
     for mode in config.modes:
@@ -121,9 +124,13 @@ def dense_mode_solvers(n_models: int, m: int, n: int, config: SpectraConfig) -> 
         )
         if config.method == "randomized":
             out[mode] = "randomized"
-        elif config.method == "auto" and prefers_randomized(
-            costs, sides[mode], config.rank, config
+        elif config.method != "auto":
+            continue
+        elif sides[mode] > config.exact_limit and n_models * (m + n - sides[mode]) <= (
+            config.exact_limit
         ):
+            out[mode] = "exact-dual"
+        elif prefers_randomized(costs, sides[mode], config.rank, config):
             out[mode] = "randomized"
     return out
 
@@ -136,6 +143,7 @@ def _dense_spectra(
     if solvers is None:
         solvers = dense_mode_solvers(placed.n_models, m, n, config)
     randomized = {mode for mode, solver in solvers.items() if solver == "randomized"}
+    dual = {mode for mode, solver in solvers.items() if solver == "exact-dual"}
     costs = {
         mode: solver_costs(
             placed.n_models, m, n, mode=mode, rank=config.rank, iterations=config.iterations
@@ -143,7 +151,9 @@ def _dense_spectra(
         for mode in ("rows", "cols")
         if mode in config.modes
     }
-    exact_modes = tuple(mo for mo in MODES if mo in config.modes and mo not in randomized)
+    exact_modes = tuple(
+        mo for mo in MODES if mo in config.modes and mo not in randomized and mo not in dual
+    )
     # The models Gram is always wanted: its diagonal gives the per-model energies.
     grams = kernels.mode_grams(
         placed.x,
@@ -161,6 +171,13 @@ def _dense_spectra(
             sides[mode],
             flops=costs.get(mode, {}).get("exact"),
         )
+    for mode in sorted(dual):
+        gram = kernels.dual_mode_gram(
+            placed.x, base, mesh=mesh, n_models=placed.n_models, center=config.center, mode=mode
+        )
+        # As many eigenvalues as the dual has (N times the short side); the rest are zero.
+        out[mode] = ModeResult(_eigvals(gram)[: sides[mode]], "exact-dual", sides[mode])
+        del gram
     for mode in sorted(randomized):
         key, sub = jax.random.split(key)
         eig = kernels.randomized_mode_eigh(

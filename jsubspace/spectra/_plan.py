@@ -35,7 +35,7 @@ from jsubspace.spectra._layer import prefers_randomized
 from jsubspace.spectra._layer import solver_costs
 
 Route = Literal["dense", "lora-factor", "lora-side"]
-Solver = Literal["exact", "randomized", "factored"]
+Solver = Literal["exact", "exact-dual", "randomized", "factored"]
 # LoRA controls materialise the updates only below this many bytes (N_pad * m * n * 4).
 MATERIALISE_LIMIT = 256 * 2**20
 # Basis sizes the controls fit: holdout up to 64 directions, split-half and compare 16.
@@ -322,12 +322,17 @@ def working_set(layer, n_pad: int, config: SpectraConfig, *, materialise=False, 
     itemsize = np.dtype(layer.dtype).itemsize
     sides = {"rows": m, "cols": n}
     if layer.kind == "dense":
-        solvers = [dense_mode_solvers(layer_models(layer), m, n, config), *bases]
+        spectra = dense_mode_solvers(layer_models(layer), m, n, config)
+        solvers = [spectra, *bases]
         exact = {s for s in sides if any(used.get(s) == "exact" for used in solvers)}
         fast = {s for s in sides if any(used.get(s) == "randomized" for used in solvers)}
         krylov = max((_krylov_bytes(sides[s], config.rank, config) for s in fast), default=0)
         stack = n_pad * m * n
         grams = sum(sides[s] ** 2 for s in exact) + n_pad * n_pad
+        # The dual cross-Gram of a tall side: (N_pad times the other side)^2.
+        grams += sum(
+            (n_pad * (m + n - sides[s])) ** 2 for s in sides if spectra.get(s) == "exact-dual"
+        )
         return int(stack * (2 * itemsize + 3 * 4) + 4 * grams + krylov)
     found = _lora_working_set(layer, n_pad, config)
     if materialise:
@@ -395,6 +400,10 @@ def estimated_flops(kind, n_models, m, n, rank, config, solvers, controls, *, ro
             if solvers[mode] == "exact":
                 gemm += 2.0 * n_models * m * n * side
                 eigh += 9.0 * side**3
+            elif solvers[mode] == "exact-dual":
+                dual = n_models * (m + n - side)
+                gemm += 2.0 * side * dual**2
+                eigh += 9.0 * dual**3
             else:
                 gemm += (config.iterations + 1) * 4.0 * n_models * m * n * width
                 gemm += 8.0 * side * block**2
@@ -460,6 +469,9 @@ def exact_sides(plan: LayerPlan) -> set[int]:
     m, n = plan.shape
     sides = {"rows": m, "cols": n, "lora_A": n, "lora_B": m}
     found = {sides[mo] for mo, s in plan.solvers.items() if mo in sides and s == "exact"}
+    found |= {
+        plan.n_pad * (m + n - sides[mo]) for mo, s in plan.solvers.items() if s == "exact-dual"
+    }
     for control in plan.controls.values():
         found |= {sides[mo] for mo, s in control.get("bases", {}).items() if s == "exact"}
     return found

@@ -43,7 +43,8 @@ def test_minilm_plan_admits_no_side_matrix_past_the_exact_limit(minilm_plans):
         assert max(spectra.exact_sides(plan), default=0) <= limit, plan.name
     emb = minilm_plans[EMBEDDING]
     assert emb.shape == (30522, 384) and emb.n_models == 8
-    assert emb.solvers == {"models": "exact", "rows": "randomized", "cols": "exact"}
+    # The long side exactly, from the 3072 x 3072 dual of the stacked 384-wide sides.
+    assert emb.solvers == {"models": "exact", "rows": "exact-dual", "cols": "exact"}
     for control in ("holdout", "split_half"):
         assert emb.controls[control]["bases"]["rows"] == "randomized", control
     # The whole layer in well under the 3 GB the issue allows, and no 30522^2 Gram (3.7 GB).
@@ -202,3 +203,29 @@ def test_estimated_seconds_scale_with_the_measured_rates():
     assert a.flops == b.flops
     read = 16 * 512 * 256 * 4 / 1e9
     assert (b.seconds - read) == pytest.approx(100 * (a.seconds - read), rel=1e-6)
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+@pytest.mark.parametrize("center", ["mean", "none"])
+def test_tall_side_from_its_dual_equals_float64(devices, center):
+    # A side past the exact limit whose dual (N times the short side) is within it: its exact
+    # spectrum from the N n x N n cross-Gram, equal to float64's, with CEV reaching 1.
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 700, 12)).astype(np.float32)
+    w[:, :, :3] += 3 * rng.standard_normal((1, 700, 3)).astype(np.float32)
+    mesh = sharding.models_mesh(devices)
+    n_pad = sharding.padded_count(6, mesh)
+    x = np.zeros((n_pad, 700, 12), np.float32)
+    x[:6] = w
+    placed = io.PlacedDense(jax.device_put(x, NamedSharding(mesh, P(sharding.MODELS))), 6)
+    config = spectra.SpectraConfig(exact_limit=256, center=center)
+    assert spectra._layer.dense_mode_solvers(6, 700, 12, config)["rows"] == "exact-dual"
+    got = spectra.layer_spectra(placed, mesh=mesh, config=config, key=jax.random.key(0))
+    xc = w.astype(np.float64) - (w.mean(0) if center == "mean" else 0)
+    want = testing.mode_spectra64(xc)["rows"]
+    rows = got.modes["rows"]
+    assert rows.method == "exact-dual" and len(rows.eigenvalues) == n_pad * 12
+    np.testing.assert_allclose(
+        rows.eigenvalues, want[: len(rows.eigenvalues)], rtol=1e-4, atol=1e-5 * want[0]
+    )
+    assert np.sum(rows.eigenvalues) == pytest.approx(got.total_energy, rel=1e-5)
