@@ -117,8 +117,7 @@ def uninterrupted(population):
     "point,signum",
     [
         ("inside_solve", signal.SIGINT),
-        ("inside_solve", signal.SIGTERM),
-        ("between_layers", signal.SIGINT),
+        ("between_layers", signal.SIGTERM),
         ("while_writing", signal.SIGINT),
     ],
 )
