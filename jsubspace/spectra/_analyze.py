@@ -264,6 +264,10 @@ def analyze_layer(
         # The side-space null draws a population as large as the real one: it takes its place.
         for array in (placed.a, placed.b):
             array.delete()
+    elif release and isinstance(placed, PlacedDense):
+        # So does the dense null (a float32 stack and its centred copy): the real stack, read
+        # by every control above, is not needed past this point (its shape still is).
+        placed.x.delete()
     record["null"] = _null.null_control(
         placed,
         spectra,

@@ -168,7 +168,10 @@ def test_every_consumer_follows_the_plan(tmp_path):
         control_config=controls,
         key=jax.random.key(0),
         plan=plan,
+        release=True,
     )
+    # The real stack is freed before the null draws its own (memory: one stack at a time).
+    assert placed.x.is_deleted()
     assert record["plan"] == plan.to_json()
     assert record["modes"]["rows"]["method"] == "randomized"
     assert record["modes"]["cols"]["method"] == "exact"
