@@ -277,13 +277,30 @@ def _side_spectrum(stacked: np.ndarray, side_first: bool) -> tuple[np.ndarray, s
     return s**2, f"svd {stacked.shape[0]}x{stacked.shape[1]}"
 
 
+class _Tensors:
+    """A safetensors file's tensors as numpy arrays, bfloat16 included (through ml_dtypes),
+    which `safetensors.safe_open(framework="np")` does not read."""
+
+    def __init__(self, path: str):
+        import ml_dtypes
+
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            self.header = json.loads(f.read(size))
+        self.data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size)
+        self.dtypes = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        start, end = info["data_offsets"]
+        return self.data[start:end].view(self.dtypes[info["dtype"]]).reshape(info["shape"])
+
+
 def numpy_path(directory: str, selection: dict[str, str], dtype: str) -> dict:
     """Spectra only, as a user's own numpy script computes them (no controls)."""
-    from safetensors import safe_open
-
     paths = _model_files(directory)
     n = len(paths)
-    handles = [safe_open(p, framework="np") for p in paths]
+    handles = [_Tensors(p) for p in paths]
     work = np.dtype(dtype)
     out = {}
     for name, shape in _layers(paths[0], selection):
