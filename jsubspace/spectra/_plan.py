@@ -52,12 +52,16 @@ class MachineRates:
         eigh: symmetric eigen-solve rate, flop/s, counting `9 d^3` per `d x d` solve.
         read: bytes/s of reading checkpoint bytes into device arrays.
         overhead: seconds of fixed cost per kernel call (dispatch, host transfers).
+        stream: float32 entries/s of a memory-bound pass over a stack (centring, conversion).
+        draw: Gaussian entries/s drawn by `jax.random.normal` (the null's populations).
     """
 
     gemm: float
     eigh: float
     read: float = 1.0e9
     overhead: float = 0.02
+    stream: float = 5.0e8
+    draw: float = 1.0e8
 
 
 @functools.cache
@@ -80,7 +84,15 @@ def measure_rates() -> MachineRates:
             times.append(time.perf_counter() - start)
         return min(times)
 
-    return MachineRates(gemm=2 * 1024**3 / best(matmul, a), eigh=9 * 512**3 / best(eigh, gram))
+    big = jnp.ones((16, 2**20), jnp.float32)
+    centre = jax.jit(lambda x: x - jnp.mean(x, axis=0))
+    draw = jax.jit(lambda k: jax.random.normal(k, (2**22,), jnp.float32))
+    return MachineRates(
+        gemm=2 * 1024**3 / best(matmul, a),
+        eigh=9 * 512**3 / best(eigh, gram),
+        stream=big.size / best(centre, big),
+        draw=2**22 / best(draw, jax.random.key(0)),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +281,10 @@ def plan_layer(
     read = n_models * m * n * dtype.itemsize if layer.kind == "dense" else 0
     if rank is not None:
         read = sum(r * (m + n) for r in layer.ranks) * dtype.itemsize
+    passes, draws = memory_passes(layer.kind, solvers, planned)
+    entries = n_models * m * n if layer.kind == "dense" else 0
     seconds = gemm / rates.gemm + eigh / rates.eigh + read / rates.read + calls * rates.overhead
+    seconds += entries * (passes / rates.stream + draws / rates.draw)
     return LayerPlan(
         name=layer.name,
         kind=layer.kind,
@@ -450,6 +465,22 @@ def estimated_flops(kind, n_models, m, n, rank, config, solvers, controls, *, ro
             gemm += 2 * g
             eigh += 2 * e
     return float(gemm), float(eigh)
+
+
+def memory_passes(kind: str, solvers, controls) -> tuple[float, float]:
+    """`(passes, draws)`: how many memory-bound passes over a dense layer's stack its analysis
+    makes (conversion and the finite check at placement, each centring, the lineage pass, each
+    fold's and half's mean and centring, each null draw's normalisation and spectra) and how many
+    Gaussian stacks the null draws. Matrix products are counted in flops, not here. LoRA layers
+    (whose factors are small beside their products): none."""
+    if kind != "dense":
+        return 0.0, 0.0
+    spectra = 1 + sum(s == "randomized" for s in solvers.values())
+    passes = 2 + spectra + (controls["lineage"] == {})
+    passes += 4 * controls["holdout"].get("folds", 0) + 4 * ("bases" in controls["split_half"])
+    draws = controls["null"].get("draws", 0)
+    passes += draws * (2 + spectra)
+    return float(passes), float(draws)
 
 
 def plan_total(plans) -> dict:

@@ -193,8 +193,8 @@ def test_budget_refusal_comes_from_the_plan(tmp_path):
 
 
 def test_estimated_seconds_scale_with_the_measured_rates():
-    fast = _plan.MachineRates(gemm=1e12, eigh=1e11, overhead=0.0)
-    slow = _plan.MachineRates(gemm=1e10, eigh=1e9, overhead=0.0)
+    fast = _plan.MachineRates(gemm=1e12, eigh=1e11, overhead=0.0, stream=1e11, draw=1e10)
+    slow = _plan.MachineRates(gemm=1e10, eigh=1e9, overhead=0.0, stream=1e9, draw=1e8)
 
     class Layer:
         name, kind, shape, dtype = "w", "dense", (512, 256), np.float32
