@@ -73,9 +73,13 @@ def prepare(
         raise OutputError("center='base' needs a base model (--base=PATH)")
 
     def reading(done, total):
-        if not quiet and jax.process_index() == 0 and total >= 8:
+        if quiet or jax.process_index() != 0 or total < 8:
+            return
+        if sys.stderr.isatty():
             end = "\n" if done == total else ""
             print(f"\rreading headers {done}/{total}", end=end, file=sys.stderr, flush=True)
+        elif done == total:  # a log gets one line, not a line rewritten in place
+            print(f"read the headers of {total} models", file=sys.stderr, flush=True)
 
     population = io.open_population(
         models,
