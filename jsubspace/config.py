@@ -26,6 +26,29 @@ from jsubspace.kernels import CENTERS
 MODES = ("models", "rows", "cols")
 LORA_SPACES = ("auto", "factor", "side")
 Center = Literal["mean", "none", "base"]
+
+
+def _field(default, kind: str, help: str, **flag):
+    """A config field with what its command-line flag needs: the absl `kind` ('enum', 'integer',
+    'float', 'bool', 'string', 'list'), the help text, and optionally `choices`, the `flag`
+    name (default: the field's), the `flag_default` text and `parse` (flag value -> field)."""
+    return dataclasses.field(default=default, metadata={"kind": kind, "help": help, **flag})
+
+
+def _holdout(value):
+    """`--holdout` text as the field: 'none' -> None, 'loo', or K folds."""
+    if value in (None, "none"):
+        return None
+    if value == "loo":
+        return "loo"
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(
+            f"holdout must be 'loo', a number of folds or 'none', got {value!r}"
+        ) from None
+
+
 Method = Literal["auto", "exact", "randomized"]
 LoraStatistic = Literal["delta", "factors"]
 LoraSpace = Literal["auto", "factor", "side"]
@@ -49,14 +72,33 @@ class SpectraConfig:
             rows are fewer than a side, side space past that), 'factor' or 'side'.
     """
 
-    modes: tuple[str, ...] = MODES
-    center: Center = "mean"
-    lora: LoraStatistic = "delta"
-    method: Method = "auto"
-    rank: int = 64
-    exact_limit: int = 4096
-    iterations: int = 4
-    lora_space: LoraSpace = "auto"
+    modes: tuple[str, ...] = _field(MODES, "list", "Spectra to compute.")
+    center: Center = _field("mean", "enum", "Centre of the models.", choices=CENTERS)
+    lora: LoraStatistic = _field(
+        "delta",
+        "enum",
+        "PEFT populations: whole updates or the paper's A/B factor PCA.",
+        choices=("delta", "factors"),
+    )
+    method: Method = _field(
+        "auto",
+        "enum",
+        "Eigen-solver for the rows/cols modes and the LoRA factor PCA; randomized gives the top "
+        "--rank eigenvalues.",
+        choices=("auto", "exact", "randomized"),
+    )
+    rank: int = _field(64, "integer", "Eigenvalues computed by randomized solvers.")
+    exact_limit: int = _field(
+        4096, "integer", "Sides up to this long are solved exactly (auto); longer: randomized."
+    )
+    iterations: int = _field(4, "integer", "Block-Krylov steps of the randomized solver.")
+    lora_space: LoraSpace = _field(
+        "auto",
+        "enum",
+        "PEFT populations: factor space (Nr x Nr matrices), side space (m x m, n x n), or auto "
+        "(the smaller, or side space where only it fits --memory_budget).",
+        choices=LORA_SPACES,
+    )
 
     def __post_init__(self):
         bad = set(self.modes) - set(MODES)
@@ -88,12 +130,21 @@ class ControlConfig:
             "explained by shared initialisation".
     """
 
-    null_draws: int = 3
-    holdout: str | int | None = 5
-    seed: int = 0
-    lineage: bool = True
-    shared_fraction: float = 0.2
-    split_half: bool = True
+    null_draws: int = _field(3, "integer", "Gaussian null draws per layer (0: off).")
+    holdout: str | int | None = _field(
+        5, "string", "'loo', K for K-fold, or 'none'.", parse=lambda v: _holdout(v)
+    )
+    seed: int = _field(0, "integer", "Seed of every random draw.")
+    lineage: bool = _field(True, "bool", "Lineage control: similarities, identical tensors.")
+    shared_fraction: float = _field(
+        0.2,
+        "float",
+        "Fraction of models in identical groups from which a layer is 'explained by shared "
+        "initialisation'.",
+    )
+    split_half: bool = _field(
+        True, "bool", "Principal angles between the bases of two random halves (compare)."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,16 +161,30 @@ class RunConfig:
             of device memory on accelerators).
     """
 
-    include: str | None = None
-    exclude: str | None = None
-    base: str | None = None
-    compare_to: tuple[str, ...] | None = None
-    skip_mismatched: bool = False
-    num_devices: int | None = None
-    memory_budget: int | None = None
+    include: str | None = _field(None, "string", "Only layers whose name matches this regex.")
+    exclude: str | None = _field(None, "string", "Drop layers whose name matches this regex.")
+    base: str | None = _field(None, "string", "Base model for --center=base.")
+    compare_to: tuple[str, ...] | None = _field(
+        None, "list", "A second population: principal angles between the two bases."
+    )
+    skip_mismatched: bool = _field(False, "bool", "Skip layers that models disagree on.")
+    num_devices: int | None = _field(
+        None,
+        "string",
+        "Devices on the models axis: 'auto' or a count.",
+        flag="mesh",
+        flag_default="auto",
+        parse=lambda v: None if v in (None, "auto") else int(v),
+    )
+    memory_budget: int | None = _field(
+        None,
+        "float",
+        "GiB one layer's analysis may use (default: half the RAM on CPU).",
+        parse=lambda v: None if v is None else int(float(v) * 2**30),
+    )
 
 
-_PARTS = {"spectra": SpectraConfig, "controls": ControlConfig, "run": RunConfig}
+PARTS = {"spectra": SpectraConfig, "controls": ControlConfig, "run": RunConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,18 +199,18 @@ class AnalysisConfig:
     def from_options(cls, **options) -> AnalysisConfig:
         """The typed form of the flat keyword options of `jsubspace.analyze` (each option is a
         field of exactly one part; an unknown one is a TypeError naming it)."""
-        parts = {name: {} for name in _PARTS}
-        owner = {f.name: name for name, part in _PARTS.items() for f in dataclasses.fields(part)}
+        parts = {name: {} for name in PARTS}
+        owner = {f.name: name for name, part in PARTS.items() for f in dataclasses.fields(part)}
         for key, value in options.items():
             if key not in owner:
                 raise TypeError(f"unknown option {key!r}; options are {sorted(owner)}")
             parts[owner[key]][key] = _normalise(key, value)
-        return cls(**{name: _PARTS[name](**values) for name, values in parts.items()})
+        return cls(**{name: PARTS[name](**values) for name, values in parts.items()})
 
     def options(self) -> dict:
         """The flat keyword options (`from_options` of them gives this config back)."""
         out = {}
-        for name in _PARTS:
+        for name in PARTS:
             out.update(dataclasses.asdict(getattr(self, name)))
         return out
 
@@ -153,7 +218,7 @@ class AnalysisConfig:
         """`{"spectra": {...}, "controls": {...}, "run": {...}}` in JSON types."""
         return {
             name: {k: list(v) if isinstance(v, tuple) else v for k, v in part.items()}
-            for name, part in ((n, dataclasses.asdict(getattr(self, n))) for n in _PARTS)
+            for name, part in ((n, dataclasses.asdict(getattr(self, n))) for n in PARTS)
         }
 
     @classmethod
@@ -161,10 +226,10 @@ class AnalysisConfig:
         """The config `to_json` wrote."""
         return cls(
             **{
-                name: _PARTS[name](
+                name: PARTS[name](
                     **{k: _normalise(k, v) for k, v in (record.get(name) or {}).items()}
                 )
-                for name in _PARTS
+                for name in PARTS
             }
         )
 

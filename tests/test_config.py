@@ -61,3 +61,39 @@ def test_a_run_from_the_config_equals_one_from_the_options(tmp_path):
     )
     assert testing.reproducible_layers(flat) == testing.reproducible_layers(typed)
     assert AnalysisConfig.from_json(typed["analysis"]) == AnalysisConfig.from_options(**options)
+
+
+def test_every_field_is_a_flag_and_the_flags_give_the_config():
+    import dataclasses
+
+    from absl import flags
+
+    from jsubspace.cli import main
+    from jsubspace.cli._flags import config_from_flags
+
+    fields = [f.name for part in config_module.PARTS.values() for f in dataclasses.fields(part)]
+    assert sorted(main._CONFIG) == sorted(fields)
+    values = flags.FLAGS
+    try:
+        values(["jsubspace"])
+        assert config_from_flags(main._CONFIG) == AnalysisConfig()  # the defaults agree
+        values.unparse_flags()
+        values(
+            [
+                "jsubspace",
+                "--holdout=loo",
+                "--mesh=2",
+                "--memory_budget=1.5",
+                "--modes=rows,cols",
+                "--nosplit_half",
+                "--exact_limit=1000",
+                "--compare_to=a,b",
+            ]
+        )
+        config = config_from_flags(main._CONFIG)
+    finally:
+        values.unparse_flags()
+    assert config.controls.holdout == "loo" and not config.controls.split_half
+    assert config.run.num_devices == 2 and config.run.memory_budget == int(1.5 * 2**30)
+    assert config.spectra.modes == ("rows", "cols") and config.spectra.exact_limit == 1000
+    assert config.run.compare_to == ("a", "b")

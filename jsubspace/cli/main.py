@@ -23,53 +23,19 @@ import sys
 from absl import app
 from absl import flags
 
+from jsubspace.cli._flags import config_from_flags
+from jsubspace.cli._flags import define_config_flags
+
 COMMANDS = ("analyze", "plan", "demo", "compress", "reconstruct", "merge")
 
 _MODELS = flags.DEFINE_list("models", None, "Model sources: dirs, globs, files or @list files.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
-_INCLUDE = flags.DEFINE_string("include", None, "Only layers whose name matches this regex.")
-_EXCLUDE = flags.DEFINE_string("exclude", None, "Drop layers whose name matches this regex.")
-_CENTER = flags.DEFINE_enum("center", "mean", ["mean", "none", "base"], "Centre of the models.")
-_BASE = flags.DEFINE_string("base", None, "Base model for --center=base.")
-_MODES = flags.DEFINE_list("modes", ["models", "rows", "cols"], "Spectra to compute.")
-_RANK = flags.DEFINE_integer("rank", 64, "Eigenvalues computed by randomized solvers.")
-_METHOD = flags.DEFINE_enum(
-    "method",
-    "auto",
-    ["auto", "exact", "randomized"],
-    "Eigen-solver for the rows/cols modes and the LoRA factor PCA; randomized gives the top "
-    "--rank eigenvalues.",
-)
-_LORA = flags.DEFINE_enum(
-    "lora",
-    "delta",
-    ["delta", "factors"],
-    "PEFT populations: whole updates or the paper's A/B factor PCA.",
-)
-_LORA_SPACE = flags.DEFINE_enum(
-    "lora_space",
-    "auto",
-    ["auto", "factor", "side"],
-    "PEFT populations: factor space (Nr x Nr matrices), side space (m x m, n x n), or auto "
-    "(the smaller, or side space where only it fits --memory_budget).",
-)
-_NULL = flags.DEFINE_integer("null_draws", 3, "Gaussian null draws per layer (0: off).")
-_HOLDOUT = flags.DEFINE_string("holdout", "5", "'loo', K for K-fold, or 'none'.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of every random draw.")
-_MESH = flags.DEFINE_string("mesh", "auto", "Devices on the models axis: 'auto' or a count.")
-_COMPARE = flags.DEFINE_list(
-    "compare_to", None, "A second population: principal angles between the two bases."
-)
-_SPLIT = flags.DEFINE_bool(
-    "split_half", True, "Principal angles between the bases of two random halves (compare)."
-)
-_SKIP = flags.DEFINE_bool("skip_mismatched", False, "Skip layers that models disagree on.")
+# Every option of the analysis (spectra, controls, run) is a flag generated from its typed
+# configuration (`jsubspace.config`); the flags below are the commands' own.
+_CONFIG = define_config_flags()
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a previous run in --out.")
 _PLOTS = flags.DEFINE_bool("plots", True, "Write PNG plots and report.html.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
-_BUDGET = flags.DEFINE_float(
-    "memory_budget", None, "GiB one layer's analysis may use (default: half the RAM on CPU)."
-)
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "analyze: print the layer plan (routes, memory, estimated time) and stop."
 )
@@ -126,30 +92,13 @@ def _setup_jax():
 
 
 def _options() -> dict:
-    holdout = _HOLDOUT.value
-    holdout = None if holdout == "none" else holdout
-    return dict(
-        include=_INCLUDE.value,
-        exclude=_EXCLUDE.value,
-        center=_CENTER.value,
-        base=_BASE.value,
-        modes=tuple(_MODES.value),
-        rank=_RANK.value,
-        method=_METHOD.value,
-        lora=_LORA.value,
-        lora_space=_LORA_SPACE.value,
-        null_draws=_NULL.value,
-        holdout=holdout,
-        seed=_SEED.value,
-        skip_mismatched=_SKIP.value,
-        compare_to=_COMPARE.value,
-        split_half=_SPLIT.value,
-        num_devices=None if _MESH.value == "auto" else int(_MESH.value),
-        overwrite=_OVERWRITE.value,
-        memory_budget=None if _BUDGET.value is None else int(_BUDGET.value * 2**30),
-        plots=_PLOTS.value,
-        quiet=_QUIET.value,
-    )
+    """The analysis options of the flags (`config=` the typed configuration), and the run's own
+    flags. An invalid value is a usage error naming it."""
+    try:
+        config = config_from_flags(_CONFIG)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    return dict(config=config, overwrite=_OVERWRITE.value, plots=_PLOTS.value, quiet=_QUIET.value)
 
 
 def _plan(argv):
@@ -231,8 +180,8 @@ def _compress(argv):
             tau=_TAU.value,
             budget_bytes=_BUDGET_BYTES.value,
             kmax=_KMAX.value,
-            include=_INCLUDE.value,
-            exclude=_EXCLUDE.value,
+            include=_CONFIG["include"].value,
+            exclude=_CONFIG["exclude"].value,
             progress=_fitting,
         )
     acc = store.accounting()
@@ -288,20 +237,23 @@ def _merge(argv):
     from jsubspace.compress import SubspaceStore
     from jsubspace.compress import merge
 
-    if not _MODELS.value or not _OUT.value or not _BASE.value:
+    base_path = _CONFIG["base"].value
+    if not _MODELS.value or not _OUT.value or not base_path:
         raise app.UsageError("merge needs --models, --base and --out")
     _setup_jax()
-    population = io.open_population(_MODELS.value, include=_INCLUDE.value, exclude=_EXCLUDE.value)
-    base = io.load_model(_BASE.value)
+    population = io.open_population(
+        _MODELS.value, include=_CONFIG["include"].value, exclude=_CONFIG["exclude"].value
+    )
+    base = io.load_model(base_path)
     method = _METHOD_MERGE.value
     store = SubspaceStore(_STORE.value) if _STORE.value else None
     if method == "subspace" and store is None:
         raise app.UsageError("--merge_method=subspace needs --store (the basis)")
-    key = jax.random.key(_SEED.value)
+    key = jax.random.key(_CONFIG["seed"].value)
     tensors = {name: ref.read() for name, ref in base.tensors.items()}
     if any(layer.kind != "dense" for layer in population.layers):
         raise app.UsageError("merge works on full models; rebuild adapters first")
-    refs = io.base_refs(_BASE.value, population.layers)
+    refs = io.base_refs(base_path, population.layers)
     for i, layer in enumerate(population.layers):
         ref = refs[layer.name]
         stack = np.stack([r.read().reshape(layer.shape) for r in layer.refs])
