@@ -4,6 +4,7 @@ Mode-wise spectra of a population of checkpoints, computed with sharded JAX kern
 beside their controls (Gaussian null, held-out capture, mean-only, lineage).
 """
 
+from jsubspace import config
 from jsubspace import io
 from jsubspace import kernels
 from jsubspace import report
@@ -33,6 +34,7 @@ __all__ = [
     "PopulationError",
     "StoreError",
     "analyze",
+    "config",
     "io",
     "kernels",
     "open_population",
