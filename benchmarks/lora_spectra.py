@@ -254,19 +254,6 @@ def _read_rate(pop: str) -> tuple[int, float]:
     return total, time.perf_counter() - start
 
 
-def _gemm_rate() -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((2048, 2048), jnp.float32)
-    f = jax.jit(lambda x: jnp.matmul(x, x, precision=jax.lax.Precision.HIGHEST))
-    f(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(5):
-        f(a).block_until_ready()
-    return 5 * 2 * 2048**3 / (time.perf_counter() - start)
-
-
 def _flops(n: int, modules: list[tuple[int, int]], r: int = 16) -> float:
     """Flops of the algorithm jsubspace runs for the spectra (not counting the null): the two
     factor Grams (symmetric: 10 of 16 blocks), and per side either the sandwich with the stacked
@@ -430,7 +417,7 @@ def main(argv):
                 for a, b in zip(ours[mode], theirs[mode])
             )
     nbytes, read_seconds = _read_rate(pop)
-    gemm = _gemm_rate()
+    gemm = _rates().gemm_rate()
     flops = _flops(n, shapes)
     roofline = read_seconds + flops / gemm
     report = {
@@ -466,6 +453,14 @@ def main(argv):
         f"{results.get('jsubspace', {}).get('seconds', 0) / roofline:.1f})"
     )
     return 0
+
+
+def _rates():
+    """`benchmarks/_shapes.py` (shared helpers), importable however this script is run."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _shapes
+
+    return _shapes
 
 
 if __name__ == "__main__":

@@ -457,19 +457,6 @@ def _compare(numpy_res: dict, spectra_path: str) -> dict | None:
     }
 
 
-def _gemm_rate() -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((2048, 2048), jnp.float32)
-    f = jax.jit(lambda x: jnp.matmul(x, x, precision=jax.lax.Precision.HIGHEST))
-    f(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(5):
-        f(a).block_until_ready()
-    return 5 * 2 * 2048**3 / (time.perf_counter() - start)
-
-
 def _revision() -> str | None:
     repo = os.path.dirname(_HERE)
     try:
@@ -640,7 +627,7 @@ def main(argv):
     # cores), so the 1-minute load average before and after the paths goes into the record.
     machine["loadavg_1min"] = [load_before[0], os.getloadavg()[0]]
     if _GEMM.value:
-        machine["gemm_flops_per_s"] = _gemm_rate()
+        machine["gemm_flops_per_s"] = _rates().gemm_rate()
     analyze = results.get("analyze")
     base = analyze["seconds"] if analyze and analyze["status"] == "ok" else None
 
@@ -747,6 +734,14 @@ def main(argv):
         json.dump(report, f, indent=1)
     print(f"wrote {out}")
     return 0
+
+
+def _rates():
+    """`benchmarks/_shapes.py` (shared helpers), importable however this script is run."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _shapes
+
+    return _shapes
 
 
 if __name__ == "__main__":
