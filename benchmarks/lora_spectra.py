@@ -337,6 +337,7 @@ def main(argv):
         return 0
     pop = _population(n, layers)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _shapes import gemm_rate
     from _shapes import lora_modules
 
     shapes = list(lora_modules(layers, 4096, 1024).values())
@@ -417,7 +418,7 @@ def main(argv):
                 for a, b in zip(ours[mode], theirs[mode])
             )
     nbytes, read_seconds = _read_rate(pop)
-    gemm = _rates().gemm_rate()
+    gemm = gemm_rate()
     flops = _flops(n, shapes)
     roofline = read_seconds + flops / gemm
     report = {
@@ -453,14 +454,6 @@ def main(argv):
         f"{results.get('jsubspace', {}).get('seconds', 0) / roofline:.1f})"
     )
     return 0
-
-
-def _rates():
-    """`benchmarks/_shapes.py` (shared helpers), importable however this script is run."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import _shapes
-
-    return _shapes
 
 
 if __name__ == "__main__":

@@ -627,7 +627,10 @@ def main(argv):
     # cores), so the 1-minute load average before and after the paths goes into the record.
     machine["loadavg_1min"] = [load_before[0], os.getloadavg()[0]]
     if _GEMM.value:
-        machine["gemm_flops_per_s"] = _rates().gemm_rate()
+        sys.path.insert(0, _HERE)
+        from _shapes import gemm_rate
+
+        machine["gemm_flops_per_s"] = gemm_rate()
     analyze = results.get("analyze")
     base = analyze["seconds"] if analyze and analyze["status"] == "ok" else None
 
@@ -734,14 +737,6 @@ def main(argv):
         json.dump(report, f, indent=1)
     print(f"wrote {out}")
     return 0
-
-
-def _rates():
-    """`benchmarks/_shapes.py` (shared helpers), importable however this script is run."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import _shapes
-
-    return _shapes
 
 
 if __name__ == "__main__":
