@@ -23,12 +23,11 @@ from jax.sharding import PartitionSpec as P
 
 from jsubspace import kernels
 from jsubspace.kernels import HIGHEST
+from jsubspace.kernels._hosvd import EXACT
 from jsubspace.sharding._mesh import MODELS
 from jsubspace.sharding._mesh import host_array
 from jsubspace.sharding._mesh import stacked_sharding
 from jsubspace.spectra._null import EXCESS_KS
-
-EXACT = ("exact", "exact")
 
 
 def side_basis(xc, weights, *, mode: str, solver: str, k: int, key, iterations: int):
