@@ -52,6 +52,8 @@ def _holdout(value):
 Method = Literal["auto", "exact", "randomized"]
 LoraStatistic = Literal["delta", "factors"]
 LoraSpace = Literal["auto", "factor", "side"]
+Normalize = Literal["none", "fro"]
+NORMALIZE = ("none", "fro")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,9 @@ class SpectraConfig:
         iterations: block-Krylov steps of the randomized solver.
         lora_space: where LoRA layers are computed: 'auto' (factor space while the `Nr` factor
             rows are fewer than a side, side space past that), 'factor' or 'side'.
+        normalize: 'none', or 'fro' to put every model's update (about the base for
+            `center='base'`, else the origin) at unit Frobenius norm first: shapes without
+            scale. The record keeps the norms.
     """
 
     modes: tuple[str, ...] = _field(MODES, "list", "Spectra to compute.")
@@ -99,6 +104,12 @@ class SpectraConfig:
         "(the smaller, or side space where only it fits --memory_budget).",
         choices=LORA_SPACES,
     )
+    normalize: Normalize = _field(
+        "none",
+        "enum",
+        "Scale every model to unit Frobenius norm first ('fro'): shapes without scale.",
+        choices=NORMALIZE,
+    )
 
     def __post_init__(self):
         bad = set(self.modes) - set(MODES)
@@ -114,6 +125,8 @@ class SpectraConfig:
             raise ValueError(f"lora_space must be one of {LORA_SPACES}, got {self.lora_space!r}")
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {NORMALIZE}, got {self.normalize!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -295,3 +295,172 @@ def reproducible_layers(result: dict) -> list[dict]:
             layer["plan"] = {k: v for k, v in layer["plan"].items() if k != "seconds"}
         layers.append(layer)
     return layers
+
+
+# The planted truths of the verdict: each case's generator and the label it must get.
+DENSE_CASES = {
+    "noise": "indistinguishable from noise",
+    "shared_both": "shared subspace (rows and cols)",
+    "shared_cols": "shared input subspace (cols); outputs model-specific",
+    "shared_rows": "shared output subspace (rows); inputs model-specific",
+    "shared_05": "shared subspace (rows and cols)",
+    "shared_10": "shared subspace (rows and cols)",
+    "shared_20": "shared subspace (rows and cols)",
+    "model_specific": "model-specific structure, not shared",
+    "mean_dominated": "explained by the mean",
+    "scaled": "one matrix at different scales",
+    "duplicates": "explained by shared initialisation",
+}
+LORA_CASES = {
+    "lora_shared_rowspace": "shared input subspace (cols); outputs model-specific",
+    "lora_half_shared_init": "explained by shared initialisation",
+}
+
+
+def _orthonormal(rng, d: int, r: int) -> np.ndarray:
+    return np.linalg.qr(rng.standard_normal((d, r)))[0]
+
+
+def _at_energy(x: np.ndarray, energy: float) -> np.ndarray:
+    """Each model of `x` (`[N, m, n]`) scaled to Frobenius norm^2 `energy`."""
+    norms = np.sqrt(np.sum(x * x, axis=(1, 2), keepdims=True))
+    return x * np.sqrt(energy) / np.maximum(norms, 1e-30)
+
+
+def planted_case(case: str, seed: int, *, n_models: int, shape: tuple[int, int]) -> np.ndarray:
+    """`f32[N, m, n]` models of one of `DENSE_CASES` (entries of unit variance on average).
+
+    * noise: iid Gaussian.
+    * shared_both: `U C_i V^T` (rank 4, `U`, `V` shared) at half the energy, plus noise.
+    * shared_cols / shared_rows: `R_i V^T` / `U S_i^T` (rank 4; one side shared, the other
+      drawn per model) at half the energy, plus noise.
+    * shared_05 / _10 / _20 (any `shared_<percent>`): a shared rank-8 `U C_i V^T` carrying 5 /
+      10 / 20% of every model's energy, the rest noise.
+    * model_specific: `R_i S_i^T`, rank 4, both sides per model, at 90% of the energy.
+    * mean_dominated: one matrix plus noise at a tenth of its energy.
+    * scaled: one matrix at random scales in [0.5, 2].
+    * duplicates: noise, with the first quarter of the models copies of model 0.
+    """
+    rng = np.random.default_rng(seed)
+    m, n = shape
+    size = m * n
+    noise = rng.standard_normal((n_models, m, n))
+
+    def with_noise(signal, fraction):
+        return _at_energy(signal, fraction * size) + _at_energy(noise, (1 - fraction) * size)
+
+    if case == "noise":
+        out = noise
+    elif case == "shared_both" or (case.startswith("shared_") and case[7:].isdigit()):
+        rank = 4 if case == "shared_both" else 8
+        u, v = _orthonormal(rng, m, rank), _orthonormal(rng, n, rank)
+        coeffs = rng.standard_normal((n_models, rank, rank))
+        fraction = 0.5 if case == "shared_both" else int(case[7:]) / 100
+        out = with_noise(np.einsum("mk,ikl,nl->imn", u, coeffs, v), fraction)
+    elif case == "shared_cols":
+        v = _orthonormal(rng, n, 4)
+        out = with_noise(np.einsum("imk,nk->imn", rng.standard_normal((n_models, m, 4)), v), 0.5)
+    elif case == "shared_rows":
+        u = _orthonormal(rng, m, 4)
+        out = with_noise(np.einsum("mk,ink->imn", u, rng.standard_normal((n_models, n, 4))), 0.5)
+    elif case == "model_specific":
+        r = rng.standard_normal((n_models, m, 4))
+        s = rng.standard_normal((n_models, n, 4))
+        out = with_noise(np.einsum("imk,ink->imn", r, s), 0.9)
+    elif case == "mean_dominated":
+        parent = rng.standard_normal((1, m, n))
+        out = _at_energy(parent, size) + _at_energy(noise, 0.1 * size)
+    elif case == "scaled":
+        out = rng.uniform(0.5, 2.0, (n_models, 1, 1)) * rng.standard_normal((1, m, n))
+    elif case == "duplicates":
+        out = noise.copy()
+        out[1 : max(2, n_models // 4)] = out[0]
+    else:
+        raise ValueError(f"unknown case {case!r}; cases are {sorted(DENSE_CASES)}")
+    return out.astype(np.float32)
+
+
+def planted_lora_case(
+    case: str, seed: int, *, n_models: int, shape: tuple[int, int], rank: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """LoRA factors `(A f32[N, r, n], B f32[N, m, r])` of one of `LORA_CASES`.
+
+    * lora_shared_rowspace: `A_i = M_i A0`, one row space `A0` mixed by a per-model `r x r`
+      `M_i` (no two `A` alike), `B_i` per model: the updates share their input side.
+    * lora_half_shared_init: half the adapters keep one identical `A`.
+    """
+    rng = np.random.default_rng(seed)
+    m, n = shape
+    if case == "lora_shared_rowspace":
+        a0 = rng.standard_normal((rank, n)) / np.sqrt(n)
+        a = np.einsum("irs,sn->irn", rng.standard_normal((n_models, rank, rank)), a0)
+        b = rng.standard_normal((n_models, m, rank)) / np.sqrt(rank)
+        return a.astype(np.float32), b.astype(np.float32)
+    if case == "lora_half_shared_init":
+        return lora_population(
+            seed, n_models=n_models, shape=shape, rank=rank, shared_a_fraction=0.5
+        )
+    raise ValueError(f"unknown case {case!r}; cases are {sorted(LORA_CASES)}")
+
+
+def write_planted_cases(
+    directory: str | os.PathLike, seed: int, *, n_models: int, shape: tuple[int, int]
+) -> dict[str, str]:
+    """Every planted case as one population: `dense/` (safetensors, one layer per dense case,
+    named `<case>.weight`) and `lora/` (PEFT adapters, one module per LoRA case). Returns the two
+    directories."""
+    directory = str(directory)
+    dense = {
+        c: planted_case(c, seed + j, n_models=n_models, shape=shape)
+        for j, c in enumerate(DENSE_CASES)
+    }
+    for i in range(n_models):
+        write_safetensors(
+            os.path.join(directory, "dense", f"model_{i:03d}.safetensors"),
+            {f"{c}.weight": x[i] for c, x in dense.items()},
+        )
+    lora = {
+        c: planted_lora_case(c, seed + 100 + j, n_models=n_models, shape=shape)
+        for j, c in enumerate(LORA_CASES)
+    }
+    for i in range(n_models):
+        write_peft_adapter(
+            os.path.join(directory, "lora", f"adapter_{i:03d}"),
+            {f"model.{c}": (a[i], b[i]) for c, (a, b) in lora.items()},
+            r=4,
+            lora_alpha=8,
+        )
+    return {"dense": os.path.join(directory, "dense"), "lora": os.path.join(directory, "lora")}
+
+
+def holdout64(dw: np.ndarray, folds: np.ndarray, kmax: int, seed: int) -> tuple:
+    """The mean-centred holdout in float64 (exact eigenvectors), as `spectra.holdout_control`
+    defines it: per fold, the basis of the training models less one centring model per
+    held-out model (`spectra._holdout.centre_models`), and each held-out model less its centring
+    model. Returns the per-model arrays `_holdout._record` takes: `(two, rows, cols, centred,
+    resid, raw)`."""
+    from jsubspace.spectra._holdout import centre_models
+
+    n = len(dw)
+    two, rows, cols = (np.zeros((n, kmax)) for _ in range(3))
+    centred, resid = np.zeros(n), np.zeros(n)
+    centres = centre_models(folds, seed)
+    for f in range(folds.max() + 1):
+        held = folds == f
+        centre = centres[held]
+        basis = ~held
+        basis[centre] = False
+        xt = dw[basis] - dw[basis].mean(0)
+        u = np.linalg.eigh(np.einsum("imn,ikn->mk", xt, xt))[1][:, ::-1][:, :kmax]
+        v = np.linalg.eigh(np.einsum("imn,imk->nk", xt, xt))[1][:, ::-1][:, :kmax]
+        mu = dw[~held].mean(0)
+        for i, c in zip(np.flatnonzero(held), centre):
+            x = dw[i] - dw[c]
+            core = (u.T @ x @ v) ** 2
+            two[i] = np.diag(np.cumsum(np.cumsum(core, 0), 1))
+            rows[i] = np.cumsum(np.sum((u.T @ x) ** 2, axis=1))
+            cols[i] = np.cumsum(np.sum((x @ v) ** 2, axis=0))
+            centred[i] = np.sum(x * x)
+            resid[i] = np.sum((dw[i] - mu) ** 2)
+    raw = np.sum(dw * dw, axis=(1, 2))
+    return two, rows, cols, centred, resid, raw

@@ -15,7 +15,7 @@ import numpy as np
 from jsubspace import testing
 
 TRUTH = {
-    "shared_subspace.weight": "structure beyond the null",
+    "shared_subspace.weight": "shared subspace (rows and cols)",
     "pure_noise.weight": "indistinguishable from noise",
     "near_copies.weight": "explained by the mean",
     "model.layers.0.self_attn.q_proj": "explained by shared initialisation",

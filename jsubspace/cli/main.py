@@ -145,7 +145,9 @@ def _analyze(argv):
 
 def _demo(argv):
     del argv
+    from jsubspace.cli._demo import TRUTH
     from jsubspace.cli._demo import write_demo_population
+    from jsubspace.report import middle_ellipsis
     from jsubspace.report import verdict_table
     from jsubspace.run import analyze
 
@@ -160,6 +162,11 @@ def _demo(argv):
         print(f"\n== {name}: {path} -> {report}")
         result = analyze([path], report, **options)
         print(verdict_table(result))
+        print("\nplanted truth beside the verdict:")
+        for layer in result["layers"]:
+            got, want = layer["verdict"]["label"], TRUTH.get(layer["name"])
+            mark = "ok " if got == want else "!! "
+            print(f"  {mark}{middle_ellipsis(layer['name'], 34):<34} planted: {want}; got: {got}")
     print(f"\nopen {out}/dense_report/report.html and {out}/adapters_report/report.html")
 
 

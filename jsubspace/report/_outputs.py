@@ -14,6 +14,8 @@ import numpy as np
 
 from jsubspace.io._atomic import atomic_write_bytes
 from jsubspace.io._atomic import atomic_write_text
+from jsubspace.report._plan import middle_ellipsis
+from jsubspace.spectra import MEANINGS
 from jsubspace.spectra import TAUS
 
 MAX_LAYER_PLOTS = 24
@@ -60,44 +62,81 @@ def _headline(layer: dict, mode: str) -> dict:
     return row
 
 
+def _criterion(verdict: dict, name: str, side: str | None = None) -> dict | None:
+    for c in verdict.get("criteria", []):
+        if c["name"] == name and (side is None or c["side"] == side):
+            return c
+    return None
+
+
 def verdict_rows(result: dict) -> list[dict]:
-    """Per layer: the verdict's mode, its k_at(0.9), null excess at k=1, held-out capture at the
-    largest k beside a random subspace, the mean-only baseline, and the verdict."""
+    """Per layer, from its verdict card: per side (rows, cols) the held-out capture at the k
+    that decides beside a random subspace's, and whether the holdout and the split half pass;
+    whether the spectrum departs from the null; the mean-only fraction; the verdict."""
     rows = []
     for layer in result["layers"]:
-        mode = layer["verdict"]["mode"]
-        null = (layer.get("null") or {}).get(mode) or {}
-        hold = layer.get("holdout") or {}
-        rows.append(
-            {
-                "layer": layer["name"],
-                "mode": mode,
-                "k90": layer["modes"][mode]["k_at"]["0.9"],
-                "excess_k1": (null.get("excess") or {}).get("1"),
-                "holdout": hold["two_sided"][-1] if hold.get("ks") else None,
-                "random": hold["random"]["two_sided"][-1] if hold.get("ks") else None,
-                "mean_only": hold.get("mean_only"),
-                "verdict": layer["verdict"]["label"],
-            }
-        )
+        verdict = layer.get("verdict") or {}
+        row = {"layer": layer["name"], "verdict": verdict.get("label")}
+        for side in ("rows", "cols"):
+            held = _criterion(verdict, "holdout", side) or {}
+            half = _criterion(verdict, "split_half", side) or {}
+            row[side] = held.get("value")
+            row[f"{side}_random"] = held.get("reference")
+            row[f"{side}_k"] = held.get("k")
+            row[f"{side}_passed"] = held.get("passed")
+            row[f"{side}_split_half"] = half.get("passed")
+        nulls = [c for c in verdict.get("criteria", []) if c["name"] == "null"]
+        row["beyond_null"] = any(c["passed"] for c in nulls) if nulls else None
+        mean_only = _criterion(verdict, "mean_only")
+        row["mean_only"] = mean_only["value"] if mean_only else None
+        rows.append(row)
     return rows
 
 
-def verdict_table(result: dict) -> str:
-    """`verdict_rows` as a fixed-width text table for the terminal."""
+LEGEND = "\n".join(
+    [
+        "held-out: mean capture of held-out models by the basis fitted without them, at the k",
+        "  where it beats a random k-subspace (rand) most; + when beyond it at the 5% level",
+        "  (bootstrap over models, corrected for every k and side tried), ++ when the split",
+        "  halves agree too.",
+        "null: + when the spectrum is more concentrated than a matched Gaussian population.",
+        "mean-only: the share of held-out energy the training mean alone explains (energy-",
+        "  weighted; negative when the mean of other models moves a model further away than",
+        "  zero would).",
+        "Each layer's verdict card (every criterion, reference, interval) is in spectra.json.",
+    ]
+)
 
-    def f(v, w):
+
+def verdict_table(result: dict, *, width: int = 40) -> str:
+    """`verdict_rows` as a fixed-width text table for the terminal, with a legend and the
+    population's conclusion."""
+
+    def num(v, w):
         return f"{'-':>{w}}" if v is None else f"{v:>{w}.3f}"
 
+    def mark(r, side):
+        held, half = r[f"{side}_passed"], r[f"{side}_split_half"]
+        return ("+" if held else " ") + ("+" if held and half else " ")
+
+    def side(r, s):
+        k = f"@{r[f'{s}_k']}" if r[f"{s}_k"] else ""
+        return f"{num(r[s], 6)}{mark(r, s)}{num(r[f'{s}_random'], 6)}{k:<4}"
+
+    null = {True: "+", False: "-", None: " "}
     lines = [
-        f"{'layer':<36} {'mode':<7} {'k@0.9':>5} {'excess@k=1':>10} {'held-out':>8} "
-        f"{'random':>7} {'mean-only':>9}  verdict"
+        f"{'layer':<{width}} {'rows: held-out rand':<22} {'cols: held-out rand':<22} null "
+        f"{'mean-only':>9}  verdict"
     ]
     for r in verdict_rows(result):
         lines.append(
-            f"{r['layer'][-36:]:<36} {r['mode']:<7} {str(r['k90']):>5} {f(r['excess_k1'], 10)} "
-            f"{f(r['holdout'], 8)} {f(r['random'], 7)} {f(r['mean_only'], 9)}  {r['verdict']}"
+            f"{middle_ellipsis(r['layer'], width):<{width}} {side(r, 'rows'):<22} "
+            f"{side(r, 'cols'):<22} {null[r['beyond_null']]:^4} {num(r['mean_only'], 9)}  "
+            f"{r['verdict']}"
         )
+    lines += ["", LEGEND]
+    if result.get("conclusion"):
+        lines += ["", f"conclusion: {result['conclusion']}"]
     return "\n".join(lines)
 
 
@@ -276,19 +315,7 @@ def write_plots(directory: str, result: dict) -> list[tuple[str, str]]:
     return images
 
 
-_EXPLAIN = {
-    "structure beyond the null": "the spectrum is more concentrated than a matched Gaussian "
-    "population and the basis captures held-out models better than a random subspace.",
-    "explained by the mean": "after removing the population mean nothing beyond the null remains "
-    "(or it does not carry over to held-out models); the mean alone explains most of each model.",
-    "explained by shared initialisation": "a large share of models hold identical tensors (e.g. "
-    "LoRA A factors never trained away from one initialisation); low rank follows from ancestry.",
-    "indistinguishable from noise": "the spectrum matches the Gaussian null and held-out models "
-    "gain nothing over a random subspace.",
-    "model-specific structure, not shared": "the spectrum is more concentrated than the null "
-    "(each model has low-rank structure of its own), but the basis captures held-out models no "
-    "better than a random subspace: the directions are not shared.",
-}
+_EXPLAIN = {label.value: text for label, text in MEANINGS.items()}
 
 
 def write_report_html(result: dict, images: list[tuple[str, str]], out: str) -> str:
@@ -341,6 +368,7 @@ def write_report_html(result: dict, images: list[tuple[str, str]], out: str) -> 
             f"<figcaption>{html.escape(caption)} (<code>{html.escape(rel)}</code>)"
             "</figcaption></figure>"
         )
+    cards = "".join(_verdict_card(layer) for layer in result["layers"])
     skipped = "".join(
         f"<li><code>{html.escape(s['name'])}</code>: {html.escape(s['reason'])}</li>"
         for s in result.get("skipped_layers", [])
@@ -355,6 +383,7 @@ td, th {{ border: 1px solid #ccc; padding: 3px 6px; vertical-align: top; }}
 figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 100%; }}
 </style></head><body>
 <h1>jsubspace: is there a shared weight subspace?</h1>
+<p><b>Conclusion: {html.escape(result.get("conclusion", ""))}.</b></p>
 <p>{len(result["models"])} models, {len(result["layers"])} layers, centre
 <code>{html.escape(str(result["config"]["center"]))}</code>, null draws
 {result["config"]["null_draws"]}, holdout {html.escape(str(result["config"]["holdout"]))}.
@@ -364,6 +393,11 @@ jsubspace {html.escape(str(manifest["jsubspace"]))}, jax {html.escape(manifest["
 <table><tr><th>family</th><th>layers</th><th>verdict</th><th>what it means</th></tr>
 {"".join(rows)}</table>
 {f"<h3>Skipped layers</h3><ul>{skipped}</ul>" if skipped else ""}
+<h2>Verdict cards</h2>
+<p>Each layer's label and every criterion it read: the statistic, what it would be without the
+effect (a random subspace, the null's mean), its interval at the test's level and the bound it
+must pass. A layer's claims hold at a family-wise false-positive rate of 5%.</p>
+{cards}
 <h2>Plots</h2>
 {"".join(figures)}
 <h2>Headline numbers</h2>
@@ -374,6 +408,55 @@ jsubspace {html.escape(str(manifest["jsubspace"]))}, jax {html.escape(manifest["
 <p>Full numbers: <code>spectra.json</code>, <code>layers.csv</code>.</p>
 </body></html>
 """
+
+
+_CRITERIA = {
+    "lineage": "models in groups of identical tensors",
+    "scale": "centred energy along the mean direction",
+    "null": "CEV(k) against the Gaussian null",
+    "holdout": "held-out capture against a random k-subspace",
+    "split_half": "overlap of two random halves' bases against random subspaces",
+    "mean_only": "held-out energy explained by the training mean",
+}
+
+
+def _verdict_card(layer: dict) -> str:
+    """One layer's verdict card as an HTML `<details>` block."""
+    verdict = layer.get("verdict") or {}
+    rows = []
+    for c in verdict.get("criteria", []):
+        interval = c.get("interval")
+        shown = f"[{interval[0]:.3g}, {interval[1]:.3g}]" if interval else "–"
+        passed = {True: "pass", False: "fail", None: "not judged"}[c["passed"]]
+        rows.append(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(str(v))}</td>"
+                for v in (
+                    c["name"],
+                    _CRITERIA.get(c["name"], ""),
+                    c["side"] or "–",
+                    c["k"] or "–",
+                    _fmt(c["value"]),
+                    _fmt(c["reference"]),
+                    shown,
+                    _fmt(c["threshold"]),
+                    passed,
+                )
+            )
+            + "</tr>"
+        )
+    extra = "".join(
+        f"<li>{html.escape(m)}</li>" for m in verdict.get("missing", []) + verdict.get("notes", [])
+    )
+    return (
+        f"<details><summary><code>{html.escape(layer['name'])}</code>: "
+        f"<b>{html.escape(str(verdict.get('label')))}</b> — "
+        f"{html.escape(str(verdict.get('reason', '')))}</summary>"
+        "<table><tr><th>criterion</th><th>what</th><th>side</th><th>k</th><th>value</th>"
+        "<th>reference</th><th>interval</th><th>bound</th><th></th></tr>"
+        f"{''.join(rows)}</table>{f'<ul>{extra}</ul>' if extra else ''}</details>"
+    )
 
 
 def _fmt(value) -> str:

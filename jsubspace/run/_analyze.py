@@ -27,6 +27,7 @@ from jsubspace import spectra
 from jsubspace.config import AnalysisConfig
 from jsubspace.errors import DistributedError
 from jsubspace.errors import OutputError
+from jsubspace.errors import PopulationError
 from jsubspace.io._atomic import atomic_write_text
 from jsubspace.io._atomic import compact_json
 from jsubspace.io._atomic import plain
@@ -111,6 +112,15 @@ def prepare(
         legacy["lora_space"] = spectra_config.lora_space
     if not control_config.split_half:
         legacy["split_half"] = False
+    if spectra_config.normalize != "none":
+        legacy["normalize"] = spectra_config.normalize
+    n_models = len(population.models)
+    if n_models < 3 and (control_config.holdout is not None or control_config.split_half):
+        raise PopulationError(
+            f"{n_models} models are too few to judge whether they share a subspace (a verdict "
+            f"needs at least {spectra.MIN_MODELS}). Add models, or ask for spectra only with "
+            "--holdout=none --nosplit_half"
+        )
     others = {}
     if run.compare_to:
         other_pop = io.open_population(
@@ -296,6 +306,7 @@ def _finish(run: Prepared, rundir, records, encoded, out: str, *, plots: bool) -
         "manifest": run_manifest(run.config, run.mesh, population),
         "plan_total": spectra.plan_total(run.plans),
         "skipped_layers": [{"name": n, "reason": r} for n, r in population.skipped],
+        "conclusion": spectra.conclusion(records),
         "layers": records,
     }
     if rundir.lead:

@@ -1,9 +1,7 @@
 """Per-layer spectra and their controls (null, holdout, lineage, compare)."""
 
-from jsubspace.spectra._analyze import VERDICTS
 from jsubspace.spectra._analyze import ControlConfig
 from jsubspace.spectra._analyze import analyze_layer
-from jsubspace.spectra._analyze import verdict
 from jsubspace.spectra._holdout import fold_assignment
 from jsubspace.spectra._holdout import holdout_control
 from jsubspace.spectra._layer import LayerSpectra
@@ -31,20 +29,32 @@ from jsubspace.spectra._summary import cev
 from jsubspace.spectra._summary import effective_rank
 from jsubspace.spectra._summary import k_at
 from jsubspace.spectra._summary import summarize
+from jsubspace.spectra._verdict import MEANINGS
+from jsubspace.spectra._verdict import MIN_MODELS
+from jsubspace.spectra._verdict import Criterion
+from jsubspace.spectra._verdict import Label
+from jsubspace.spectra._verdict import Verdict
+from jsubspace.spectra._verdict import conclusion
+from jsubspace.spectra._verdict import verdict
 
 __all__ = [
     "MATERIALISE_LIMIT",
+    "MEANINGS",
+    "MIN_MODELS",
     "TAUS",
-    "VERDICTS",
     "ControlConfig",
+    "Criterion",
+    "Label",
     "LayerPlan",
     "LayerSpectra",
     "MachineRates",
     "ModeResult",
     "SpectraConfig",
+    "Verdict",
     "analyze_layer",
     "basis_solvers",
     "cev",
+    "conclusion",
     "default_memory_budget",
     "exact_sides",
     "effective_rank",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -18,6 +19,7 @@ from jsubspace.config import ControlConfig
 from jsubspace.io import PlacedDense
 from jsubspace.io import PlacedLora
 from jsubspace.sharding import host_array
+from jsubspace.sharding._mesh import stacked_sharding
 from jsubspace.spectra import _compare
 from jsubspace.spectra import _holdout
 from jsubspace.spectra import _layer
@@ -28,69 +30,9 @@ from jsubspace.spectra._plan import LayerPlan
 from jsubspace.spectra._plan import basis_solvers
 from jsubspace.spectra._plan import plan_layer
 from jsubspace.spectra._summary import summarize
-
-VERDICTS = (
-    "structure beyond the null",
-    "explained by the mean",
-    "explained by shared initialisation",
-    "indistinguishable from noise",
-    "model-specific structure, not shared",
-)
-
-
-def _primary_mode(modes) -> str:
-    for mode in ("rows", "lora_A", "cols", "models"):
-        if mode in modes:
-            return mode
-    return next(iter(modes))
-
-
-def verdict(record: dict, *, shared_fraction: float = 0.2) -> dict:
-    """The plain-language verdict of a layer record, with the numbers it rests on."""
-    mode = _primary_mode(record["modes"])
-    lineage = record.get("lineage") or {}
-    # Exactly identical tensors, or LoRA A factors left at one shared initialisation. Dense models
-    # that are merely close (fine-tuned from one parent) are judged by the mean-only control.
-    exact = sum(len(g) for g in lineage.get("identical_groups", []))
-    n_models = max(1, len(lineage.get("cosine", [])))
-    shared = max(exact / n_models, (lineage.get("lora_A") or {}).get("fraction_shared", 0.0))
-    null = (record.get("null") or {}).get(mode)
-    holdout = record.get("holdout") or {}
-    evidence = {"mode": mode, "shared_fraction": shared}
-    beyond = None
-    if null:
-        obs = np.asarray(record["modes"][mode]["cev"])
-        mean, std = np.asarray(null["cev_mean"]), np.asarray(null["cev_std"])
-        width = min(len(obs), len(mean), 16)
-        margin = np.maximum(4 * std[:width], 0.02)
-        gap = obs[:width] - mean[:width]
-        beyond = bool(np.any(gap > margin))
-        evidence["max_cev_gap_over_null"] = float(gap.max()) if width else 0.0
-    generalises = None
-    mean_only = holdout.get("mean_only")
-    if holdout.get("ks"):
-        j = len(holdout["ks"]) - 1
-        gain = holdout["two_sided"][j] - holdout["random"]["two_sided"][j]
-        evidence["holdout_k"] = holdout["ks"][j]
-        evidence["holdout_gain_over_random"] = float(gain)
-        evidence["mean_only"] = mean_only
-        generalises = gain > 0.05
-    if shared >= shared_fraction:
-        label = VERDICTS[2]
-    elif beyond is False or generalises is False:
-        if (mean_only or 0.0) >= 0.5:
-            label = VERDICTS[1]
-        elif beyond and generalises is False:
-            # More concentrated than the null (each model is low-rank on its own, say), but the
-            # directions do not carry over to held-out models: nothing universal.
-            label = VERDICTS[4]
-        else:
-            label = VERDICTS[3]
-    elif beyond is None and generalises is None:
-        label = "no controls run"
-    else:
-        label = VERDICTS[0]
-    return {"label": label, **evidence}
+from jsubspace.spectra._verdict import HOLDOUT_MODELS
+from jsubspace.spectra._verdict import scale_fraction
+from jsubspace.spectra._verdict import verdict
 
 
 def _mode_record(result: _layer.ModeResult, energy: float) -> dict:
@@ -137,6 +79,9 @@ def analyze_layer(
     ranks = list(layer.ranks) if isinstance(placed, PlacedLora) else None
     k_spec, k_null = jax.random.split(key)
     clock = _Clock()
+    scales = None
+    if spectra_config.normalize == "fro":
+        placed, scales = normalized(placed, base, mesh=mesh, release=release)
     spectra = _layer.layer_spectra(
         placed,
         mesh=mesh,
@@ -159,7 +104,17 @@ def analyze_layer(
     if isinstance(placed, PlacedLora):
         record["rank"] = layer.rank
         record["lora"] = spectra_config.lora
+    if spectra_config.normalize != "none":
+        record["normalize"] = spectra_config.normalize
     uncentred_norms = np.diag(spectra.uncentred) if spectra.uncentred is not None else None
+    if spectra.uncentred is not None:
+        # Per-model Frobenius norms (before any normalisation), and how much of the variation
+        # is along the mean: models that differ only by scale put all of it there.
+        norms = np.sqrt(np.clip(uncentred_norms, 0.0, None))
+        record["scale"] = {
+            "norms": (norms * scales if scales is not None else norms).tolist(),
+            "along_mean": scale_fraction(spectra.uncentred),
+        }
     record["null"] = None  # Filled last, after every control that reads the layer itself.
     record["plan"] = plan.to_json()
     clock.lap("spectra")
@@ -194,6 +149,7 @@ def analyze_layer(
                 seed=control_config.seed,
                 key=jax.random.fold_in(key, 3),
                 iterations=spectra_config.iterations,
+                center="mean" if spectra_config.center == "mean" else "none",
             )
         del factors
     else:
@@ -216,6 +172,7 @@ def analyze_layer(
                 mesh=mesh,
                 seed=control_config.seed,
                 key=jax.random.fold_in(key, 3),
+                ref=_centre(spectra_config.center, base, x.shape[1:]),
                 **bases("split_half"),
             )
     if other is not None:
@@ -281,8 +238,59 @@ def analyze_layer(
     )
     clock.lap("null")
     record["seconds"] = clock.laps
-    record["verdict"] = verdict(record, shared_fraction=control_config.shared_fraction)
+    record["verdict"] = verdict(
+        record,
+        n_models=placed.n_models,
+        shared_fraction=control_config.shared_fraction,
+        controls={
+            "null": control_config.null_draws > 0,
+            "holdout": control_config.holdout is not None,
+            "split_half": control_config.split_half,
+            "lineage": control_config.lineage,
+        },
+    ).to_json()
     return record
+
+
+def _centre(center: str, base, shape) -> jax.Array | None:
+    """The fixed centre of the controls' bases: None (each basis' own mean) for
+    `center='mean'`, zeros for 'none', the base for 'base'."""
+    if center == "mean":
+        return None
+    if center == "base" and base is not None:
+        return jnp.asarray(base, jnp.float32)
+    return jnp.zeros(shape, jnp.float32)
+
+
+@jax.jit
+def _scaled_stack(x, ref, inverse):
+    """`ref + (x_i - ref) / ||x_i - ref||`: each model's update about `ref` at unit norm."""
+    return (ref + (x.astype(jnp.float32) - ref) * inverse[:, None, None]).astype(x.dtype)
+
+
+def normalized(placed, base, *, mesh, release: bool = False):
+    """The layer with each model's update (about the base, or the origin) at unit Frobenius norm
+    (`--normalize=fro`: shapes without scale), and the norms divided out (`f64[N]`).
+
+    Dense: a new stack (the old one is freed when `release`). LoRA: the scales change, the
+    factors stay.
+    """
+    if isinstance(placed, PlacedLora):
+        energies = host_array(_holdout._factor_energies(placed.a, placed.b, placed.scales))
+        norms = np.sqrt(np.clip(energies.astype(np.float64), 0.0, None))
+        inverse = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-30), 0.0).astype(np.float32)
+        scales = placed.scales * jax.device_put(inverse, placed.scales.sharding)
+        return PlacedLora(placed.a, placed.b, scales, placed.n_models), norms[: placed.n_models]
+    ref = jnp.zeros(placed.x.shape[1:], jnp.float32) if base is None else jnp.asarray(base)
+    ref = ref.astype(jnp.float32)
+    diff = placed.x.astype(jnp.float32) - ref
+    norms = np.sqrt(host_array(jnp.sum(diff * diff, axis=(1, 2))).astype(np.float64))
+    del diff
+    inverse = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-30), 0.0).astype(np.float32)
+    x = _scaled_stack(placed.x, ref, jax.device_put(inverse, stacked_sharding(mesh)))
+    if release:
+        placed.x.delete()
+    return PlacedDense(x, placed.n_models), norms[: placed.n_models]
 
 
 class _Clock:
@@ -316,15 +324,18 @@ def dense_stack(placed, plan: LayerPlan) -> jax.Array | None:
 def _holdout_skipped(n: int, control: ControlConfig) -> dict | None:
     if control.holdout is None:
         return {}
-    if control.holdout != "loo" and n < max(3, int(control.holdout)):
-        return {"skipped": f"{n} models are too few for {control.holdout}-fold holdout"}
+    if n < HOLDOUT_MODELS:
+        return {"skipped": f"{n} models are too few for a holdout (it needs {HOLDOUT_MODELS})"}
     return None
 
 
 def _control_factors(placed, spectra, config, *, mesh):
     """The factors the factored controls read: shifted by the mean update first when the
-    population sits close to its mean (`spectra._layer.close_to_mean`), as the spectra were."""
+    population sits close to its mean (`spectra._layer.close_to_mean`), as the spectra were;
+    never when the spectra are uncentred (the shift would change what the controls see)."""
     factors = placed[:3]
+    if config.center != "mean":
+        return factors
     if _layer.close_to_mean(spectra.uncentred, np.trace(_centred_gram(spectra, config))):
         factors = kernels.shifted_lora(*factors, mesh=mesh, n_models=placed.n_models, split="rows")
     return factors
@@ -354,6 +365,7 @@ def _run_lora_holdout(placed, factors, spectra, *, mesh, control, config, key) -
         energies=np.diag(spectra.uncentred),
         key=key,
         iterations=config.iterations,
+        center=config.center,
     )
 
 
@@ -363,5 +375,12 @@ def _run_holdout(x, n, *, mesh, control: ControlConfig, center, base, **solver) 
         return skipped
     ref = base if center == "base" else None
     return _holdout.holdout_control(
-        x, n, mesh=mesh, holdout=control.holdout, seed=control.seed, ref=ref, **solver
+        x,
+        n,
+        mesh=mesh,
+        holdout=control.holdout,
+        seed=control.seed,
+        ref=ref,
+        center=center,
+        **solver,
     )

@@ -25,10 +25,17 @@ def principal_cosines(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.clip(np.linalg.svd(qu.T @ qv, compute_uv=False), 0.0, 1.0)
 
 
+OVERLAP_KS = (1, 2, 4, 8, 16)
+
+
 def _angles_record(a, b, shape, k) -> dict:
+    """Principal angles between the bases `a` and `b` (`(rows f32[m, k], cols f32[n, k])`,
+    columns by descending eigenvalue), at k and at each smaller k of `OVERLAP_KS` (the leading
+    columns: a shared subspace of low rank stands out at its own k, not only at the largest)."""
     m, n = shape
     rows = principal_cosines(a[0], b[0])
     cols = principal_cosines(a[1], b[1])
+    ks = sorted({j for j in OVERLAP_KS if j < k} | {k})
     return {
         "k": k,
         "rows_cosines": rows.tolist(),
@@ -37,12 +44,21 @@ def _angles_record(a, b, shape, k) -> dict:
         "cols_overlap": float(np.mean(cols**2)),
         "random_rows_overlap": k / m,
         "random_cols_overlap": k / n,
+        "ks": ks,
+        "rows_overlap_at": [_overlap(a[0][:, :j], b[0][:, :j]) for j in ks],
+        "cols_overlap_at": [_overlap(a[1][:, :j], b[1][:, :j]) for j in ks],
     }
 
 
-def _bases(x, weights, mesh, k, solvers=EXACT, key=None, iterations=4):
+def _overlap(u, v) -> float:
+    return float(np.mean(principal_cosines(u, v) ** 2))
+
+
+def _bases(x, weights, mesh, k, solvers=EXACT, key=None, iterations=4, ref=None):
     w = jax.device_put(weights.astype(np.float32), stacked_sharding(mesh))
-    u, v = masked_bases(x, w, key, mesh=mesh, kmax=k, solvers=tuple(solvers), iterations=iterations)
+    u, v = masked_bases(
+        x, w, key, ref, mesh=mesh, kmax=k, solvers=tuple(solvers), iterations=iterations
+    )
     return host_array(u), host_array(v)
 
 
@@ -57,11 +73,26 @@ def _halves(n_models: int, n_pad: int, seed: int) -> tuple[np.ndarray, np.ndarra
     return w1, w2
 
 
+MIN_MODELS = 4
+"""The fewest models the split half judges from: two halves of two, each one direction once
+centred."""
+
+
 def split_half_compare(
-    x, n_models: int, *, mesh, seed: int, k: int = 16, solvers=EXACT, key=None, iterations=4
+    x,
+    n_models: int,
+    *,
+    mesh,
+    seed: int,
+    k: int = 16,
+    solvers=EXACT,
+    key=None,
+    iterations=4,
+    ref=None,
 ) -> dict:
     """Principal angles between the bases of two seeded random halves of the population (bases
-    by the plan's `solvers`, `(rows, cols)`; `key` for the randomized one)."""
+    by the plan's `solvers`, `(rows, cols)`; `key` for the randomized one), each half centred by
+    its mean, or by `ref` (`f32[m, n]`: zeros or the base, as the spectra were) when given."""
     _, m, n = x.shape
     half = n_models // 2
     k = max(1, min(k, m, n, half - 1))
@@ -69,7 +100,7 @@ def split_half_compare(
         return {"skipped": f"{n_models} models are too few to split in halves"}
     w1, w2 = _halves(n_models, x.shape[0], seed)
     keys = jax.random.split(key) if key is not None else (None, None)
-    common = dict(solvers=solvers, iterations=iterations)
+    common = dict(solvers=solvers, iterations=iterations, ref=ref)
     return _angles_record(
         _bases(x, w1, mesh, k, key=keys[0], **common),
         _bases(x, w2, mesh, k, key=keys[1], **common),
@@ -78,17 +109,28 @@ def split_half_compare(
     )
 
 
-def _lora_bases(factors, weights, n_used, *, mesh, key, k, iterations):
+def _lora_bases(factors, weights, n_used, *, mesh, key, k, iterations, center="mean"):
     w = jax.device_put(np.asarray(weights, np.float32), stacked_sharding(mesh))
-    found = lora_bases(factors, w, n_used, mesh=mesh, key=key, k=k, iterations=iterations)
+    found = lora_bases(
+        factors, w, n_used, mesh=mesh, key=key, k=k, iterations=iterations, center=center
+    )
     return tuple(host_array(x) for x in found)
 
 
 def lora_split_half_compare(
-    factors, n_models: int, *, mesh, seed: int, key, k: int = 16, iterations: int = 4
+    factors,
+    n_models: int,
+    *,
+    mesh,
+    seed: int,
+    key,
+    k: int = 16,
+    iterations: int = 4,
+    center: str = "mean",
 ) -> dict:
     """`split_half_compare` of a LoRA population from its factors (`(a, b, scales)`), with
-    bases from the randomized solver (k up to half the shorter side)."""
+    bases from the randomized solver (k up to half the shorter side), centred as the spectra
+    were (`center`)."""
     a, b, _ = factors
     m, n = b.shape[1], a.shape[2]
     half = n_models // 2
@@ -97,7 +139,7 @@ def lora_split_half_compare(
         return {"skipped": f"{n_models} models are too few to split in halves"}
     w1, w2 = _halves(n_models, a.shape[0], seed)
     k1, k2 = jax.random.split(key)
-    common = dict(mesh=mesh, k=k, iterations=iterations)
+    common = dict(mesh=mesh, k=k, iterations=iterations, center=center)
     return _angles_record(
         _lora_bases(factors, w1, half, key=k1, **common),
         _lora_bases(factors, w2, half, key=k2, **common),

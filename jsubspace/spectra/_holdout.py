@@ -1,11 +1,13 @@
 """The `holdout` control: does the basis explain models it was not fitted on?
 
 For each fold: the training mean `mu` and the top-k `rows` / `cols` eigenvectors `U_k`, `V_k` of
-the training models centred by `mu`. For every held-out model, with `X = W - mu`:
+the training models centred as the spectra were (`c = mu` for `center='mean'`, the reference
+`ref` for 'none' (zeros) and 'base'). For every held-out model, with `X = W - c`:
   * two-sided capture `||U_k^T X V_k||^2 / ||X||^2`, one-sided `||X V_k||^2 / ||X||^2` (cols) and
     `||U_k^T X||^2 / ||X||^2` (rows), beside a random k-subspace (`k^2/(mn)`, `k/n`, `k/m`);
-  * the **mean-only** baseline: the fraction of the uncentred update `W - ref` (ref = base for
-    `center='base'`, else 0) that `mu - ref` alone explains, `1 - ||W - mu||^2 / ||W - ref||^2`;
+  * the **mean-only** baseline: the fraction of the held-out updates' energy about `ref` that the
+    training mean alone explains, energy-weighted over the models so that it is bounded by 1
+    and models of larger norm count more: `1 - sum_i ||W_i - mu||^2 / sum_i ||W_i - ref||^2`;
   * mean + basis: the same fraction for `mu + U_k U_k^T X V_k V_k^T`.
 One fold is one jit call with a traced training mask, so all folds compile once.
 """
@@ -50,7 +52,14 @@ def side_basis(xc, weights, *, mode: str, solver: str, k: int, key, iterations: 
 
 
 def weighted_bases(
-    xf: jax.Array, weights: jax.Array, *, kmax: int, solvers=EXACT, key=None, iterations: int = 4
+    xf: jax.Array,
+    weights: jax.Array,
+    *,
+    kmax: int,
+    solvers=EXACT,
+    key=None,
+    iterations: int = 4,
+    ref: jax.Array | None = None,
 ):
     """Inside shard_map: the chosen models' mean, and their top-k rows / cols eigenvectors.
 
@@ -62,27 +71,30 @@ def weighted_bases(
             `bases`.
         key: replicated PRNG key of the randomized solver (unused when both are exact).
         iterations: block-Krylov steps of the randomized solver.
+        ref: `f32[m, n]`, the centre of the spectra when they are not mean-centred (zeros for
+            `center='none'`, the base for 'base'); None centres by the chosen models' mean.
 
     Returns:
-        `(xc f32[N/d, m, n], u f32[m, kmax], v f32[n, kmax])`: every model of the shard centred
-        by the chosen models' mean, and the bases (replicated).
+        `(xc f32[N/d, m, n], u f32[m, kmax], v f32[n, kmax], mu f32[m, n])`: every model of the
+        shard centred (by the chosen models' mean, or by `ref`), the bases (replicated), and the
+        chosen models' mean.
     """
     count = lax.psum(jnp.sum(weights), MODELS)
     mu = lax.psum(jnp.einsum("i,imn->mn", weights, xf, precision=HIGHEST), MODELS) / count
-    xc = xf - mu
+    xc = xf - (mu if ref is None else ref)
     keys = jax.random.split(key) if key is not None else (None, None)
     u, v = (
         side_basis(xc, weights, mode=mode, solver=solver, k=kmax, key=sub, iterations=iterations)
         for mode, solver, sub in zip(("rows", "cols"), solvers, keys)
     )
-    return xc, u, v
+    return xc, u, v, mu
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "kmax", "solvers", "iterations"))
 def masked_bases(
     x: jax.Array,
     weights: jax.Array,
     key: jax.Array | None = None,
+    ref: jax.Array | None = None,
     *,
     mesh: Mesh,
     kmax: int,
@@ -90,18 +102,41 @@ def masked_bases(
     iterations: int = 4,
 ):
     """Top-k rows / cols eigenvectors `(f32[m, k], f32[n, k])` of the models with weight 1, by
-    the plan's `solvers` (see `weighted_bases`)."""
+    the plan's `solvers`, centred by their mean, or by `ref` (`f32[m, n]`) when given (see
+    `weighted_bases`)."""
+    by_mean = ref is None
+    if by_mean:
+        ref = jnp.zeros(x.shape[1:], jnp.float32)
+    return _masked_bases(
+        x,
+        weights,
+        _solver_key(key, solvers),
+        jnp.asarray(ref, jnp.float32),
+        mesh=mesh,
+        kmax=kmax,
+        solvers=tuple(solvers),
+        iterations=iterations,
+        by_mean=by_mean,
+    )
 
-    def body(xb, wb, kb):
-        _, u, v = weighted_bases(
-            xb.astype(jnp.float32), wb, kmax=kmax, solvers=solvers, key=kb, iterations=iterations
+
+@functools.partial(jax.jit, static_argnames=("mesh", "kmax", "solvers", "iterations", "by_mean"))
+def _masked_bases(x, weights, key, ref, *, mesh, kmax, solvers, iterations, by_mean):
+    def body(xb, wb, kb, rb):
+        _, u, v, _ = weighted_bases(
+            xb.astype(jnp.float32),
+            wb,
+            kmax=kmax,
+            solvers=solvers,
+            key=kb,
+            iterations=iterations,
+            ref=None if by_mean else rb,
         )
         return u, v
 
-    key = _solver_key(key, solvers)
     return jax.shard_map(
-        body, mesh=mesh, in_specs=(P(MODELS), P(MODELS), P()), out_specs=P(), check_vma=False
-    )(x, weights, key)
+        body, mesh=mesh, in_specs=(P(MODELS), P(MODELS), P(), P()), out_specs=P(), check_vma=False
+    )(x, weights, key, ref)
 
 
 def _solver_key(key, solvers) -> jax.Array:
@@ -113,11 +148,22 @@ def _solver_key(key, solvers) -> jax.Array:
     return key
 
 
-def lora_bases(factors, weights, n_used: int, *, mesh: Mesh, key, k: int, iterations: int = 4):
+def lora_bases(
+    factors,
+    weights,
+    n_used: int,
+    *,
+    mesh: Mesh,
+    key,
+    k: int,
+    iterations: int = 4,
+    center: str = "mean",
+):
     """`masked_bases` of a LoRA population from its factors: the top-k rows / cols eigenvectors
-    (`f32[m, k]`, `f32[n, k]`, replicated) of the models with weight 1, centred on their mean, by
-    the randomized solver (`kernels.randomized_lora_eigh`, the other models weighted out).
-    `weights` is `f32[N_pad]` sharded over models; `n_used` the number of models it keeps."""
+    (`f32[m, k]`, `f32[n, k]`, replicated) of the models with weight 1, centred on their mean
+    (`center='mean'`; 'none' / 'base' take the updates as they are), by the randomized solver
+    (`kernels.randomized_lora_eigh`, the other models weighted out). `weights` is `f32[N_pad]`
+    sharded over models; `n_used` the number of models it keeps."""
     a, b, scales = factors
     bases = []
     for mode in ("rows", "cols"):
@@ -132,50 +178,86 @@ def lora_bases(factors, weights, n_used: int, *, mesh: Mesh, key, k: int, iterat
             mode=mode,
             rank=k,
             iterations=iterations,
+            center=center,
         )
         bases.append(eig.vectors)
     return tuple(bases)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "kmax", "solvers", "iterations"))
-def fold_capture(x, train, ref, key=None, *, mesh: Mesh, kmax: int, solvers=EXACT, iterations=4):
-    """Captured energies of every model under the basis fitted on `train` (by the plan's
-    `solvers`, see `weighted_bases`; `key` for the randomized one).
+def centre_models(folds: np.ndarray, seed: int) -> np.ndarray:
+    """`int[N]`: for each model, the model that centres it when it is held out: always from
+    another fold (so it is a training model, left out of that fold's basis), and every model
+    centres exactly one other.
+
+    Why one model each: a held-out model centred by the mean of the models its basis was fitted
+    on carries minus that mean, which lies in their span and is captured (for populations of
+    low-rank models, about `1/T` of the energy above a random subspace's capture with T training
+    models); and a mean shared by the fold's held-out models makes their captures correlated.
+    `W_i - W_c` with `c` outside the basis is independent of the basis, so with no shared
+    subspace its expected capture is exactly a random subspace's; and since signal and noise
+    both double, the expected fractions are those of `W_i - mean`. As every model enters two
+    differences (its own and the one it centres), the verdict counts the captures' spread twice
+    (`spectra._verdict.holdout_criteria`).
+    """
+    rng = np.random.default_rng([seed, 1])
+    # Models in fold order (shuffled within folds), each centred by the one a largest fold
+    # further on: never in its own fold, and a permutation.
+    order = np.lexsort((rng.random(len(folds)), folds))
+    shift = int(np.bincount(folds).max())
+    centre = np.empty(len(folds), int)
+    centre[order] = order[(np.arange(len(folds)) + shift) % len(folds)]
+    # Only possible with a fold of more than half the models (two unequal folds): those take
+    # a model of another fold that already centres one.
+    for i in np.flatnonzero(folds[centre] == folds):
+        centre[i] = rng.choice(np.flatnonzero(folds != folds[i]))
+    return centre
+
+
+@functools.partial(jax.jit, static_argnames=("by_mean",))
+def held_captures(x, held, centre, ref, train, u, v, *, by_mean: bool = True):
+    """Captured energies of the held-out models under the bases `u` (`f32[m, k]`), `v`
+    (`f32[n, k]`).
 
     Args:
-        x: `dtype[N_pad, m, n]` sharded over models.
-        train: `f32[N_pad]` 1 for training models (sharded like x).
-        ref: `f32[m, n]` the reference of the uncentred update (base or zeros).
-        mesh: the mesh.
-        kmax: the largest k.
+        x: `dtype[N_pad, m, n]`, the layer (sharded over models).
+        held: `int[p]`, the held-out models; centre: `int[p]`, the model centring each
+            (`centre_models`; unused when `by_mean` is False).
+        ref: `f32[m, n]`, the reference of the uncentred update (base or zeros), and the centre
+            when `by_mean` is False (spectra with `center='none'` / 'base').
+        train: `f32[N_pad]`, 1 for the fold's training models (the mean-only baseline's mean).
 
     Returns:
-        `(two_sided f32[N_pad, kmax], rows f32[N_pad, kmax], cols f32[N_pad, kmax],
-        centred f32[N_pad], raw f32[N_pad])`: cumulative captured energies and the energies of
-        `W - mu` and `W - ref`.
+        `(two_sided f32[p, k], rows f32[p, k], cols f32[p, k], centred f32[p], resid f32[p],
+        raw f32[p])`: cumulative captured energies of the centred held-out models, and the
+        energies of the centred models, of `W - mu_train` and of `W - ref`.
     """
+    w = jnp.take(x, held, axis=0).astype(jnp.float32)
+    d = w - (jnp.take(x, centre, axis=0).astype(jnp.float32) if by_mean else ref)
+    xv = jnp.einsum("imn,nk->imk", d, v, precision=HIGHEST)  # D_i V
+    core = jnp.einsum("mk,iml->ikl", u, xv, precision=HIGHEST) ** 2  # (U^T D_i V)^2
+    two = jnp.diagonal(jnp.cumsum(jnp.cumsum(core, axis=1), axis=2), axis1=1, axis2=2)
+    cols = jnp.cumsum(jnp.sum(xv * xv, axis=1), axis=-1)
+    ux = jnp.einsum("imn,mk->ink", d, u, precision=HIGHEST)  # D_i^T U
+    rows = jnp.cumsum(jnp.sum(ux * ux, axis=1), axis=-1)
+    mu = jnp.einsum("i,imn->mn", train, x.astype(jnp.float32), precision=HIGHEST) / jnp.sum(train)
+    resid = jnp.sum((w - mu) ** 2, axis=(1, 2))
+    raw = jnp.sum((w - ref) ** 2, axis=(1, 2))
+    return two, rows, cols, jnp.sum(d * d, axis=(1, 2)), resid, raw
 
-    def body(xb, tb, rb, kb):
-        xf = xb.astype(jnp.float32)
-        xc, u, v = weighted_bases(xf, tb, kmax=kmax, solvers=solvers, key=kb, iterations=iterations)
-        xv = kernels.stack_times(xc, v)  # f32[N/d, m, k]: X_i V
-        core = jnp.einsum("mk,iml->ikl", u, xv, precision=HIGHEST) ** 2  # (U^T X_i V)^2
-        two = jnp.cumsum(jnp.cumsum(core, axis=1), axis=2)
-        two = jnp.diagonal(two, axis1=1, axis2=2)
-        cols_one = jnp.cumsum(jnp.sum(xv * xv, axis=1), axis=-1)
-        ux = kernels.stack_t_times(xc, u)  # f32[N/d, n, k]: (U^T X_i)^T
-        rows_one = jnp.cumsum(jnp.sum(ux * ux, axis=1), axis=-1)
-        centred = jnp.sum(xc * xc, axis=(1, 2))
-        raw = jnp.sum((xf - rb) ** 2, axis=(1, 2))
-        return two, rows_one, cols_one, centred, raw
 
-    return jax.shard_map(
-        body,
-        mesh=mesh,
-        in_specs=(P(MODELS), P(MODELS), P(), P()),
-        out_specs=P(MODELS),
-        check_vma=False,
-    )(x, train, ref, _solver_key(key, solvers))
+MIN_MODELS = 4
+"""The fewest models a holdout judges from: leave-one-out then fits each basis on three models
+(two independent directions once centred) and has four held-out captures to bootstrap."""
+
+
+def fold_scheme(n_models: int, holdout: str | int) -> tuple[str | int, str | None]:
+    """The scheme that runs, and why it is not the one asked for: K-fold with more folds than
+    models falls back to leave-one-out."""
+    if holdout != "loo" and int(holdout) > n_models:
+        return "loo", (
+            f"{holdout}-fold asked with {n_models} models: leave-one-out ({n_models} folds) instead"
+        )
+    return holdout, None
 
 
 def fold_assignment(n_models: int, holdout: str | int, seed: int) -> np.ndarray:
@@ -191,6 +273,12 @@ def fold_assignment(n_models: int, holdout: str | int, seed: int) -> np.ndarray:
     return folds
 
 
+def _smallest_basis(n_models: int, folds: np.ndarray, center: str) -> int:
+    """The fewest models any fold's basis is fitted on (the centring models are left out)."""
+    largest = max(np.bincount(folds))
+    return n_models - 2 * largest if center == "mean" else n_models - largest
+
+
 def holdout_control(
     x: jax.Array,
     n_models: int,
@@ -199,60 +287,89 @@ def holdout_control(
     holdout: str | int,
     seed: int,
     ref: jax.Array | None = None,
+    center: str = "mean",
     solvers=EXACT,
     key: jax.Array | None = None,
     iterations: int = 4,
 ) -> dict:
     """The holdout record of one layer (dense stack; LoRA callers pass materialised updates).
 
-    Each fold's bases come from the plan's `solvers` (`(rows, cols)`, 'exact' or 'randomized';
-    `key` seeds the randomized one, folded with the fold index), so a long side is never
-    formed as a `side x side` matrix.
+    Per fold: the bases of the training models (less one centring model per held-out model,
+    see `centre_models`) from the plan's `solvers` (`(rows, cols)`, 'exact' or 'randomized';
+    `key` seeds the randomized one, folded with the fold index), so a long side is never formed
+    as a `side x side` matrix; then each held-out model's captures (`held_captures`). With
+    `center` 'none' / 'base' the models are centred by `ref` (zeros / the base), as the spectra
+    were, and every training model fits the basis.
     """
     n_pad, m, n = x.shape
+    holdout, note = fold_scheme(n_models, holdout)
     folds = fold_assignment(n_models, holdout, seed)
     n_folds = int(folds.max()) + 1
-    smallest_train = n_models - max(np.bincount(folds))
-    kmax = max(1, min(64, m, n, smallest_train - 1 if smallest_train > 1 else 1))
+    by_mean = center == "mean"
+    smallest = _smallest_basis(n_models, folds, center)
+    kmax = max(1, min(64, m, n, smallest - 1 if by_mean else smallest))
     ref = jnp.zeros((m, n), jnp.float32) if ref is None else jnp.asarray(ref, jnp.float32)
-    two = np.zeros((n_models, kmax))
-    rows = np.zeros((n_models, kmax))
-    cols = np.zeros((n_models, kmax))
-    centred = np.zeros(n_models)
-    raw = np.zeros(n_models)
+    out = [np.zeros((n_models, kmax)) for _ in range(3)] + [np.zeros(n_models) for _ in range(3)]
+    sharded = stacked_sharding(mesh)
+    centres = centre_models(folds, seed)
+
+    def weights(chosen):
+        w = np.zeros(n_pad, np.float32)
+        w[:n_models] = chosen
+        return jax.device_put(w, sharded)
+
     for f in range(n_folds):
-        train = np.zeros(n_pad, np.float32)
-        train[:n_models] = folds != f
-        out = fold_capture(
+        held = folds == f
+        centre = centres[held] if by_mean else np.flatnonzero(held)
+        basis = ~held
+        basis[centre] = basis[centre] & (not by_mean)
+        u, v = masked_bases(
             x,
-            jax.device_put(train, stacked_sharding(mesh)),
-            ref,
+            weights(basis),
             None if key is None else jax.random.fold_in(key, f),
+            None if by_mean else ref,
             mesh=mesh,
             kmax=kmax,
             solvers=tuple(solvers),
             iterations=iterations,
         )
-        t, r, c, ce, ra = (host_array(o).astype(np.float64)[:n_models] for o in out)
-        held = folds == f
-        two[held], rows[held], cols[held] = t[held], r[held], c[held]
-        centred[held], raw[held] = ce[held], ra[held]
+        found = held_captures(
+            x,
+            jnp.asarray(np.flatnonzero(held)),
+            jnp.asarray(centre),
+            ref,
+            weights(~held),
+            u,
+            v,
+            by_mean=by_mean,
+        )
+        for j, o in enumerate(found):
+            out[j][held] = host_array(o).astype(np.float64)
     return _record(
-        two, rows, cols, centred, raw, m=m, n=n, kmax=kmax, folds=n_folds, holdout=holdout
+        *out,
+        m=m,
+        n=n,
+        kmax=kmax,
+        folds=n_folds,
+        holdout=holdout,
+        center=center,
+        note=note,
     )
 
 
-def _record(two, rows, cols, centred, raw, *, m, n, kmax, folds, holdout) -> dict:
+def _record(
+    two, rows, cols, centred, resid, raw, *, m, n, kmax, folds, holdout, center, note
+) -> dict:
     """The holdout record from every model's held-out captured energies (cumulative in k)."""
     safe = np.maximum(centred, 1e-30)[:, None]
     two_f, rows_f, cols_f = two / safe, rows / safe, cols / safe
-    mean_only = 1.0 - centred / np.maximum(raw, 1e-30)
-    with_basis = mean_only[:, None] + (1.0 - mean_only[:, None]) * two_f
+    mean_only = 1.0 - resid.sum() / max(raw.sum(), 1e-30)
     ks = [k for k in EXCESS_KS if k <= kmax]
     idx = [k - 1 for k in ks]
-    return {
+    record = {
         "folds": folds,
         "scheme": "loo" if holdout == "loo" else f"{folds}-fold",
+        "center": center,
         "ks": ks,
         "two_sided": two_f[:, idx].mean(0).tolist(),
         "rows_one_sided": rows_f[:, idx].mean(0).tolist(),
@@ -262,10 +379,19 @@ def _record(two, rows, cols, centred, raw, *, m, n, kmax, folds, holdout) -> dic
             "rows_one_sided": [k / m for k in ks],
             "cols_one_sided": [k / n for k in ks],
         },
-        "mean_only": float(mean_only.mean()),
-        "mean_plus_basis": with_basis[:, idx].mean(0).tolist(),
+        "mean_only": float(mean_only),
         "per_model_two_sided": two_f[:, idx].tolist(),
+        "per_model_rows_one_sided": rows_f[:, idx].tolist(),
+        "per_model_cols_one_sided": cols_f[:, idx].tolist(),
     }
+    if center == "mean":
+        # The mean plus the basis: the fraction of `W - ref` that `mu + U U^T X V V^T` explains.
+        per_model = 1.0 - resid / np.maximum(raw, 1e-30)
+        with_basis = per_model[:, None] + (1.0 - per_model[:, None]) * two_f
+        record["mean_plus_basis"] = with_basis[:, idx].mean(0).tolist()
+    if note:
+        record["note"] = note
+    return record
 
 
 def _one_sided(c, x, w, n_train):
@@ -329,6 +455,52 @@ def lora_fold_capture(a, b, scales, train, u, v, *, mesh: Mesh, n_train: int):
     )(a, b, scales, train, u, v)
 
 
+def _held_factors(a, b, scales, held, centre, *, mesh: Mesh):
+    """The factors `(A f32[p_pad, r', n], B f32[p_pad, m, r'], scales f32[p_pad])` of the held-out
+    updates `held` (`int[p]`), each less the update of its centring model (`centre`, or None for
+    none; then `r' = r`, else `2r`), padded to the mesh and sharded over models."""
+    sharded = stacked_sharding(mesh)
+    size = mesh.devices.size
+    p = len(held)
+    pad = -(-p // size) * size - p
+    take = np.concatenate([held, np.full(pad, held[0])])
+    ah, bh = jnp.take(a, take, axis=0), jnp.take(b, take, axis=0)
+    sh = jnp.take(scales, take, axis=0) * jnp.asarray(np.r_[np.ones(p), np.zeros(pad)], jnp.float32)
+    if centre is None:
+        return tuple(jax.device_put(t, sharded) for t in (ah, bh, sh))
+    back = np.concatenate([centre, np.full(pad, centre[0])])
+    ac, bc = jnp.take(a, back, axis=0), jnp.take(b, back, axis=0)
+    sc = jnp.take(scales, back, axis=0)
+    pa = jnp.concatenate([ah.astype(jnp.float32), ac.astype(jnp.float32)], axis=1)
+    pb = jnp.concatenate(
+        [
+            bh.astype(jnp.float32) * sh[:, None, None],
+            -bc.astype(jnp.float32) * sc[:, None, None] * (sh != 0)[:, None, None],
+        ],
+        axis=2,
+    )
+    ones = (sh != 0).astype(jnp.float32)
+    return tuple(jax.device_put(t, sharded) for t in (pa, pb, ones))
+
+
+@jax.jit
+def _factor_energies(a, b, scales):
+    """`f32[N]`: `||s_i B_i A_i||_F^2 = s_i^2 <B_i^T B_i, A_i A_i^T>` from the factors."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    gb = jnp.einsum("imr,ims->irs", b, b, precision=HIGHEST)
+    ga = jnp.einsum("irn,isn->irs", a, a, precision=HIGHEST)
+    return scales**2 * jnp.sum(gb * ga, axis=(1, 2))
+
+
+def _energy_about(gram: np.ndarray, held: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """`||W_i - mu_S||^2` for the models `held`, with `mu_S` the mean of the models `chosen`,
+    from the mean-centred models Gram `gram` (`f64[N, N]`)."""
+    count = chosen.sum()
+    cross = gram[np.ix_(held, chosen)].sum(1)
+    inside = gram[np.ix_(chosen, chosen)].sum()
+    return np.diag(gram)[held] - 2.0 / count * cross + inside / count**2
+
+
 def lora_holdout_control(
     factors,
     n_models: int,
@@ -340,6 +512,7 @@ def lora_holdout_control(
     energies: np.ndarray,
     key: jax.Array,
     iterations: int = 4,
+    center: str = "mean",
 ) -> dict:
     """The holdout record of a LoRA layer from its factors (`holdout_control` without forming
     the updates): per fold, the training models' top-k rows / cols eigenvectors by the randomized
@@ -354,44 +527,72 @@ def lora_holdout_control(
             held-out model's energy about the training mean is taken from it.
         energies: `f64[N]`, `||dW_i||^2` (the mean-only baseline's uncentred energies).
         key: PRNG key of the randomized solver.
+        center: the spectra's centring: 'mean' centres on the training mean; 'none' / 'base'
+            take the updates as they are (LoRA updates are already relative to their base).
     """
     a, b, scales = factors
     m, n = b.shape[1], a.shape[2]
     n_pad = a.shape[0]
+    holdout, note = fold_scheme(n_models, holdout)
     folds = fold_assignment(n_models, holdout, seed)
     n_folds = int(folds.max()) + 1
-    smallest_train = n_models - max(np.bincount(folds))
-    kmax = max(1, min(64, m // 2, n // 2, smallest_train - 1 if smallest_train > 1 else 1))
+    by_mean = center == "mean"
+    smallest = _smallest_basis(n_models, folds, center)
+    kmax = max(1, min(64, m // 2, n // 2, smallest - 1 if by_mean else smallest))
     sharded = stacked_sharding(mesh)
+    energies = np.asarray(energies, np.float64)
     two = np.zeros((n_models, kmax))
     rows = np.zeros((n_models, kmax))
     cols = np.zeros((n_models, kmax))
-    centred = np.zeros(n_models)
+    centred = energies.copy()
+    resid = np.zeros(n_models)
+    centres = centre_models(folds, seed)
+
+    def weights(chosen):
+        w = np.zeros(n_pad, np.float32)
+        w[:n_models] = chosen
+        return jax.device_put(w, sharded)
+
     for f in range(n_folds):
         held = folds == f
-        n_train = int(n_models - held.sum())
-        train = np.zeros(n_pad, np.float32)
-        train[:n_models] = ~held
-        train = jax.device_put(train, sharded)
+        index = np.flatnonzero(held)
+        centre = centres[held] if by_mean else None
+        basis = ~held
+        if by_mean:
+            basis[centre] = False
         key, sub = jax.random.split(key)
         bases = lora_bases(
-            factors, train, n_train, mesh=mesh, key=sub, k=kmax, iterations=iterations
+            factors,
+            weights(basis),
+            int(basis.sum()),
+            mesh=mesh,
+            key=sub,
+            k=kmax,
+            iterations=iterations,
+            center="mean" if by_mean else "none",
         )
-        out = lora_fold_capture(a, b, scales, train, *bases, mesh=mesh, n_train=n_train)
-        t, r, c = (host_array(o).astype(np.float64)[:n_models] for o in out)
-        two[held], rows[held], cols[held] = t[held], r[held], c[held]
-        # ||W_i - mu_train||^2 with mu_train - mu = -(1/T) sum_{h held} (W_h - mu).
-        inside = models_gram[np.ix_(held, held)]
-        centred[held] = np.diag(inside) + 2.0 / n_train * inside.sum(1) + inside.sum() / n_train**2
+        # The held-out updates, each less its centring model's, as factors of rank 2r:
+        # s_h B_h A_h - s_c B_c A_c = [s_h B_h, -s_c B_c] [A_h; A_c].
+        pa, pb, ps = _held_factors(a, b, scales, index, centre, mesh=mesh)
+        count = len(index)
+        out = lora_fold_capture(pa, pb, ps, jnp.zeros_like(ps), *bases, mesh=mesh, n_train=1)
+        t, r, c = (host_array(o).astype(np.float64)[:count] for o in out)
+        two[held], rows[held], cols[held] = t, r, c
+        if by_mean:
+            centred[held] = host_array(_factor_energies(pa, pb, ps)).astype(np.float64)[:count]
+        resid[held] = _energy_about(models_gram, held, ~held)
     return _record(
         two,
         np.maximum(rows, 0.0),
         np.maximum(cols, 0.0),
         centred,
-        np.asarray(energies, np.float64),
+        resid,
+        energies,
         m=m,
         n=n,
         kmax=kmax,
         folds=n_folds,
         holdout=holdout,
+        center=center,
+        note=note,
     )
