@@ -87,6 +87,12 @@ def verdict_rows(result: dict) -> list[dict]:
             row[f"{side}_split_half"] = half.get("passed")
         nulls = [c for c in verdict.get("criteria", []) if c["name"] == "null"]
         row["beyond_null"] = any(c["passed"] for c in nulls) if nulls else None
+        # The first mode's k_at(0.9) and null excess at k = 1 (rows, or the LoRA A factors).
+        mode = next((m for m in ("rows", "lora_A", "cols", "models") if m in layer["modes"]), None)
+        null = ((layer.get("null") or {}).get(mode) or {}) if mode else {}
+        row["mode"] = mode
+        row["k90"] = layer["modes"][mode]["k_at"]["0.9"] if mode else None
+        row["excess_k1"] = (null.get("excess") or {}).get("1")
         mean_only = _criterion(verdict, "mean_only")
         row["mean_only"] = mean_only["value"] if mean_only else None
         rows.append(row)

@@ -126,34 +126,6 @@ def test_lineage_finds_identical_and_near_identical_models():
     np.testing.assert_allclose(np.diag(rec["cosine"]), 1.0)
 
 
-def test_verdict_reads_every_control():
-    def record(excess_gap, gain, mean_only, shared=0.0):
-        cev = [0.3 + excess_gap, 0.6 + excess_gap, 0.9]
-        return {
-            "modes": {"rows": {"cev": cev}},
-            "null": {"rows": {"cev_mean": [0.3, 0.6, 0.9], "cev_std": [0.001] * 3}},
-            "holdout": {
-                "ks": [1, 2],
-                "two_sided": [0.1, 0.2 + gain],
-                "random": {"two_sided": [0.1, 0.2]},
-                "mean_only": mean_only,
-            },
-            "lineage": {
-                "cosine": [[1]] * 10,
-                "identical_groups": [[f"m{i}" for i in range(int(shared * 10))]] if shared else [],
-            },
-        }
-
-    assert spectra.verdict(record(0.2, 0.3, 0.0))["label"] == "structure beyond the null"
-    assert spectra.verdict(record(0.0, 0.0, 0.1))["label"] == "indistinguishable from noise"
-    assert spectra.verdict(record(0.0, 0.0, 0.9))["label"] == "explained by the mean"
-    assert spectra.verdict(record(0.2, 0.0, 0.9))["label"] == "explained by the mean"
-    assert (
-        spectra.verdict(record(0.2, 0.3, 0.0, shared=0.5))["label"]
-        == "explained by shared initialisation"
-    )
-
-
 def test_average_linkage_matches_scipy():
     from scipy.cluster.hierarchy import linkage
     from scipy.spatial.distance import squareform
