@@ -245,7 +245,8 @@ def main(argv):
     tables = {name: report.verdict_rows(res) for name, res in analyses.items()}
     lines = []
     for name, res in analyses.items():
-        lines += [f"\n{name}", report.verdict_table(res)]
+        lines += [f"\n{name}", report.verdict_table(res, legend=False)]
+    lines += ["", report.LEGEND]
     lines.append("\nfunction (test accuracy on each model's own task; trained zoo)")
     lines.append(f"  {'k':>4}{'seen':>8}{'held-out':>10}")
     for k, s, h in zip(function["ks"], function["seen"], function["held_out"]):

@@ -4,6 +4,7 @@ A leaf: it reads result dicts and writes files; it computes nothing and runs not
 loop is `jsubspace.run`).
 """
 
+from jsubspace.report._outputs import LEGEND
 from jsubspace.report._outputs import layer_family
 from jsubspace.report._outputs import verdict_rows
 from jsubspace.report._outputs import verdict_table
@@ -15,6 +16,7 @@ from jsubspace.report._plan import middle_ellipsis
 from jsubspace.report._plan import plan_table
 
 __all__ = [
+    "LEGEND",
     "layer_family",
     "middle_ellipsis",
     "plan_table",

@@ -114,8 +114,9 @@ LEGEND = "\n".join(
 )
 
 
-def verdict_table(result: dict, *, width: int = 40) -> str:
-    """`verdict_rows` as a fixed-width text table for the terminal, with a legend and the
+def verdict_table(result: dict, *, width: int = 40, legend: bool = True) -> str:
+    """`verdict_rows` as a fixed-width text table for the terminal, with a legend (unless
+    `legend` is False: a caller printing several tables prints `LEGEND` once) and the
     population's conclusion."""
 
     def num(v, w):
@@ -140,7 +141,8 @@ def verdict_table(result: dict, *, width: int = 40) -> str:
             f"{side(r, 'cols'):<22} {null[r['beyond_null']]:^4} {num(r['mean_only'], 9)}  "
             f"{r['verdict']}"
         )
-    lines += ["", LEGEND]
+    if legend:
+        lines += ["", LEGEND]
     if result.get("conclusion"):
         lines += ["", f"conclusion: {result['conclusion']}"]
     return "\n".join(lines)

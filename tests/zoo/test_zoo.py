@@ -232,6 +232,7 @@ def test_cnn_and_vit_zoos_train_and_analyse(tmp_path, arch):
         str(tmp_path / "o"),
         null_draws=1,
         holdout=None,
+        split_half=False,  # two models: spectra only
         num_devices=2,
         quiet=True,
         plots=False,
