@@ -301,8 +301,8 @@ def reproducible_layers(result: dict) -> list[dict]:
 DENSE_CASES = {
     "noise": "indistinguishable from noise",
     "shared_both": "shared subspace (rows and cols)",
-    "shared_cols": "shared input subspace (cols); outputs model-specific",
-    "shared_rows": "shared output subspace (rows); inputs model-specific",
+    "shared_cols": "shared cols subspace; rows model-specific",
+    "shared_rows": "shared rows subspace; cols model-specific",
     "shared_05": "shared subspace (rows and cols)",
     "shared_10": "shared subspace (rows and cols)",
     "shared_20": "shared subspace (rows and cols)",
@@ -312,7 +312,7 @@ DENSE_CASES = {
     "duplicates": "explained by shared initialisation",
 }
 LORA_CASES = {
-    "lora_shared_rowspace": "shared input subspace (cols); outputs model-specific",
+    "lora_shared_rowspace": "shared cols subspace; rows model-specific",
     "lora_half_shared_init": "explained by shared initialisation",
 }
 

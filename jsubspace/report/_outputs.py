@@ -76,7 +76,11 @@ def verdict_rows(result: dict) -> list[dict]:
     rows = []
     for layer in result["layers"]:
         verdict = layer.get("verdict") or {}
-        row = {"layer": layer["name"], "verdict": verdict.get("label")}
+        label = verdict.get("label")
+        if len(verdict.get("shared", [])) == 1:  # name the shared side's role
+            side = verdict["shared"][0]
+            label = f"{label} ({side}: {verdict['roles'][side]} side)"
+        row = {"layer": layer["name"], "verdict": label}
         for side in ("rows", "cols"):
             held = _criterion(verdict, "holdout", side) or {}
             half = _criterion(verdict, "split_half", side) or {}

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 import statistics
 
 import numpy as np
@@ -71,8 +72,8 @@ class Label(enum.StrEnum):
     """The verdict labels. The value is the text written to `spectra.json` and the report."""
 
     SHARED = "shared subspace (rows and cols)"
-    SHARED_COLS = "shared input subspace (cols); outputs model-specific"
-    SHARED_ROWS = "shared output subspace (rows); inputs model-specific"
+    SHARED_COLS = "shared cols subspace; rows model-specific"
+    SHARED_ROWS = "shared rows subspace; cols model-specific"
     MEAN = "explained by the mean"
     SHARED_INIT = "explained by shared initialisation"
     SCALE = "one matrix at different scales"
@@ -87,8 +88,10 @@ SHARED_LABELS = (Label.SHARED, Label.SHARED_COLS, Label.SHARED_ROWS)
 MEANINGS = {
     Label.SHARED: "held-out models are captured on both sides by a basis fitted without them, "
     "and two random halves find the same directions",
-    Label.SHARED_COLS: "the input side (cols) is shared across models; the output side is not",
-    Label.SHARED_ROWS: "the output side (rows) is shared across models; the input side is not",
+    Label.SHARED_COLS: "one side (cols: the input side of a torch Linear or LoRA update) is "
+    "shared across models; the other is not",
+    Label.SHARED_ROWS: "one side (rows: the output side of a torch Linear or LoRA update, the "
+    "input side of a flax kernel) is shared across models; the other is not",
     Label.MEAN: "the population mean carries most of each model; what is left is not shared",
     Label.SHARED_INIT: "many models hold identical tensors (copies, or LoRA A left at one "
     "initialisation): any subspace they show is inherited, not learned",
@@ -141,6 +144,7 @@ class Verdict:
         label: the decision.
         reason: one sentence naming what decided it.
         shared: the sides judged shared (`('rows', 'cols')`, `('cols',)`, ...).
+        roles: which side is the layer's input and which its output (`side_roles`).
         criteria: every statistic read, with reference, interval and pass / fail.
         missing: the controls that did not run or could not, each with why and the flag.
         notes: what else the user should know (fallbacks, disagreements, the mean's share).
@@ -150,6 +154,7 @@ class Verdict:
     label: Label
     reason: str
     shared: tuple[str, ...] = ()
+    roles: dict[str, str] = dataclasses.field(default_factory=dict)
     criteria: tuple[Criterion, ...] = ()
     missing: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
@@ -160,6 +165,7 @@ class Verdict:
             "label": self.label.value,
             "reason": self.reason,
             "shared": list(self.shared),
+            "roles": dict(self.roles),
             "criteria": [c.to_json() for c in self.criteria],
             "missing": list(self.missing),
             "notes": list(self.notes),
@@ -213,6 +219,22 @@ def _excess(c: Criterion) -> float:
 _KS = (1, 2, 4, 8, 16, 32, 64)
 
 _SIDES = {"rows": "rows_one_sided", "cols": "cols_one_sided", "both": "two_sided"}
+
+# Which side of a layer's matrix is its input and which its output, by the tensor's name (the
+# first rule that matches); torch Linear weights and PEFT LoRA updates are `(out, in)`.
+SIDE_ROLES = (
+    (r"(^|[._/])kernel$", ("input", "output")),  # flax / TF kernels: (in, out)
+    (r"(^|\.)(c_attn|c_proj|c_fc)\.weight$", ("input", "output")),  # GPT-2's Conv1D: (in, out)
+    (r"embed|(^|\.)(wte|wpe)\.", ("input", "output")),  # embeddings: (vocabulary, hidden)
+)
+
+
+def side_roles(name: str) -> dict[str, str]:
+    """`{"rows": "input" | "output", "cols": ...}` of a layer, from its name (`SIDE_ROLES`)."""
+    for pattern, (rows, cols) in SIDE_ROLES:
+        if re.search(pattern, name):
+            return {"rows": rows, "cols": cols}
+    return {"rows": "output", "cols": "input"}
 
 
 def holdout_criteria(record: dict, *, alpha: float = ALPHA, seed: int = 0) -> list[Criterion]:
@@ -412,8 +434,12 @@ def verdict(
             )
         )
 
+    roles = side_roles(record.get("name", ""))
+
     def card(label: Label, reason: str, shared=()) -> Verdict:
-        return Verdict(label, reason, tuple(shared), tuple(criteria), tuple(missing), tuple(notes))
+        return Verdict(
+            label, reason, tuple(shared), roles, tuple(criteria), tuple(missing), tuple(notes)
+        )
 
     def passed(name: str, side: str | None = None) -> bool | None:
         found = [
@@ -475,7 +501,8 @@ def verdict(
             else (Label.SHARED_COLS if sides == ["cols"] else Label.SHARED_ROWS)
         )
         evidence = ", ".join(
-            f"{c.side} held-out capture {c.value:.3f} vs random {c.reference:.3f} at k={c.k}"
+            f"{c.side} ({roles[c.side]} side) held-out capture {c.value:.3f} vs random "
+            f"{c.reference:.3f} at k={c.k}"
             for c in held
             if c.side in sides
         )

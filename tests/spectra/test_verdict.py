@@ -221,3 +221,18 @@ def test_each_model_centres_one_model_of_another_fold(n_models, holdout):
     assert np.all(folds[centre] != folds)  # never from the held-out model's own fold
     if np.bincount(folds).max() * 2 <= n_models:
         assert sorted(centre) == list(range(n_models))  # a permutation: each centres one
+
+
+@pytest.mark.parametrize(
+    ("name", "rows"),
+    [
+        ("model.layers.0.self_attn.q_proj", "output"),  # a PEFT LoRA update (out, in)
+        ("encoder.layer.0.attention.self.query.weight", "output"),  # torch Linear
+        ("Dense_0.kernel", "input"),  # flax (in, out)
+        ("transformer.h.0.attn.c_attn.weight", "input"),  # GPT-2 Conv1D (in, out)
+        ("embeddings.word_embeddings.weight", "input"),  # (vocabulary, hidden)
+    ],
+)
+def test_sides_are_named_input_or_output_by_layout(name, rows):
+    roles = _verdict.side_roles(name)
+    assert roles["rows"] == rows and {roles["rows"], roles["cols"]} == {"input", "output"}
