@@ -409,6 +409,7 @@ jsubspace {html.escape(str(manifest["jsubspace"]))}, jax {html.escape(manifest["
 <p>Each layer's label and every criterion it read: the statistic, what it would be without the
 effect (a random subspace, the null's mean), its interval at the test's level and the bound it
 must pass. A layer's claims hold at a family-wise false-positive rate of 5%.</p>
+<p style="white-space: pre-line"><small>{html.escape(LEGEND)}</small></p>
 {cards}
 <h2>Plots</h2>
 {"".join(figures)}

@@ -236,3 +236,16 @@ def test_each_model_centres_one_model_of_another_fold(n_models, holdout):
 def test_sides_are_named_input_or_output_by_layout(name, rows):
     roles = _verdict.side_roles(name)
     assert roles["rows"] == rows and {roles["rows"], roles["cols"]} == {"input", "output"}
+
+
+def test_report_and_table_carry_the_cards_and_the_conclusion(tmp_path):
+    from jsubspace.report import verdict_table
+
+    models = _population(tmp_path / "pop", "shared_cols", 12)
+    result = jsubspace.analyze([models], str(tmp_path / "out"), quiet=True)
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert f"Conclusion: {result['conclusion']}" in page
+    assert "<details><summary><code>w.weight</code>: <b>shared cols subspace" in page
+    assert "held-out capture against a random k-subspace" in page  # the card's rows
+    table = verdict_table(result)
+    assert "(cols: input side)" in table and f"conclusion: {result['conclusion']}" in table
