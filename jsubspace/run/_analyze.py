@@ -282,7 +282,7 @@ def _analyze_layers(run: Prepared, rundir, todo, records, encoded, base_refs, pr
                     "restart every process to resume"
                 ) from None
             raise
-        rec = plain(rec)
+        rec = plain(rec.to_json())
         # Encoded once: the layer file and spectra.json reuse the same text.
         encoded[i] = compact_json(rec)
         rundir.write_layer(i, rec, encoded[i])

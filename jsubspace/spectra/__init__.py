@@ -24,6 +24,8 @@ from jsubspace.spectra._plan import layer_models
 from jsubspace.spectra._plan import measure_rates
 from jsubspace.spectra._plan import plan_layer
 from jsubspace.spectra._plan import plan_total
+from jsubspace.spectra._record import LayerRecord
+from jsubspace.spectra._record import ModeRecord
 from jsubspace.spectra._summary import TAUS
 from jsubspace.spectra._summary import cev
 from jsubspace.spectra._summary import effective_rank
@@ -46,8 +48,10 @@ __all__ = [
     "Criterion",
     "Label",
     "LayerPlan",
+    "LayerRecord",
     "LayerSpectra",
     "MachineRates",
+    "ModeRecord",
     "ModeResult",
     "SpectraConfig",
     "Verdict",

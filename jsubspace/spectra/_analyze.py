@@ -29,23 +29,25 @@ from jsubspace.spectra._plan import COMPARE_K
 from jsubspace.spectra._plan import LayerPlan
 from jsubspace.spectra._plan import basis_solvers
 from jsubspace.spectra._plan import plan_layer
+from jsubspace.spectra._record import LayerRecord
+from jsubspace.spectra._record import ModeRecord
 from jsubspace.spectra._summary import summarize
 from jsubspace.spectra._verdict import HOLDOUT_MODELS
 from jsubspace.spectra._verdict import scale_fraction
 from jsubspace.spectra._verdict import verdict
 
 
-def _mode_record(result: _layer.ModeResult, energy: float) -> dict:
+def _mode_record(result: _layer.ModeResult, energy: float) -> ModeRecord:
     own = result.total_energy if result.total_energy is not None else energy
-    rec = summarize(result.eigenvalues, own)
-    rec.update(method=result.method, side=result.side)
-    if result.total_energy is not None:
-        rec["total_energy"] = result.total_energy
-    if result.flops is not None:
-        rec["estimated_flops"] = result.flops
-    if result.residual is not None:
-        rec.update(residual=result.residual, iterations=result.iterations)
-    return rec
+    return ModeRecord(
+        **summarize(result.eigenvalues, own),
+        method=result.method,
+        side=result.side,
+        total_energy=result.total_energy,
+        estimated_flops=result.flops,
+        residual=result.residual,
+        iterations=result.iterations if result.residual is not None else None,
+    )
 
 
 def analyze_layer(
@@ -61,8 +63,9 @@ def analyze_layer(
     other=None,
     release: bool = False,
     plan: LayerPlan | None = None,
-) -> dict:
-    """Spectra and controls of one layer, as the JSON record of `spectra.json`.
+) -> LayerRecord:
+    """Spectra and controls of one layer, as a typed record (`LayerRecord.to_json` gives the
+    layer's entry in `spectra.json`).
 
     Every step follows the layer's `plan` (`spectra.plan_layer`; made here from the shapes when
     not given): the spectra's route and solvers, the null on the same route, the bases of the
@@ -92,31 +95,30 @@ def analyze_layer(
         lineage=control_config.lineage,
         plan=plan,
     )
-    record = {
-        "name": layer.name,
-        "kind": layer.kind,
-        "shape": list(layer.shape),
-        "dtype": str(np.dtype(layer.dtype)),
-        "center": spectra_config.center,
-        "total_energy": spectra.total_energy,
-        "modes": {m: _mode_record(r, spectra.total_energy) for m, r in spectra.modes.items()},
-    }
+    record = LayerRecord(
+        name=layer.name,
+        kind=layer.kind,
+        shape=list(layer.shape),
+        dtype=str(np.dtype(layer.dtype)),
+        center=spectra_config.center,
+        total_energy=spectra.total_energy,
+        modes={m: _mode_record(r, spectra.total_energy) for m, r in spectra.modes.items()},
+        plan=plan.to_json(),
+    )
     if isinstance(placed, PlacedLora):
-        record["rank"] = layer.rank
-        record["lora"] = spectra_config.lora
+        record.rank = layer.rank
+        record.lora = spectra_config.lora
     if spectra_config.normalize != "none":
-        record["normalize"] = spectra_config.normalize
+        record.normalize = spectra_config.normalize
     uncentred_norms = np.diag(spectra.uncentred) if spectra.uncentred is not None else None
     if spectra.uncentred is not None:
         # Per-model Frobenius norms (before any normalisation), and how much of the variation
         # is along the mean: models that differ only by scale put all of it there.
         norms = np.sqrt(np.clip(uncentred_norms, 0.0, None))
-        record["scale"] = {
+        record.scale = {
             "norms": (norms * scales if scales is not None else norms).tolist(),
             "along_mean": scale_fraction(spectra.uncentred),
         }
-    record["null"] = None  # Filled last, after every control that reads the layer itself.
-    record["plan"] = plan.to_json()
     clock.lap("spectra")
     x = dense_stack(placed, plan)
 
@@ -130,7 +132,7 @@ def analyze_layer(
     if x is None:
         # A LoRA layer too large to materialise: its controls come from the factors.
         factors = _control_factors(placed, spectra, spectra_config, mesh=mesh)
-        record["holdout"] = _run_lora_holdout(
+        record.holdout = _run_lora_holdout(
             placed,
             factors,
             spectra,
@@ -140,9 +142,9 @@ def analyze_layer(
             key=jax.random.fold_in(key, 2),
         )
         clock.lap("holdout")
-        record["compare"] = {}
+        record.compare = {}
         if control_config.split_half:
-            record["compare"]["split_half"] = _compare.lora_split_half_compare(
+            record.compare["split_half"] = _compare.lora_split_half_compare(
                 factors,
                 placed.n_models,
                 mesh=mesh,
@@ -153,7 +155,7 @@ def analyze_layer(
             )
         del factors
     else:
-        record["holdout"] = _run_holdout(
+        record.holdout = _run_holdout(
             x,
             placed.n_models,
             mesh=mesh,
@@ -164,9 +166,9 @@ def analyze_layer(
             **bases("holdout"),
         )
         clock.lap("holdout")
-        record["compare"] = {}
+        record.compare = {}
         if control_config.split_half:
-            record["compare"]["split_half"] = _compare.split_half_compare(
+            record.compare["split_half"] = _compare.split_half_compare(
                 x,
                 placed.n_models,
                 mesh=mesh,
@@ -198,7 +200,7 @@ def analyze_layer(
                 key=jax.random.fold_in(key, 4),
                 iterations=spectra_config.iterations,
             )
-        record["compare"]["other"] = found
+        record.compare["other"] = found
         del y
     del x
     clock.lap("compare")
@@ -209,7 +211,7 @@ def analyze_layer(
         else:
             factor_prints = host_array(_lineage.fingerprints(placed.a, mesh=mesh))
             factor_prints = factor_prints[: placed.n_models]
-        record["lineage"] = _lineage.lineage_record(
+        record.lineage = _lineage.lineage_record(
             spectra.uncentred,
             names,
             prints=prints,
@@ -225,7 +227,7 @@ def analyze_layer(
         # So does the dense null (a float32 stack and its centred copy): the real stack, read
         # by every control above, is not needed past this point (its shape still is).
         placed.x.delete()
-    record["null"] = _null.null_control(
+    record.null = _null.null_control(
         placed,
         spectra,
         mesh=mesh,
@@ -237,9 +239,9 @@ def analyze_layer(
         plan=plan,
     )
     clock.lap("null")
-    record["seconds"] = clock.laps
-    record["verdict"] = verdict(
-        record,
+    record.seconds = clock.laps
+    record.verdict = verdict(
+        record.to_json(),
         n_models=placed.n_models,
         shared_fraction=control_config.shared_fraction,
         controls={
@@ -248,7 +250,7 @@ def analyze_layer(
             "split_half": control_config.split_half,
             "lineage": control_config.lineage,
         },
-    ).to_json()
+    )
     return record
 
 
@@ -294,7 +296,7 @@ def normalized(placed, base, *, mesh, release: bool = False):
 
 
 class _Clock:
-    """Wall seconds of each part of a layer's analysis (`record["seconds"]`), beside the plan's
+    """Wall seconds of each part of a layer's analysis (`record.seconds`), beside the plan's
     estimate: where the time of a layer went. Parts end where their results reach the host."""
 
     def __init__(self):

@@ -110,7 +110,7 @@ def test_analyze_layer_takes_the_controls_from_the_factors_for_layers_too_large_
             control_config=spectra.ControlConfig(null_draws=0, holdout=4, split_half=split_half),
             key=jax.random.key(0),
             other=(other_layer, io.place_layer(other_layer, mesh)),
-        )
+        ).to_json()
 
     materialised = record()
     monkeypatch.setattr(_plan, "MATERIALISE_LIMIT", 0)

@@ -187,12 +187,14 @@ def test_every_consumer_follows_the_plan(tmp_path):
     )
     # The real stack is freed before the null draws its own (memory: one stack at a time).
     assert placed.x.is_deleted()
-    assert record["plan"] == plan.to_json()
-    assert record["modes"]["rows"]["method"] == "randomized"
-    assert record["modes"]["cols"]["method"] == "exact"
-    assert len(record["null"]["rows"]["cev_mean"]) == 8  # the null took the same solver
-    assert set(record["seconds"]) == {"spectra", "holdout", "compare", "lineage", "null"}
-    assert record["holdout"]["two_sided"][0] > 10 * record["holdout"]["random"]["two_sided"][0]
+    assert record.plan == plan.to_json()
+    assert record.modes["rows"].method == "randomized"
+    assert record.modes["cols"].method == "exact"
+    assert len(record.null["rows"]["cev_mean"]) == 8  # the null took the same solver
+    assert set(record.seconds) == {"spectra", "holdout", "compare", "lineage", "null"}
+    assert record.holdout["two_sided"][0] > 10 * record.holdout["random"]["two_sided"][0]
+    # The typed record becomes the spectra.json entry only at the edge.
+    assert record.to_json()["verdict"]["label"] == record.verdict.label.value
 
 
 def test_budget_refusal_comes_from_the_plan(tmp_path):

@@ -215,7 +215,7 @@ def test_analyze_layer_releases_side_space_factors_before_the_null(tmp_path, rel
         control_config=spectra.ControlConfig(null_draws=2, holdout=None),
         key=jax.random.key(0),
         release=release,
-    )
+    ).to_json()
     assert placed.a.is_deleted() == placed.b.is_deleted() == release
     assert record["null"]["draws"] == 2 and record["lineage"]["lora_A"]["fraction_shared"] > 0
     assert list(record).index("null") < list(record).index("holdout")  # its place in the file
