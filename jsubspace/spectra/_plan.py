@@ -38,6 +38,10 @@ Route = Literal["dense", "lora-factor", "lora-side"]
 Solver = Literal["exact", "exact-dual", "randomized", "factored"]
 # LoRA controls materialise the updates only below this many bytes (N_pad * m * n * 4).
 MATERIALISE_LIMIT = 256 * 2**20
+HOLDOUT_MODELS = 4
+"""The fewest models a holdout runs on: each fold's basis then comes from at least two models,
+and one more model centres each held-out one."""
+
 # Basis sizes the controls fit: holdout up to 64 directions, split-half and compare 16.
 HOLDOUT_KMAX = 64
 COMPARE_K = 16
@@ -199,18 +203,22 @@ def control_plan(n_models: int, m: int, n: int, controls, *, factored: bool, con
     source = "factors" if factored else "stack"
     if controls.holdout is None:
         out["holdout"] = {"off": True}
-    elif controls.holdout != "loo" and n_models < max(3, int(controls.holdout)):
+    elif n_models < HOLDOUT_MODELS:
         out["holdout"] = {
-            "skipped": f"{n_models} models are too few for {controls.holdout}-fold holdout"
+            "skipped": f"{n_models} models are too few for a holdout (it needs {HOLDOUT_MODELS})"
         }
     else:
-        folds = n_models if controls.holdout == "loo" else int(controls.holdout)
+        # K-fold with more folds than models runs leave-one-out (`_holdout.fold_scheme`).
+        folds = n_models if controls.holdout == "loo" else min(int(controls.holdout), n_models)
         largest = -(-n_models // folds)
-        train = n_models - largest
+        # Mean-centred: each held-out model's centring model leaves the basis too.
+        by_mean = config.center == "mean"
+        train = n_models - (2 if by_mean else 1) * largest
         cap = (m // 2, n // 2) if factored else (m, n)
-        kmax = max(1, min(HOLDOUT_KMAX, *cap, train - 1 if train > 1 else 1))
+        kmax = max(1, min(HOLDOUT_KMAX, *cap, train - 1 if by_mean else train))
         out["holdout"] = {
             "folds": folds,
+            "largest": largest,
             "kmax": kmax,
             "from": source,
             "bases": bases(train, kmax),
@@ -386,12 +394,13 @@ def _lora_working_set(layer, n_pad: int, config: SpectraConfig) -> int:
     return int(factors * (2 * itemsize + 3 * 4) + 4 * 6 * (n_pad * r) ** 2 + krylov)
 
 
-def _basis_flops(n_models, m, n, k, bases, config) -> tuple[float, float]:
-    """`(gemm, eigh)` flops of fitting rows / cols bases of N stacked `m x n` models."""
+def _basis_flops(n_models, m, n, k, bases, config, *, removed=None) -> tuple[float, float]:
+    """`(gemm, eigh)` flops of fitting rows / cols bases of N stacked `m x n` models (exact
+    sides downdated from the population's matrix by `removed` models, when given)."""
     gemm = eigh = 0.0
     for mode, side in (("rows", m), ("cols", n)):
         if bases[mode] == "exact":
-            gemm += 2.0 * n_models * m * n * side
+            gemm += 2.0 * (n_models if removed is None else removed) * m * n * side
             eigh += 9.0 * side**3
         else:
             block = (config.iterations + 1) * (k + 10)
@@ -448,13 +457,24 @@ def estimated_flops(kind, n_models, m, n, rank, config, solvers, controls, *, ro
         stack = n_models * m * n
         if kind != "dense" and holdout["from"] == "stack":
             gemm += 2.0 * stack * rank  # the materialised updates
+        # Mean-centred exact sides: the population's matrix once, then a downdate per fold by
+        # the held-out and centring models (`_holdout.downdated_basis`).
+        removed = None
+        if config.center == "mean" and holdout["from"] == "stack":
+            removed = 2 * holdout.get("largest", 1)
+            for mode, side in (("rows", m), ("cols", n)):
+                if holdout["bases"][mode] == "exact":
+                    gemm += 2.0 * stack * side
+        held = holdout.get("largest", 1) * m * n
         for _ in range(holdout["folds"]):
             if holdout["from"] == "factors":
                 g = 2 * (config.iterations + 1) * 4.0 * size * (holdout["kmax"] + 10)
                 gemm += g + 4.0 * size * holdout["kmax"]
                 continue
-            g, e = _basis_flops(n_models, m, n, holdout["kmax"], holdout["bases"], config)
-            gemm += g + 6.0 * stack * holdout["kmax"]
+            g, e = _basis_flops(
+                n_models, m, n, holdout["kmax"], holdout["bases"], config, removed=removed
+            )
+            gemm += g + 6.0 * held * holdout["kmax"]
             eigh += e
     half = controls["split_half"]
     if "bases" in half:

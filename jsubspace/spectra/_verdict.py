@@ -56,10 +56,6 @@ SCALE_DOMINATES = 0.9
 """The fraction of the centred energy along the mean direction from which models are one
 matrix at different scales."""
 
-HOLDOUT_MODELS = 4
-"""The fewest models the holdout runs on: each fold's basis then comes from at least two
-models, and one more model centres the held-out ones."""
-
 MIN_MODELS = 6
 """The fewest models from which a layer is judged. The split halves of fewer models find one
 direction each once centred, and the overlap of two lines in a shared r-dimensional subspace is
