@@ -26,13 +26,13 @@ from jsubspace.spectra import _layer
 from jsubspace.spectra import _lineage
 from jsubspace.spectra import _null
 from jsubspace.spectra._plan import COMPARE_K
+from jsubspace.spectra._plan import HOLDOUT_MODELS
 from jsubspace.spectra._plan import LayerPlan
 from jsubspace.spectra._plan import basis_solvers
 from jsubspace.spectra._plan import plan_layer
 from jsubspace.spectra._record import LayerRecord
 from jsubspace.spectra._record import ModeRecord
 from jsubspace.spectra._summary import summarize
-from jsubspace.spectra._verdict import HOLDOUT_MODELS
 from jsubspace.spectra._verdict import scale_fraction
 from jsubspace.spectra._verdict import verdict
 

@@ -54,8 +54,12 @@ def _population(tmp_path, case, n_models, shape=(32, 24)):
     return str(tmp_path)
 
 
-def test_two_models_are_refused_unless_only_spectra_are_asked_for(tmp_path):
-    models = _population(tmp_path / "pop", "shared_both", 2)
+SHAPES = [(32, 24), (16, 40)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_two_models_are_refused_unless_only_spectra_are_asked_for(tmp_path, shape):
+    models = _population(tmp_path / "pop", "shared_both", 2, shape)
     with pytest.raises(
         PopulationError, match="2 models are too few.*--holdout=none --nosplit_half"
     ):
@@ -71,9 +75,10 @@ def test_two_models_are_refused_unless_only_spectra_are_asked_for(tmp_path):
     assert result["layers"][0]["verdict"]["label"] == Label.TOO_FEW.value
 
 
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("n_models", [3, 4])
-def test_too_few_models_to_judge_says_which_control_could_not_run(tmp_path, n_models):
-    models = _population(tmp_path / "pop", "shared_both", n_models)
+def test_too_few_models_to_judge_says_which_control_could_not_run(tmp_path, n_models, shape):
+    models = _population(tmp_path / "pop", "shared_both", n_models, shape)
     result = jsubspace.analyze([models], str(tmp_path / "out"), quiet=True, plots=False)
     layer = result["layers"][0]
     verdict = layer["verdict"]
