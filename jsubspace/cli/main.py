@@ -308,14 +308,100 @@ def _errors_as_messages(main):
     return wrapped
 
 
+# What each command does, and the flags it reads (in the order its help lists them). The
+# analysis flags come from the typed configuration (`jsubspace.config`).
+_ANALYSIS = [holder.name for holder in _CONFIG.values()]
+_RUNTIME = ["compilation_cache", "num_cpu_devices"]
+_HOSTS = ["coordinator_address", "num_processes", "process_id"]
+HELP = {
+    "analyze": (
+        "Mode-wise spectra of a population beside their controls (null, holdout, split half, "
+        "lineage), a verdict card per layer, and a conclusion; writes --out/spectra.json, "
+        "layers.csv, plots and report.html, resumable.",
+        ["models", "out", *_ANALYSIS, "overwrite", "plots", "quiet", "dry_run", *_RUNTIME, *_HOSTS],
+    ),
+    "plan": (
+        "Per layer: the route, the solvers of each mode and control, the memory and the "
+        "estimated time, from headers only (nothing is computed).",
+        ["models", *_ANALYSIS, "json", *_RUNTIME],
+    ),
+    "demo": (
+        "Writes a population with planted truth (safetensors models and PEFT adapters) and "
+        "analyses it, printing the planted truth beside each verdict.",
+        ["out", *_ANALYSIS, "plots", "quiet", *_RUNTIME],
+    ),
+    "compress": (
+        "Fits a per-layer basis and per-model coefficients: a subspace store in --out.",
+        ["models", "out", "k", "tau", "budget_bytes", "kmax", "include", "exclude", *_RUNTIME],
+    ),
+    "reconstruct": (
+        "Rebuilds models (safetensors) or adapters (PEFT) from a subspace store.",
+        ["store", "out", "model", "k", "lora_rank", *_RUNTIME],
+    ),
+    "merge": (
+        "Merges task models fine-tuned from one base (mean, task arithmetic, TIES, DARE, "
+        "subspace) into one safetensors file.",
+        [
+            "models",
+            "base",
+            "out",
+            "merge_method",
+            "weights",
+            "density",
+            "lambda",
+            "seed",
+            "store",
+            "include",
+            "exclude",
+            *_RUNTIME,
+        ],
+    ),
+}
+
+
+def command_help(command: str) -> str:
+    """`jsubspace COMMAND --help`: what the command does and each of its flags."""
+    import textwrap
+
+    what, names = HELP[command]
+    lines = [f"usage: jsubspace {command} --flag=value ...", "", textwrap.fill(what, 78), ""]
+    for name in names:
+        flag = flags.FLAGS[name]
+        choices = getattr(flag.parser, "enum_values", None)
+        text = flag.help
+        if choices:  # absl puts the choices in front of the help; they are on the flag's line
+            text = text.removeprefix(f"<{'|'.join(choices)}>: ")
+        spelled = f"--[no]{name}" if flag.boolean else f"--{name}"
+        if choices:
+            spelled += f"={'|'.join(choices)}"
+        default = (flag.default_as_str or "none").strip("'")
+        lines.append(f"  {spelled}  (default: {default})")
+        lines += textwrap.wrap(text, 74, initial_indent="      ", subsequent_indent="      ")
+    lines += ["", "jsubspace --help lists the commands."]
+    return "\n".join(lines)
+
+
 def run() -> None:
     """Entry point: `jsubspace COMMAND --flags`."""
     argv = sys.argv
-    if len(argv) < 2 or argv[1] not in COMMANDS:
-        print(__doc__, file=sys.stderr)
-        print(f"commands: {', '.join(COMMANDS)}", file=sys.stderr)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(__doc__)
+        print(f"commands: {', '.join(COMMANDS)}; `jsubspace COMMAND --help` for one")
+        sys.exit(0 if len(argv) >= 2 else 2)
+    if argv[1] not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(argv[1], COMMANDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(
+            f"jsubspace: error: unknown command {argv[1]!r}{hint}; commands: {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         sys.exit(2)
     command = argv[1]
+    if any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[2:]):
+        print(command_help(command))
+        sys.exit(0)
     if any(a.startswith("--coordinator_address") for a in argv) and not os.environ.get(_SUPERVISED):
         sys.exit(_supervise(argv))
     main = {

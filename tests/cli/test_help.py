@@ -1,0 +1,43 @@
+"""Per-command help, and a misspelt command named as such."""
+
+import subprocess
+import sys
+
+import pytest
+
+from jsubspace.cli import main
+
+
+@pytest.mark.parametrize("command", main.COMMANDS)
+def test_each_command_lists_its_own_flags(command):
+    text = main.command_help(command)
+    assert text.startswith(f"usage: jsubspace {command}")
+    listed = [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
+    names = [flag.split("=")[0].replace("[no]", "").lstrip("-") for flag in listed]
+    assert names == main.HELP[command][1]  # each flag once, in the table's order
+    assert "coordinator_address" not in names or command == "analyze"
+
+
+def test_help_names_choices_and_defaults():
+    analyze = main.command_help("analyze")
+    assert "--normalize=none|fro  (default: none)" in analyze
+    assert "--[no]split_half  (default: true)" in analyze
+    compress = main.command_help("compress")
+    assert "--exclude" in compress and "--null_draws" not in compress
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "jsubspace.cli.main", *args], capture_output=True, text=True
+    )
+
+
+def test_help_exits_zero_and_a_misspelt_command_is_named():
+    done = _cli("analyze", "--help")
+    assert done.returncode == 0 and done.stdout.startswith("usage: jsubspace analyze")
+    assert "--holdout" in done.stdout and "--json" not in done.stdout
+    top = _cli("--help")
+    assert top.returncode == 0 and "commands: analyze" in top.stdout
+    wrong = _cli("analyse")
+    assert wrong.returncode == 2
+    assert "unknown command 'analyse' (did you mean 'analyze'?)" in wrong.stderr
