@@ -304,6 +304,14 @@ def _errors_as_messages(main):
         except JsubspaceError as e:
             print(f"jsubspace: error: {e}", file=sys.stderr)
             sys.exit(2)
+        except app.UsageError as e:
+            # One style for every error, instead of absl's usage text (the module docstring).
+            command = argv[0].split()[-1]
+            print(
+                f"jsubspace: error: {e} (`jsubspace {command} --help` lists the flags)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
 
     return wrapped
 

@@ -41,3 +41,19 @@ def test_help_exits_zero_and_a_misspelt_command_is_named():
     wrong = _cli("analyse")
     assert wrong.returncode == 2
     assert "unknown command 'analyse' (did you mean 'analyze'?)" in wrong.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["analyze"], "analyze needs --models and --out"),
+        (["analyze", "--models=x", "--out=y", "--modes=row"], "modes must be a non-empty subset"),
+        (["analyze", "--models=x", "--out=y", "--holdout=abc"], "holdout must be 'loo'"),
+        (["analyze", "--models=/nonexistent", "--out=y"], "/nonexistent: no such file"),
+    ],
+)
+def test_every_error_is_one_line_in_one_style(args, message):
+    done = _cli(*args)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jsubspace: error: ") and message in lines[0]
