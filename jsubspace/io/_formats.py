@@ -381,6 +381,26 @@ def load_npz(path: str) -> Model:
     return Model(os.path.splitext(os.path.basename(path))[0], path, "npz", tensors)
 
 
+_NOT_MODELS = ("optimizer", "scheduler", "rng_state", "training_args", "trainer_state")
+
+
+def pickled_model(path: str) -> bool:
+    """A model only in a pickle format (`*.bin`, `*.pt`, ...; or a directory holding
+    `pytorch_model.bin` and no safetensors weights), which is never loaded."""
+    if os.path.isfile(path):
+        # Training state that sits beside models (optimizer.pt, rng_state.pth, ...) is no model.
+        return path.endswith(PICKLE_SUFFIXES) and not os.path.basename(path).startswith(_NOT_MODELS)
+    if not os.path.isdir(path) or model_kind(path) is not None:
+        return False
+    if any(f.endswith(".safetensors") for f in os.listdir(path)):
+        return False  # a directory of models, among them perhaps a pickled one
+    return any(
+        os.path.isfile(os.path.join(path, stem + suffix))
+        for stem in ("pytorch_model", "model")
+        for suffix in PICKLE_SUFFIXES
+    ) or os.path.isfile(os.path.join(path, "pytorch_model.bin.index.json"))
+
+
 def model_kind(path: str) -> str | None:
     """The format of `path` if it is a model, else None (a directory of models, say)."""
     if os.path.isfile(path):
@@ -423,7 +443,7 @@ def load_model(path: str) -> Model:
         return load_orbax(path)
     if kind == "npz":
         return load_npz(path)
-    if os.path.isfile(path) and path.endswith(PICKLE_SUFFIXES):
+    if pickled_model(path):
         raise CheckpointError(
             path,
             "pickle-based checkpoints are never loaded (they can run code). Convert to "

@@ -146,9 +146,24 @@ def resolve_sources(sources: str | Sequence[str]) -> list[str]:
         if _formats.model_kind(source) is not None:
             paths.append(source)
             continue
+        if _formats.pickled_model(source):
+            _formats.load_model(source)  # raises, with the conversion hint
         if os.path.isdir(source):
             children = sorted(os.path.join(source, c) for c in os.listdir(source))
             found = [c for c in children if _formats.model_kind(c) is not None]
+            pickled = [c for c in children if _formats.pickled_model(c)]
+            if pickled:
+                # Never dropped in silence: N would shrink with no word.
+                if len(pickled) == 1 and not found:
+                    _formats.load_model(pickled[0])  # raises, with the conversion hint
+                names = ", ".join(os.path.basename(p) for p in pickled[:3])
+                more = f" and {len(pickled) - 3} more" if len(pickled) > 3 else ""
+                raise CheckpointError(
+                    source,
+                    f"{len(pickled)} model(s) here are pickles ({names}{more}), which are never "
+                    "loaded (they can run code): convert them to safetensors (torch.load with "
+                    "weights_only=True, then safetensors.torch.save_file), or move them out",
+                )
             if not found:
                 raise CheckpointError(
                     source, "directory is no known model format and holds no models"

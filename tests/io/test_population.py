@@ -318,3 +318,24 @@ def test_progress_is_reported_while_reading_headers(tmp_path):
     seen = []
     io.open_population(str(tmp_path), progress=lambda done, total: seen.append((done, total)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_a_pickled_model_among_safetensors_ones_is_named_not_skipped(tmp_path):
+    w = np.ones((3, 2), np.float32)
+    for i in range(3):
+        save_file({"w": w * i}, str(tmp_path / f"m{i}.safetensors"))
+    (tmp_path / "optimizer.pt").write_bytes(b"training state, not a model")
+    assert len(io.open_population([str(tmp_path)]).models) == 3
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    with pytest.raises(CheckpointError, match=r"1 model\(s\) here are pickles \(pytorch_model"):
+        io.open_population([str(tmp_path)])
+
+
+def test_a_directory_holding_only_pytorch_model_bin_gets_the_conversion_hint(tmp_path):
+    model = tmp_path / "bert"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    for source in (model, tmp_path):  # the model directory, or a directory of models
+        with pytest.raises(CheckpointError, match="safetensors.torch.save_file"):
+            io.open_population([str(source)])
