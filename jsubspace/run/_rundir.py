@@ -25,6 +25,26 @@ from jsubspace.io._atomic import atomic_write_text
 FINAL_FILES = ("spectra.json", "layers.csv", "report.html", "manifest.json")
 
 
+
+
+def _refuse_foreign(out: str) -> None:
+    """Refuses an `out` that exists, is not empty and holds nothing jsubspace writes: a run
+    (and `--overwrite`, which clears a previous run) must never write into unrelated files."""
+    try:
+        entries = set(os.listdir(out))
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise OutputError(f"{out}: exists and is not a directory; choose another --out") from None
+    except OSError as e:
+        raise OutputError(f"{out}: cannot read the output directory: {e}") from None
+    if entries and not entries & {"run.json", "layers", "spectra.json"}:
+        shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+        raise OutputError(
+            f"{out}: not empty ({shown}) and not a jsubspace run; choose a new or empty --out"
+        )
+
+
 class RunDirectory:
     """Context manager over `out/` for one run (every process enters it; process 0 writes)."""
 
@@ -38,6 +58,7 @@ class RunDirectory:
         self._lock = None
 
     def __enter__(self) -> RunDirectory:
+        _refuse_foreign(self.out)
         try:
             os.makedirs(self.layers_dir, exist_ok=True)
         except OSError as e:
