@@ -191,12 +191,20 @@ def _compress(argv):
             exclude=_CONFIG["exclude"].value,
             progress=_fitting,
         )
+    from jsubspace.report import middle_ellipsis
+
     acc = store.accounting()
     print(f"{'layer':<40} {'k':>4} {'captured':>9} {'original':>12} {'store':>10} {'ratio':>7}")
     for name, e in acc["layers"].items():
         print(
-            f"{name[-40:]:<40} {e['k']:>4} {e['captured']:>9.4f} {e['original_bytes']:>12} "
-            f"{e['total']:>10} {e['ratio']:>7.2f}"
+            f"{middle_ellipsis(name, 40):<40} {e['k']:>4} {e['captured']:>9.4f} "
+            f"{e['original_bytes']:>12} {e['total']:>10} {e['ratio']:>7.2f}"
+        )
+    short = [e for e in store.manifest["layers"] if e.get("tau_reached") is False]
+    for e in short:
+        print(
+            f"note: {e['name']}: its largest basis (k = {e['k']}, the layer's limit) captures "
+            f"{e['captured']:.4f}, below --tau={_TAU.value}; kept at k = {e['k']}"
         )
     print(
         f"{'total':<40} {'':>4} {acc['captured']:>9.4f} {acc['original_bytes']:>12} "

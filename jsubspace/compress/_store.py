@@ -192,12 +192,16 @@ def fit_store(
         for f in fitted:
             frac = f.captured / max(f.energy, 1e-300)
             hit = np.nonzero(frac >= tau - 1e-9)[0]
-            if not len(hit):
+            largest = len(f.captured) - 1
+            if not len(hit) and largest >= kmax:
                 raise StoreError(
-                    f"layer {f.layer.name!r}: k = {len(f.captured) - 1} captures only "
-                    f"{frac[-1]:.4f} of the energy, below tau = {tau}; raise kmax"
+                    f"layer {f.layer.name!r}: k = {largest} captures only {frac[-1]:.4f} of the "
+                    f"energy, below tau = {tau}; raise --kmax (now {kmax})"
                 )
-            ks.append(int(hit[0]))
+            # Past the layer's own limit (its shorter side, or the models' ranks) no basis of
+            # this form reaches tau: the largest one is kept, and the store says so
+            # (`tau_reached` false in its layer entry).
+            ks.append(int(hit[0]) if len(hit) else largest)
     else:
         ks = _choose_budget(fitted, n, budget_bytes, centred)
     return _write(
@@ -241,6 +245,11 @@ def _write(out, population, fitted, ks, center, choice) -> SubspaceStore:
                 "kmax": len(f.captured) - 1,
                 "total_energy": f.energy,
                 "captured": float(f.captured[kk] / max(f.energy, 1e-300)),
+                "tau_reached": (
+                    None
+                    if choice.get("tau") is None
+                    else bool(f.captured[kk] / max(f.energy, 1e-300) >= choice["tau"] - 1e-9)
+                ),
                 "original_bytes": int(original),
                 "bytes": sizes,
                 "ratio": original / max(sizes["total"], 1),

@@ -25,8 +25,6 @@ from jsubspace.io._atomic import atomic_write_text
 FINAL_FILES = ("spectra.json", "layers.csv", "report.html", "manifest.json")
 
 
-
-
 def _refuse_foreign(out: str) -> None:
     """Refuses an `out` that exists, is not empty and holds nothing jsubspace writes: a run
     (and `--overwrite`, which clears a previous run) must never write into unrelated files."""

@@ -55,6 +55,16 @@ def test_reconstruction_error_is_one_minus_captured_energy(tmp_path, k):
         assert error == pytest.approx(1 - entry["captured"], abs=2e-5)
 
 
+def test_tau_past_a_layer_s_limit_keeps_its_largest_basis_and_says_so(tmp_path):
+    # A two-sided basis of a 12 x 20 layer has at most 12 directions: tau = 0.999999 cannot be
+    # met there, whatever kmax; the store keeps k = 12 and records that tau was not reached.
+    _dense_population(tmp_path / "pop")
+    store = fit_store(str(tmp_path / "pop"), str(tmp_path / "s"), tau=0.999999)
+    short = [e for e in store.layers.values() if e["tau_reached"] is False]
+    assert short and all(e["k"] == min(e["shape"]) and e["captured"] < 0.999999 for e in short)
+    assert all(e["captured"] >= 0.999999 - 1e-9 for e in store.layers.values() if e["tau_reached"])
+
+
 def test_tau_is_met_on_every_layer_and_budget_never_exceeded(tmp_path):
     _dense_population(tmp_path / "pop")
     for tau in (0.5, 0.9, 0.95):
@@ -141,7 +151,7 @@ def test_project_a_new_model_and_bad_inputs(tmp_path):
         store.reconstruct("m0", "nope.weight")
     with pytest.raises(StoreError, match="exactly one of"):
         fit_store(str(tmp_path / "pop"), str(tmp_path / "x"), k=2, tau=0.5)
-    with pytest.raises(StoreError, match="raise kmax"):
+    with pytest.raises(StoreError, match="raise --kmax"):
         fit_store(str(tmp_path / "pop"), str(tmp_path / "x"), tau=0.999999, kmax=2)
     with pytest.raises(StoreError, match="not a readable store"):
         SubspaceStore(str(tmp_path / "pop"))
