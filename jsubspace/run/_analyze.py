@@ -197,7 +197,8 @@ def analyze(
             compare_to: a second population; layers of the same name and shape get principal
                 angles between the two populations' bases (`compare.other`).
             num_devices: devices of the `models` mesh (all by default).
-            memory_budget: bytes one layer's analysis may use (default: half the host RAM on
+            memory_budget: bytes one layer's analysis may use (the command line's
+                `--memory_budget` is in GiB; default: half the host RAM on
                 CPU, 80% of device memory on accelerators); larger layers are refused before
                 any read. With `lora_space='auto'`, a LoRA layer whose factor-space matrices
                 would exceed it goes to side space where that fits.

@@ -114,6 +114,11 @@ def _run_main(tmp_path, extra):
     assert "function (test accuracy" in proc.stdout
     results = json.loads((out / "results.json").read_text())
     tables = results["tables"]
+    # The page a user opens first: HTML tables, each population's conclusion, its report.
+    page = (out / "index.html").read_text()
+    assert page.count("<table>") == len(tables) + 1  # one per population, and function
+    assert "share a subspace" in page or "no shared subspace" in page
+    assert "<pre>" not in page and "trained/report.html" in page
     # The random-init zoo is indistinguishable from the Gaussian null ...
     for row in tables["random_init"]:
         assert row["verdict"] == "indistinguishable from noise", row
