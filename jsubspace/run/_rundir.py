@@ -36,7 +36,7 @@ def _refuse_foreign(out: str) -> None:
         raise OutputError(f"{out}: exists and is not a directory; choose another --out") from None
     except OSError as e:
         raise OutputError(f"{out}: cannot read the output directory: {e}") from None
-    if entries and not entries & {"run.json", "layers", "spectra.json"}:
+    if entries and not entries & {"run.json", "layers", "spectra.json", ".lock", "manifest.json"}:
         shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
         raise OutputError(
             f"{out}: not empty ({shown}) and not a jsubspace run; choose a new or empty --out"
