@@ -308,6 +308,14 @@ def fold_assignment(n_models: int, holdout: str | int, seed: int) -> np.ndarray:
     return folds
 
 
+def model_weights(chosen: np.ndarray, n_pad: int, sharding) -> jax.Array:
+    """`f32[N_pad]` on the models' sharding: 1 for the `chosen` models (`bool[N]`), 0 for the
+    others and for padding."""
+    w = np.zeros(n_pad, np.float32)
+    w[: len(chosen)] = chosen
+    return jax.device_put(w, sharding)
+
+
 def _smallest_basis(n_models: int, folds: np.ndarray, center: str) -> int:
     """The fewest models any fold's basis is fitted on (the centring models are left out)."""
     largest = max(np.bincount(folds))
@@ -349,9 +357,7 @@ def holdout_control(
     centres = centre_models(folds, seed)
 
     def weights(chosen):
-        w = np.zeros(n_pad, np.float32)
-        w[:n_models] = chosen
-        return jax.device_put(w, sharded)
+        return model_weights(chosen, n_pad, sharded)
 
     # Exact sides of a mean-centred holdout: each fold's matrix is a downdate of the
     # population's (`downdated_basis`), instead of a pass over every model per fold.
@@ -607,9 +613,7 @@ def lora_holdout_control(
     centres = centre_models(folds, seed)
 
     def weights(chosen):
-        w = np.zeros(n_pad, np.float32)
-        w[:n_models] = chosen
-        return jax.device_put(w, sharded)
+        return model_weights(chosen, n_pad, sharded)
 
     for f in range(n_folds):
         held = folds == f
