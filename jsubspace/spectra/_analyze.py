@@ -265,6 +265,12 @@ def _centre(center: str, base, shape) -> jax.Array | None:
 
 
 @jax.jit
+def _update_energies(x, ref):
+    """`f32[N_pad]`: `||x_i - ref||^2`, fused (no float32 copy of the stack)."""
+    return jnp.sum((x.astype(jnp.float32) - ref) ** 2, axis=(1, 2))
+
+
+@jax.jit
 def _scaled_stack(x, ref, inverse):
     """`ref + (x_i - ref) / ||x_i - ref||`: each model's update about `ref` at unit norm."""
     return (ref + (x.astype(jnp.float32) - ref) * inverse[:, None, None]).astype(x.dtype)
@@ -285,9 +291,7 @@ def normalized(placed, base, *, mesh, release: bool = False):
         return PlacedLora(placed.a, placed.b, scales, placed.n_models), norms[: placed.n_models]
     ref = jnp.zeros(placed.x.shape[1:], jnp.float32) if base is None else jnp.asarray(base)
     ref = ref.astype(jnp.float32)
-    diff = placed.x.astype(jnp.float32) - ref
-    norms = np.sqrt(host_array(jnp.sum(diff * diff, axis=(1, 2))).astype(np.float64))
-    del diff
+    norms = np.sqrt(host_array(_update_energies(placed.x, ref)).astype(np.float64))
     inverse = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-30), 0.0).astype(np.float32)
     x = _scaled_stack(placed.x, ref, jax.device_put(inverse, stacked_sharding(mesh)))
     if release:

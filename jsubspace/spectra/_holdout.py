@@ -213,10 +213,10 @@ def downdated_basis(gram, x, removed, mu, count, *, mode: str, k: int):
     return jnp.linalg.eigh(gram - minus - count * outer)[1][:, ::-1][:, :k]
 
 
-@functools.partial(jax.jit, static_argnames=("n_models",))
-def _population_mean(x, *, n_models: int):
-    """`f32[m, n]`: the mean of the real models (padding rows of `x` are zeros)."""
-    return jnp.sum(x.astype(jnp.float32), axis=0) / n_models
+@jax.jit
+def _population_sum(x):
+    """`f32[m, n]`: the sum of the models (padding rows of `x` are zeros)."""
+    return jnp.sum(x.astype(jnp.float32), axis=0)
 
 
 def centre_models(folds: np.ndarray, seed: int) -> np.ndarray:
@@ -249,7 +249,7 @@ def centre_models(folds: np.ndarray, seed: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("by_mean",))
-def held_captures(x, held, centre, ref, train, u, v, *, by_mean: bool = True):
+def held_captures(x, held, centre, ref, total, n_models, u, v, *, by_mean: bool = True):
     """Captured energies of the held-out models under the bases `u` (`f32[m, k]`), `v`
     (`f32[n, k]`).
 
@@ -259,7 +259,9 @@ def held_captures(x, held, centre, ref, train, u, v, *, by_mean: bool = True):
             (`centre_models`; unused when `by_mean` is False).
         ref: `f32[m, n]`, the reference of the uncentred update (base or zeros), and the centre
             when `by_mean` is False (spectra with `center='none'` / 'base').
-        train: `f32[N_pad]`, 1 for the fold's training models (the mean-only baseline's mean).
+        total: `f32[m, n]`, the sum of every model, and n_models the true N: the fold's training
+            mean (the mean-only baseline's) is `(total - sum of the held-out) / (N - p)`, with
+            no pass over the stack per fold.
 
     Returns:
         `(two_sided f32[p, k], rows f32[p, k], cols f32[p, k], centred f32[p], resid f32[p],
@@ -274,7 +276,7 @@ def held_captures(x, held, centre, ref, train, u, v, *, by_mean: bool = True):
     cols = jnp.cumsum(jnp.sum(xv * xv, axis=1), axis=-1)
     ux = jnp.einsum("imn,mk->ink", d, u, precision=HIGHEST)  # D_i^T U
     rows = jnp.cumsum(jnp.sum(ux * ux, axis=1), axis=-1)
-    mu = jnp.einsum("i,imn->mn", train, x.astype(jnp.float32), precision=HIGHEST) / jnp.sum(train)
+    mu = (total - jnp.sum(w, axis=0)) / (n_models - w.shape[0])
     resid = jnp.sum((w - mu) ** 2, axis=(1, 2))
     raw = jnp.sum((w - ref) ** 2, axis=(1, 2))
     return two, rows, cols, jnp.sum(d * d, axis=(1, 2)), resid, raw
@@ -363,9 +365,10 @@ def holdout_control(
     # population's (`downdated_basis`), instead of a pass over every model per fold.
     exact = {mode for mode, solver in zip(("rows", "cols"), solvers) if solver == "exact"}
     downdate = by_mean and exact
+    total = _population_sum(x)
     if downdate:
         grams = kernels.mode_grams(x, mesh=mesh, n_models=n_models, modes=tuple(sorted(exact)))
-        mu = _population_mean(x, n_models=n_models)
+        mu = total / n_models
     skip = tuple(
         "skip" if downdate and mode in exact else solver
         for mode, solver in zip(("rows", "cols"), solvers)
@@ -402,7 +405,8 @@ def holdout_control(
             jnp.asarray(np.flatnonzero(held)),
             jnp.asarray(centre),
             ref,
-            weights(~held),
+            total,
+            float(n_models),
             u,
             v,
             by_mean=by_mean,

@@ -38,7 +38,6 @@ import re
 import statistics
 
 import numpy as np
-from scipy import stats
 
 ALPHA = 0.05
 """The false-positive rate of each label's claim on one layer (family-wise over its tests)."""
@@ -196,6 +195,8 @@ def null_criteria(record: dict, *, alpha: float = ALPHA) -> list[Criterion]:
             tests.append((mode, k, obs[k - 1], mean[k - 1], sd[k - 1]))
     if not tests:
         return []
+    from scipy import stats  # at use: importing scipy.stats costs `import jsubspace` ~0.3 s
+
     t = stats.t.ppf(1 - alpha / len(tests), draws - 1) * math.sqrt(1 + 1 / draws)
     best: dict[str, Criterion] = {}
     for mode, k, obs, mean, sd in tests:
@@ -260,6 +261,8 @@ def holdout_criteria(record: dict, *, alpha: float = ALPHA, seed: int = 0) -> li
     # Both widened by sqrt(2): each model enters two held-out differences (its own, and the one
     # it centres; `spectra._holdout.centre_models`), so the captures are pairwise correlated.
     centre = captures.mean(0)
+    from scipy import stats
+
     spread = stats.t.ppf(1 - level, n_models - 1) * captures.std(0, ddof=1) / math.sqrt(n_models)
     lower = centre - PAIRED * np.maximum(centre - np.quantile(means, level, axis=0), spread)
     upper = centre + PAIRED * np.maximum(np.quantile(means, 1 - level, axis=0) - centre, spread)
