@@ -20,11 +20,13 @@ from jsubspace.errors import OutputError
 from jsubspace.errors import PopulationError
 from jsubspace.errors import StoreError
 from jsubspace.io import open_population
+from jsubspace.run import AnalysisResult
 from jsubspace.run import analyze
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnalysisResult",
     "CheckpointError",
     "DistributedError",
     "Interrupted",

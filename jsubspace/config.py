@@ -49,6 +49,16 @@ def _holdout(value):
         ) from None
 
 
+def _mesh(value):
+    """`--mesh` text as the field: 'auto' -> None (every device), else a device count."""
+    if value in (None, "auto"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"mesh must be 'auto' or a device count, got {value!r}") from None
+
+
 Method = Literal["auto", "exact", "randomized"]
 LoraStatistic = Literal["delta", "factors"]
 LoraSpace = Literal["auto", "factor", "side"]
@@ -159,6 +169,16 @@ class ControlConfig:
         True, "bool", "Principal angles between the bases of two random halves (compare)."
     )
 
+    def __post_init__(self):
+        if self.null_draws < 0:
+            raise ValueError(
+                f"null_draws must be >= 0 (0 turns the null off), got {self.null_draws}"
+            )
+        if isinstance(self.holdout, int) and self.holdout < 2:
+            raise ValueError(f"holdout must be 'loo', 'none' or K >= 2 folds, got {self.holdout}")
+        if not 0 < self.shared_fraction <= 1:
+            raise ValueError(f"shared_fraction must be in (0, 1], got {self.shared_fraction}")
+
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
@@ -169,6 +189,8 @@ class RunConfig:
         base: the base model for `center='base'`.
         compare_to: a second population (sources) for the compare control.
         skip_mismatched: skip layers the models disagree on (listed in the output).
+        skip_unreadable: leave out models that cannot be read (pickles, corrupt files), listed
+            in the output, instead of stopping.
         num_devices: devices of the `models` mesh (None: all).
         memory_budget: bytes one layer's analysis may use (None: half the host RAM on CPU, 80%
             of device memory on accelerators).
@@ -181,13 +203,16 @@ class RunConfig:
         None, "list", "A second population: principal angles between the two bases."
     )
     skip_mismatched: bool = _field(False, "bool", "Skip layers that models disagree on.")
+    skip_unreadable: bool = _field(
+        False, "bool", "Leave out models that cannot be read (pickles, corrupt files), listed."
+    )
     num_devices: int | None = _field(
         None,
         "string",
         "Devices on the models axis: 'auto' or a count.",
         flag="mesh",
         flag_default="auto",
-        parse=lambda v: None if v in (None, "auto") else int(v),
+        parse=_mesh,
     )
     memory_budget: int | None = _field(
         None,
@@ -195,6 +220,12 @@ class RunConfig:
         "GiB one layer's analysis may use (default: half the RAM on CPU).",
         parse=lambda v: None if v is None else int(float(v) * 2**30),
     )
+
+    def __post_init__(self):
+        if self.num_devices is not None and self.num_devices < 1:
+            raise ValueError(f"mesh must be 'auto' or a count >= 1, got {self.num_devices}")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ValueError(f"memory_budget must be > 0 GiB, got {self.memory_budget / 2**30}")
 
 
 PARTS = {"spectra": SpectraConfig, "controls": ControlConfig, "run": RunConfig}

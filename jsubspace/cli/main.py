@@ -17,6 +17,7 @@ jsubspace merge --models=... --base=PATH --out=FILE [--merge_method=mean|task_ar
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -176,10 +177,27 @@ def _compress(argv):
 
     if not _MODELS.value or not _OUT.value:
         raise app.UsageError("compress needs --models and --out")
+    if _KMAX.value < 1:
+        raise app.UsageError(f"--kmax must be >= 1, got {_KMAX.value}")
+    if _BUDGET_BYTES.value is not None and _BUDGET_BYTES.value <= 0:
+        raise app.UsageError(f"--budget_bytes must be > 0, got {_BUDGET_BYTES.value}")
     _setup_jax()
     from jsubspace.run import interruptible
+    from jsubspace.run._progress import Progress
 
-    with interruptible(message=lambda: f"no store was written to {_OUT.value}"):
+    with (
+        interruptible(message=lambda: f"no store was written to {_OUT.value}"),
+        contextlib.ExitStack() as shown,
+    ):
+
+        def fitting(stream, total, population):
+            """Names each layer on stderr as its basis is fitted."""
+            progress = shown.enter_context(Progress(total, what="layers", verb="fitting"))
+            for item in stream:
+                progress.starting(item[0].name)
+                yield item
+                progress.finished()
+
         store = fit_store(
             _MODELS.value,
             _OUT.value,
@@ -189,7 +207,7 @@ def _compress(argv):
             kmax=_KMAX.value,
             include=_CONFIG["include"].value,
             exclude=_CONFIG["exclude"].value,
-            progress=_fitting,
+            progress=fitting,
         )
     from jsubspace.report import middle_ellipsis
 
@@ -213,32 +231,31 @@ def _compress(argv):
     print(f"\nwrote {_OUT.value}/store.safetensors and store.json")
 
 
-def _fitting(stream, total, population):
-    """Names each layer on stderr as its basis is fitted (compress)."""
-    import time
-
-    start = time.time()
-    for i, item in enumerate(stream):
-        line = f"fitting {i + 1}/{total} ({time.time() - start:.0f}s) {item[0].name}"
-        print(f"\r{line:<100.100}", end="", file=sys.stderr, flush=True)
-        yield item
-    print(f"\rfitted {total} layers in {time.time() - start:.0f}s{'':<60}", file=sys.stderr)
-
-
 def _reconstruct(argv):
     del argv
     from jsubspace.compress import SubspaceStore
-    from jsubspace.compress import export_all
     from jsubspace.compress import export_model
+    from jsubspace.run import interruptible
+    from jsubspace.run._progress import Progress
 
     if not _STORE.value or not _OUT.value:
         raise app.UsageError("reconstruct needs --store and --out")
+    if _K.value is not None and _K.value < 0:
+        raise app.UsageError(f"--k must be >= 0 (0: the centre alone), got {_K.value}")
+    if _LORA_RANK.value is not None and _LORA_RANK.value < 1:
+        raise app.UsageError(f"--lora_rank must be >= 1, got {_LORA_RANK.value}")
     store = SubspaceStore(_STORE.value)
     opts = dict(k=_K.value, rank=_LORA_RANK.value)
-    if _MODEL.value == "all":
-        paths = export_all(store, _OUT.value, **opts)
-    else:
-        paths = [export_model(store, _MODEL.value, _OUT.value, **opts)]
+    models = store.models if _MODEL.value == "all" else [_MODEL.value]
+    paths = []
+    with (
+        interruptible(message=lambda: f"{len(paths)} of {len(models)} models written"),
+        Progress(len(models), what="models", verb="rebuilding") as progress,
+    ):
+        for model in models:
+            progress.starting(model)
+            paths.append(export_model(store, model, _OUT.value, **opts))
+            progress.finished()
     for path in paths:
         print(path)
 
@@ -246,15 +263,17 @@ def _reconstruct(argv):
 def _merge(argv):
     del argv
     import jax
-    import numpy as np
 
     from jsubspace import io
     from jsubspace.compress import SubspaceStore
-    from jsubspace.compress import merge
+    from jsubspace.run import interruptible
+    from jsubspace.run._progress import Progress
 
     base_path = _CONFIG["base"].value
     if not _MODELS.value or not _OUT.value or not base_path:
         raise app.UsageError("merge needs --models, --base and --out")
+    if _DENSITY.value is not None and not 0 < _DENSITY.value <= 1:
+        raise app.UsageError(f"--density must be in (0, 1], got {_DENSITY.value}")
     _setup_jax()
     population = io.open_population(
         _MODELS.value, include=_CONFIG["include"].value, exclude=_CONFIG["exclude"].value
@@ -268,25 +287,46 @@ def _merge(argv):
     tensors = {name: ref.read() for name, ref in base.tensors.items()}
     if any(layer.kind != "dense" for layer in population.layers):
         raise app.UsageError("merge works on full models; rebuild adapters first")
-    refs = io.base_refs(base_path, population.layers)
-    for i, layer in enumerate(population.layers):
-        ref = refs[layer.name]
-        stack = np.stack([r.read().reshape(layer.shape) for r in layer.refs])
-        params = {}
-        if method != "mean":
-            if _WEIGHTS.value:
-                params["weight"] = [float(w) for w in _WEIGHTS.value]
-            params["lam"] = _LAMBDA.value
-        if method in ("ties", "dare_linear", "dare_ties") and _DENSITY.value is not None:
-            params["density"] = _DENSITY.value
-        if method == "subspace":
-            params.update(zip(("u", "v"), store.basis(layer.name)))
-        merged = merge(
-            method, ref.read().reshape(layer.shape), stack, key=jax.random.fold_in(key, i), **params
+    if _WEIGHTS.value and len(_WEIGHTS.value) != len(population.models):
+        raise app.UsageError(
+            f"--weights: {len(_WEIGHTS.value)} given for {len(population.models)} models "
+            "(one per model, in the population's order)"
         )
-        tensors[layer.name] = np.asarray(merged).reshape(ref.shape).astype(ref.dtype)
+    try:
+        [float(w) for w in _WEIGHTS.value or ()]
+    except ValueError:
+        raise app.UsageError(f"--weights must be numbers, got {','.join(_WEIGHTS.value)}") from None
+    refs = io.base_refs(base_path, population.layers)
+    progress = Progress(len(population.layers), what="layers", verb=f"merging ({method})")
+    with interruptible(message=lambda: f"nothing was written to {_OUT.value}"), progress:
+        for i, layer in enumerate(population.layers):
+            progress.starting(layer.name)
+            tensors[layer.name] = _merge_layer(
+                layer, refs[layer.name], method, store, jax.random.fold_in(key, i)
+            )
+            progress.finished()
     io.write_safetensors(_OUT.value, tensors, {"format": "pt", "merge": method})
     print(f"wrote {_OUT.value} ({method} of {len(population.models)} models)")
+
+
+def _merge_layer(layer, ref, method, store, key):
+    """One layer of `merge`: the base's tensor and the models' merged."""
+    import numpy as np
+
+    from jsubspace.compress import merge
+
+    stack = np.stack([r.read().reshape(layer.shape) for r in layer.refs])
+    params = {}
+    if method != "mean":
+        if _WEIGHTS.value:
+            params["weight"] = [float(w) for w in _WEIGHTS.value]
+        params["lam"] = _LAMBDA.value
+    if method in ("ties", "dare_linear", "dare_ties") and _DENSITY.value is not None:
+        params["density"] = _DENSITY.value
+    if method == "subspace":
+        params.update(zip(("u", "v"), store.basis(layer.name)))
+    merged = merge(method, ref.read().reshape(layer.shape), stack, key=key, **params)
+    return np.asarray(merged).reshape(ref.shape).astype(ref.dtype)
 
 
 def _errors_as_messages(main):
@@ -428,7 +468,23 @@ def run() -> None:
         "reconstruct": _reconstruct,
         "merge": _merge,
     }[command]
-    app.run(_errors_as_messages(main), argv=[f"jsubspace {command}"] + argv[2:])
+    app.run(
+        _errors_as_messages(main),
+        argv=[f"jsubspace {command}"] + argv[2:],
+        flags_parser=lambda args: _parse_flags(command, args),
+    )
+
+
+def _parse_flags(command: str, argv: list[str]) -> list[str]:
+    """absl's flag parsing, with its errors in the one `jsubspace: error:` style (exit 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(
+            f"jsubspace: error: {e} (`jsubspace {command} --help` lists the flags)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 _SUPERVISED = "JSUBSPACE_SUPERVISED"

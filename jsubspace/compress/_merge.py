@@ -125,6 +125,12 @@ def subspace_merge(
 
 def merge(method: str, base, models, *, key: jax.Array | None = None, **params):
     """Merges stacked models `[N, ...]` onto `base` with one of METHODS (task vectors inside)."""
+    weight = params.get("weight")
+    if weight is not None and len(weight) != len(models):
+        raise ValueError(f"weights: {len(weight)} given for {len(models)} models (one per model)")
+    density = params.get("density")
+    if density is not None and not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
     tau = jnp.asarray(models, jnp.float32) - jnp.asarray(base, jnp.float32)
     base = jnp.asarray(base, jnp.float32)
     if method == "mean":

@@ -86,11 +86,13 @@ class Population:
         models: the models, in a stable order (sorted by source, then name).
         layers: the aligned layers to analyse, in the first model's tensor order.
         skipped: `(layer, reason)` for layers left out because models disagree on them.
+        unreadable: `(path, reason)` for entries left out under `skip_unreadable`.
     """
 
     models: tuple[Model, ...]
     layers: tuple[Layer, ...]
     skipped: tuple[tuple[str, str], ...] = ()
+    unreadable: tuple[tuple[str, str], ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -111,12 +113,16 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return (shape[0], math.prod(shape[1:]))
 
 
-def resolve_sources(sources: str | Sequence[str]) -> list[str]:
+def resolve_sources(
+    sources: str | Sequence[str], *, unreadable: list[tuple[str, str]] | None = None
+) -> list[str]:
     """Expands sources into model paths.
 
     Args:
         sources: a comma-separated string or a list; each entry is a model, a directory of models,
             a glob, or `@file` listing one path per line (relative to that file; `#` comments).
+        unreadable: when given, pickled models met inside a directory are appended to it as
+            `(path, reason)` and left out, instead of raising (`skip_unreadable`).
 
     Returns:
         Model paths, de-duplicated, in the order given (directory contents sorted).
@@ -135,7 +141,7 @@ def resolve_sources(sources: str | Sequence[str]) -> list[str]:
                 raise CheckpointError(list_file, f"cannot read list file: {e.strerror}") from None
             base = os.path.dirname(list_file)
             entries = [os.path.join(base, ln) for ln in lines if ln and not ln.startswith("#")]
-            paths.extend(resolve_sources(entries) if entries else [])
+            paths.extend(resolve_sources(entries, unreadable=unreadable) if entries else [])
             continue
         if any(c in source for c in "*?["):
             matches = sorted(glob.glob(source))
@@ -152,7 +158,9 @@ def resolve_sources(sources: str | Sequence[str]) -> list[str]:
             children = sorted(os.path.join(source, c) for c in os.listdir(source))
             found = [c for c in children if _formats.model_kind(c) is not None]
             pickled = [c for c in children if _formats.pickled_model(c)]
-            if pickled:
+            if pickled and unreadable is not None and found:
+                unreadable.extend((p, _PICKLE_REASON) for p in pickled)
+            elif pickled:
                 # Never dropped in silence: N would shrink with no word.
                 if len(pickled) == 1 and not found:
                     _formats.load_model(pickled[0])  # raises, with the conversion hint
@@ -162,7 +170,8 @@ def resolve_sources(sources: str | Sequence[str]) -> list[str]:
                     source,
                     f"{len(pickled)} model(s) here are pickles ({names}{more}), which are never "
                     "loaded (they can run code): convert them to safetensors (torch.load with "
-                    "weights_only=True, then safetensors.torch.save_file), or move them out",
+                    "weights_only=True, then safetensors.torch.save_file), move them out, or "
+                    "pass --skip_unreadable to analyse the others",
                 )
             if not found:
                 raise CheckpointError(
@@ -173,6 +182,9 @@ def resolve_sources(sources: str | Sequence[str]) -> list[str]:
         _formats.load_model(source)  # Raises the precise error (missing, pickle, unknown).
     seen = set()
     return [p for p in paths if not (p in seen or seen.add(p))]
+
+
+_PICKLE_REASON = "a pickle-based checkpoint (never loaded: it can run code); convert to safetensors"
 
 
 def _select(name: str, include: str | None, exclude: str | None) -> bool:
@@ -187,6 +199,7 @@ def open_population(
     include: str | None = None,
     exclude: str | None = None,
     skip_mismatched: bool = False,
+    skip_unreadable: bool = False,
     min_models: int = 2,
     progress=None,
 ) -> Population:
@@ -198,6 +211,8 @@ def open_population(
         exclude: regex; layers whose name it matches are dropped.
         skip_mismatched: drop layers that some models lack or disagree on (listed in
             `Population.skipped`) instead of raising.
+        skip_unreadable: leave out models that cannot be read (pickles inside a directory,
+            unreadable or corrupt files), listed in `Population.unreadable`, instead of raising.
         min_models: the fewest models accepted (spectra need two).
         progress: called as `progress(done, total)` after each model's headers are read.
 
@@ -214,17 +229,24 @@ def open_population(
                 re.compile(pattern)
             except re.error as e:
                 raise PopulationError(f"bad layer regex {pattern!r}: {e}") from None
+    unreadable: list[tuple[str, str]] = []
     if sources and all(isinstance(s, Model) for s in sources):
         models = list(sources)
     else:
-        paths = resolve_sources(sources)
+        paths = resolve_sources(sources, unreadable=unreadable if skip_unreadable else None)
         models = []
-        for path in paths:
-            models.append(_formats.load_model(path))
+        for i, path in enumerate(paths):
+            try:
+                models.append(_formats.load_model(path))
+            except CheckpointError as e:
+                if not skip_unreadable:
+                    raise
+                unreadable.append((path, e.problem if e.path == path else str(e)))
             if progress is not None:
-                progress(len(models), len(paths))
+                progress(i + 1, len(paths))
     if not models:
-        raise PopulationError(f"no models found in {sources!r}")
+        left = f" ({len(unreadable)} unreadable: {unreadable[0][0]})" if unreadable else ""
+        raise PopulationError(f"no models found in {sources!r}{left}")
     if len(models) < min_models:
         raise PopulationError(
             f"found {len(models)} model ({models[0].path}); spectra need at least {min_models}"
@@ -247,7 +269,7 @@ def open_population(
         if skipped:
             msg += f"; skipped: {skipped[:5]}"
         raise PopulationError(msg + f" (include={include!r}, exclude={exclude!r})")
-    return Population(tuple(models), tuple(layers), tuple(skipped))
+    return Population(tuple(models), tuple(layers), tuple(skipped), tuple(unreadable))
 
 
 def _mismatch_error(problems: list[str]) -> PopulationError:

@@ -9,12 +9,13 @@ import html
 import io as _io
 import os
 import re
+import textwrap
 
 import numpy as np
 
 from jsubspace.io._atomic import atomic_write_bytes
 from jsubspace.io._atomic import atomic_write_text
-from jsubspace.report._plan import middle_ellipsis
+from jsubspace.report._plan import short_names
 from jsubspace.spectra import MEANINGS
 from jsubspace.spectra import TAUS
 
@@ -69,6 +70,11 @@ def _criterion(verdict: dict, name: str, side: str | None = None) -> dict | None
     return None
 
 
+def _k_label(mode: dict, tau: str = "0.9") -> str:
+    k = mode["k_at"].get(tau)
+    return str(k) if k is not None else f">{len(mode['eigenvalues'])}"
+
+
 def verdict_rows(result: dict) -> list[dict]:
     """Per layer, from its verdict card: per side (rows, cols) the held-out capture at the k
     that decides beside a random subspace's, and whether the holdout and the split half pass;
@@ -91,6 +97,12 @@ def verdict_rows(result: dict) -> list[dict]:
             row[f"{side}_split_half"] = half.get("passed")
         nulls = [c for c in verdict.get("criteria", []) if c["name"] == "null"]
         row["beyond_null"] = any(c["passed"] for c in nulls) if nulls else None
+        # Per side, the mode whose spectrum it is (rows / cols, or the LoRA factors' B / A)
+        # and its k_at(0.9), as text: `>K` when the K computed eigenvalues fall short.
+        for side, names in (("rows", ("rows", "lora_B")), ("cols", ("cols", "lora_A"))):
+            mode = next((m for m in names if m in layer["modes"]), None)
+            row[f"{side}_mode"] = mode
+            row[f"{side}_k90"] = _k_label(layer["modes"][mode]) if mode else None
         # The first mode's k_at(0.9) and null excess at k = 1 (rows, or the LoRA A factors).
         mode = next((m for m in ("rows", "lora_A", "cols", "models") if m in layer["modes"]), None)
         null = ((layer.get("null") or {}).get(mode) or {}) if mode else {}
@@ -103,48 +115,84 @@ def verdict_rows(result: dict) -> list[dict]:
     return rows
 
 
-LEGEND = "\n".join(
-    [
-        "held-out: mean capture of held-out models by the basis fitted without them, at the k",
-        "  where it beats a random k-subspace (rand) most; + when beyond it at the 5% level",
-        "  (bootstrap over models, corrected for every k and side tried), ++ when the split",
-        "  halves agree too.",
-        "null: + when the spectrum is more concentrated than a matched Gaussian population.",
-        "mean-only: the share of held-out energy the training mean alone explains (energy-",
-        "  weighted; negative when the mean of other models moves a model further away than",
-        "  zero would).",
-        "Each layer's verdict card (every criterion, reference, interval) is in spectra.json.",
-    ]
+LEGEND_ENTRIES = (
+    "rows / cols: the two sides of each layer's matrix (its input and output, named in the "
+    "verdict); a LoRA layer's rows are its B factors' side, its cols its A factors'.",
+    "held-out: mean capture of held-out models by the basis fitted without them, at the k (@k) "
+    "where it beats a random k-subspace (rand) most; + when beyond it at the 5% level "
+    "(bootstrap over models, corrected for every k and side tried), ++ when the split halves "
+    "agree too.",
+    "k@.9: the smallest k whose directions hold 90% of that side's spectrum (mode rows / cols, "
+    "or lora_B / lora_A); >K when the K eigenvalues computed fall short.",
+    "null: + when the spectrum is more concentrated than a matched Gaussian population.",
+    "mean-only: the share of held-out energy the training mean alone explains (energy-weighted; "
+    "negative when the mean of other models moves a model further away than zero would).",
+    "Each layer's verdict card (every criterion, reference, interval) is in spectra.json and "
+    "report.html.",
 )
+LEGEND = "\n".join(textwrap.fill(entry, 90, subsequent_indent="  ") for entry in LEGEND_ENTRIES)
 
 
-def verdict_table(result: dict, *, width: int = 40, legend: bool = True) -> str:
-    """`verdict_rows` as a fixed-width text table for the terminal, with a legend (unless
-    `legend` is False: a caller printing several tables prints `LEGEND` once) and the
-    population's conclusion."""
+def legend_html() -> str:
+    """The legend as an HTML list (for report.html and the main job's index.html)."""
+    items = "".join(f"<li>{html.escape(entry)}</li>" for entry in LEGEND_ENTRIES)
+    return f'<ul class="legend" style="font-size: smaller">{items}</ul>'
 
-    def num(v, w):
-        return f"{'-':>{w}}" if v is None else f"{v:>{w}.3f}"
 
-    def mark(r, side):
-        held, half = r[f"{side}_passed"], r[f"{side}_split_half"]
-        return ("+" if held else " ") + ("+" if held and half else " ")
+NAME_WIDTH = 48
 
-    def side(r, s):
-        k = f"@{r[f'{s}_k']}" if r[f"{s}_k"] else ""
-        return f"{num(r[s], 6)}{mark(r, s)}{num(r[f'{s}_random'], 6)}{k:<4}"
 
-    null = {True: "+", False: "-", None: " "}
-    lines = [
-        f"{'layer':<{width}} {'rows: held-out rand':<22} {'cols: held-out rand':<22} null "
-        f"{'mean-only':>9}  verdict"
-    ]
-    for r in verdict_rows(result):
-        lines.append(
-            f"{middle_ellipsis(r['layer'], width):<{width}} {side(r, 'rows'):<22} "
-            f"{side(r, 'cols'):<22} {null[r['beyond_null']]:^4} {num(r['mean_only'], 9)}  "
-            f"{r['verdict']}"
-        )
+def _number(v) -> str:
+    """Three decimals, or two significant digits in scientific notation for values that
+    three decimals would show as 0.000."""
+    if v is None:
+        return "-"
+    if v != 0 and abs(v) < 0.0005:
+        return f"{v:.1e}"
+    return f"{v:.3f}"
+
+
+def verdict_table(result: dict, *, width: int | None = None, legend: bool = True) -> str:
+    """`verdict_rows` as a text table (rendered by `rich`, plain text without colour), with
+    a legend (unless `legend` is False: a caller printing several tables prints `LEGEND`
+    once) and the population's conclusion. Layer names are cut in the middle to `width`
+    (default 48) where needed, never so that two read alike."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = verdict_rows(result)
+    names = short_names([r["layer"] for r in rows], width or NAME_WIDTH)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=False)
+    table.add_column("layer", no_wrap=True)
+    for side in ("rows", "cols"):
+        table.add_column(f"{side}: held-out", justify="right", no_wrap=True)
+        table.add_column("rand", justify="right", no_wrap=True)
+        table.add_column("k@.9", justify="right", no_wrap=True)
+    table.add_column("null", justify="center", no_wrap=True)
+    table.add_column("mean-only", justify="right", no_wrap=True)
+    table.add_column("verdict")
+    null = {True: "+", False: "-", None: ""}
+    for name, r in zip(names, rows):
+        cells = [name]
+        for side in ("rows", "cols"):
+            held, half = r[f"{side}_passed"], r[f"{side}_split_half"]
+            mark = ("+" if held else "") + ("+" if held and half else "")
+            at = f"@{r[f'{side}_k']}" if r[f"{side}_k"] else ""
+            value = _number(r[side])
+            cells += [
+                f"{value}{mark:<2}{at}" if r[side] is not None else "-",
+                _number(r[f"{side}_random"]),
+                r[f"{side}_k90"] or "-",
+            ]
+        cells += [null[r["beyond_null"]], _number(r["mean_only"]), r["verdict"] or "-"]
+        table.add_row(*cells)
+    buffer = _io.StringIO()
+    # Wide enough that nothing but the verdict ever wraps; no colour or cursor codes, so
+    # the text reads the same in a terminal, a log and a file.
+    console = Console(file=buffer, width=200, color_system=None, force_terminal=False)
+    console.print(table)
+    lines = [line.rstrip() for line in buffer.getvalue().rstrip("\n").splitlines()]
     if legend:
         lines += ["", LEGEND]
     if result.get("conclusion"):
@@ -176,9 +224,12 @@ def _save(fig, path: str) -> str:
 
 def _plot_layer(layer: dict, path: str) -> str:
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     modes = list(layer["modes"])
-    fig, axes = plt.subplots(1, len(modes), figsize=(4 * len(modes), 3.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(modes), figsize=(4 * len(modes), 3.4), squeeze=False, layout="constrained"
+    )
     for ax, mode in zip(axes[0], modes):
         rec = layer["modes"][mode]
         c = np.asarray(rec["cev"])
@@ -203,6 +254,9 @@ def _plot_layer(layer: dict, path: str) -> str:
                     np.arange(1, len(mp) + 1), mp, "--", color="C3", lw=1, label="Marchenko–Pastur"
                 )
         ax.set_xscale("log")
+        # Plain integer ticks: few models put 3x10^0, 4x10^0 labels side by side.
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("k")
         ax.set_title(f"{mode} ({rec['method']})", fontsize=9)
@@ -219,21 +273,46 @@ def _plot_k_at(result: dict, path: str) -> str:
     layers = result["layers"]
     modes = sorted({m for layer in layers for m in layer["modes"]})
     grid = np.full((len(layers), len(modes)), np.nan)
+    text = [[""] * len(modes) for _ in layers]
+    short = np.zeros(grid.shape, bool)
     for i, layer in enumerate(layers):
         for j, mode in enumerate(modes):
             if mode in layer["modes"]:
-                k = layer["modes"][mode]["k_at"]["0.9"]
-                grid[i, j] = np.nan if k is None else k
-    fig, ax = plt.subplots(figsize=(2 + 1.3 * len(modes), 1 + 0.28 * len(layers)))
+                rec = layer["modes"][mode]
+                k = rec["k_at"]["0.9"]
+                # Past the computed eigenvalues (a randomized solver's top K): at least K + 1,
+                # drawn at K + 1 and marked ">K", hatched.
+                short[i, j] = k is None
+                grid[i, j] = len(rec["eigenvalues"]) + 1 if k is None else k
+                text[i][j] = _k_label(rec)
+    fig, ax = plt.subplots(figsize=(2 + 1.3 * len(modes), 1.2 + 0.28 * len(layers)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(modes)), modes)
-    ax.set_yticks(range(len(layers)), [layer["name"][-48:] for layer in layers], fontsize=7)
+    names = short_names([layer["name"] for layer in layers], NAME_WIDTH)
+    ax.set_yticks(range(len(layers)), names, fontsize=7)
     for i in range(len(layers)):
         for j in range(len(modes)):
-            if np.isfinite(grid[i, j]):
-                ax.text(j, i, int(grid[i, j]), ha="center", va="center", fontsize=7, color="w")
+            if short[i, j]:
+                ax.add_patch(
+                    plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", ec="w", lw=0)
+                )
+            if text[i][j]:
+                # Dark text on the bright end of viridis, white on the dark end.
+                bright = im.norm(grid[i, j]) > 0.6
+                ax.text(
+                    j,
+                    i,
+                    text[i][j],
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="k" if bright else "w",
+                )
     fig.colorbar(im, ax=ax, label="k at 90% energy")
-    ax.set_title("k_at(0.9) per layer and mode", fontsize=10)
+    title = "k_at(0.9) per layer and mode"
+    if short.any():
+        title += "\n(>K, hatched: the K computed eigenvalues fall short of 90%)"
+    ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
 
@@ -254,7 +333,8 @@ def _plot_holdout(layer: dict, path: str) -> str | None:
     ax.set_xlabel("k")
     ax.set_ylabel("fraction of held-out energy")
     ax.set_title(f"{layer['name']}: {hold['scheme']} holdout", fontsize=9)
-    ax.legend(fontsize=7)
+    # Beside the axes, never over the curves.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -385,6 +465,10 @@ def write_report_html(result: dict, images: list[tuple[str, str]], out: str) -> 
         f"<li><code>{html.escape(s['name'])}</code>: {html.escape(s['reason'])}</li>"
         for s in result.get("skipped_layers", [])
     )
+    skipped_models = "".join(
+        f"<li><code>{html.escape(s['path'])}</code>: {html.escape(s['reason'])}</li>"
+        for s in result.get("skipped_models", [])
+    )
     manifest = result["manifest"]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>jsubspace report</title>
@@ -405,11 +489,12 @@ jsubspace {html.escape(str(manifest["jsubspace"]))}, jax {html.escape(manifest["
 <table><tr><th>family</th><th>layers</th><th>verdict</th><th>what it means</th></tr>
 {"".join(rows)}</table>
 {f"<h3>Skipped layers</h3><ul>{skipped}</ul>" if skipped else ""}
+{f"<h3>Models left out (unreadable)</h3><ul>{skipped_models}</ul>" if skipped_models else ""}
 <h2>Verdict cards</h2>
 <p>Each layer's label and every criterion it read: the statistic, what it would be without the
 effect (a random subspace, the null's mean), its interval at the test's level and the bound it
 must pass. A layer's claims hold at a family-wise false-positive rate of 5%.</p>
-<p style="white-space: pre-line"><small>{html.escape(LEGEND)}</small></p>
+{legend_html()}
 {cards}
 <h2>Plots</h2>
 {"".join(figures)}

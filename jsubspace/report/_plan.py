@@ -11,6 +11,24 @@ def middle_ellipsis(name: str, width: int) -> str:
     return name[:head] + "…" + name[len(name) - (width - 1 - head) :]
 
 
+def short_names(names: list[str], width: int) -> list[str]:
+    """Each name cut in the middle to `width` (`middle_ellipsis`), never ambiguously: names
+    that would read alike are widened until they differ (or kept whole)."""
+    out = [middle_ellipsis(n, width) for n in names]
+    while True:
+        seen: dict[str, list[int]] = {}
+        for i, short in enumerate(out):
+            seen.setdefault(short, []).append(i)
+        clashes = [
+            i for group in seen.values() if len(set(names[j] for j in group)) > 1 for i in group
+        ]
+        if not clashes:
+            return out
+        width += 4
+        for i in clashes:
+            out[i] = middle_ellipsis(names[i], width)
+
+
 def _solvers(plan: dict) -> str:
     return " ".join(
         f"{mode}:{'rand' if solver == 'randomized' else 'exact'}"

@@ -6,9 +6,11 @@ from jsubspace.run._analyze import analyze
 from jsubspace.run._analyze import plan
 from jsubspace.run._analyze import prepare
 from jsubspace.run._interrupt import interruptible
+from jsubspace.run._result import AnalysisResult
 from jsubspace.run._rundir import RunDirectory
 
 __all__ = [
+    "AnalysisResult",
     "Prepared",
     "RunDirectory",
     "analyze",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -37,6 +38,7 @@ from jsubspace.report import write_report_html
 from jsubspace.run._interrupt import interruptible
 from jsubspace.run._manifest import run_manifest
 from jsubspace.run._progress import Progress
+from jsubspace.run._result import AnalysisResult
 from jsubspace.run._rundir import RunDirectory
 
 SPECTRA_VERSION = "1"
@@ -87,8 +89,16 @@ def prepare(
         include=run.include,
         exclude=run.exclude,
         skip_mismatched=run.skip_mismatched,
+        skip_unreadable=run.skip_unreadable,
         progress=reading,
     )
+    if population.unreadable and not quiet and jax.process_index() == 0:
+        print(
+            f"skipped {len(population.unreadable)} unreadable model(s) (--skip_unreadable):",
+            file=sys.stderr,
+        )
+        for path, reason in population.unreadable:
+            print(f"  {path}: {reason}", file=sys.stderr)
     # The run's identity (resume fingerprint, spectra.json "config"): the keys of the first
     # version, so that runs begun before a new option existed still resume.
     legacy = {
@@ -112,6 +122,8 @@ def prepare(
         legacy["lora_space"] = spectra_config.lora_space
     if not control_config.split_half:
         legacy["split_half"] = False
+    if run.skip_unreadable:
+        legacy["skip_unreadable"] = True
     if spectra_config.normalize != "none":
         legacy["normalize"] = spectra_config.normalize
     n_models = len(population.models)
@@ -169,15 +181,17 @@ def analyze(
     plots: bool = True,
     quiet: bool = False,
     **options,
-) -> dict:
+) -> AnalysisResult:
     """Mode-wise spectra of a population beside their controls; writes `out/` and returns
-    the `spectra.json` dict.
+    an `AnalysisResult` (typed layers and verdicts, `.table()`, `.to_json()`, `.paths`; also
+    a mapping over the `spectra.json` keys).
 
     Args:
         models: sources (see `io.resolve_sources`).
         out: output directory (created).
         overwrite: discard a previous run in `out` instead of resuming it.
-        plots: write PNG plots and report.html (needs matplotlib).
+        plots: write PNG plots and report.html (after spectra.json: a failed rendering is
+            reported and loses nothing).
         quiet: no progress bar.
         **options: how the population is analysed, either `config=` a
             `jsubspace.config.AnalysisConfig` or its flat fields
@@ -194,6 +208,7 @@ def analyze(
             holdout: 'loo', K (folds) or None.
             seed: seeds every random draw.
             skip_mismatched: skip layers the models disagree on (listed in the output).
+            skip_unreadable: leave out models that cannot be read (listed in the output).
             compare_to: a second population; layers of the same name and shape get principal
                 angles between the two populations' bases (`compare.other`).
             num_devices: devices of the `models` mesh (all by default).
@@ -234,7 +249,8 @@ def analyze(
             quiet=quiet,
         )
         with interruptible(message=kept):
-            _analyze_layers(run, rundir, todo, records, encoded, base_refs, progress)
+            with progress:
+                _analyze_layers(run, rundir, todo, records, encoded, base_refs, progress)
             return _finish(run, rundir, records, encoded, out, plots=plots)
 
 
@@ -296,7 +312,22 @@ def _analyze_layers(run: Prepared, rundir, todo, records, encoded, base_refs, pr
         del placed, other
 
 
-def _finish(run: Prepared, rundir, records, encoded, out: str, *, plots: bool) -> dict:
+def _render(result: dict, out: str) -> None:
+    """The plots and report.html. A failure here is reported and leaves the results written."""
+    images = []
+    try:
+        images.extend(write_plots(os.path.join(out, "plots"), result))
+        atomic_write_text(os.path.join(out, "report.html"), write_report_html(result, images, out))
+    except Exception as e:  # noqa: BLE001 - rendering must never lose a finished run
+        print(
+            f"jsubspace: warning: the plots / report.html could not be written "
+            f"({type(e).__name__}: {e}); the results are complete in "
+            f"{os.path.join(out, 'spectra.json')} and layers.csv",
+            file=sys.stderr,
+        )
+
+
+def _finish(run: Prepared, rundir, records, encoded, out: str, *, plots: bool) -> AnalysisResult:
     """Writes the run's final files; spectra.json last, as its presence means complete."""
     population = run.population
     result = {
@@ -307,24 +338,21 @@ def _finish(run: Prepared, rundir, records, encoded, out: str, *, plots: bool) -
         "manifest": run_manifest(run.config, run.mesh, population),
         "plan_total": spectra.plan_total(run.plans),
         "skipped_layers": [{"name": n, "reason": r} for n, r in population.skipped],
+        "skipped_models": [{"path": p, "reason": r} for p, r in population.unreadable],
         "conclusion": spectra.conclusion(records),
         "layers": records,
     }
     if rundir.lead:
         rundir.write_json("manifest.json", result["manifest"])
         rundir.write("layers.csv", lambda path: write_csv(path, result))
-        if plots:
-            images = []
-            rundir.write("plots", lambda path: images.extend(write_plots(path, result)))
-            rundir.write(
-                "report.html",
-                lambda path: atomic_write_text(path, write_report_html(result, images, out)),
-            )
-        # Last: spectra.json's presence means the run is complete.
+        # spectra.json's presence means the run is complete; it is written before any
+        # rendering, so that a failed plot never loses the results.
         layers = ",".join(e if e is not None else compact_json(r) for e, r in zip(encoded, records))
         head = compact_json({k: v for k, v in result.items() if k != "layers"})
         rundir.write(
             "spectra.json",
             lambda path: atomic_write_text(path, f'{head[:-1]},"layers":[{layers}]}}'),
         )
-    return result
+        if plots:
+            _render(result, out)
+    return AnalysisResult(result, out)

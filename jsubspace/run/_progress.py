@@ -1,64 +1,158 @@
-"""Progress of a run on stderr: the layer in progress, layers done, elapsed time and an estimate
-of the time left from the layer plans."""
+"""Progress of long commands on stderr: the item in progress, items done, elapsed time and an
+estimate of the time left (from the layer plans where there are some).
+
+On a terminal the line is drawn by `rich.progress` (a live bar); in a log (stderr not a
+terminal) each finished item is one plain line, so that logs stay readable.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 
 
-class Progress:
-    """One status line, rewritten in place on a terminal, one line per finished layer in a log
-    (stderr not a terminal); silent when `quiet` or not process 0.
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
 
-    `estimates` are the plans' seconds per layer still to do: the time left is their remainder,
-    scaled by how the finished layers compared with their own estimates.
+
+class Progress:
+    """Progress over `total` items, `done` of them kept from an earlier run.
+
+    Use as a context manager (the terminal's live line is closed on exit, also on errors and
+    Ctrl-C); call `starting(name)` when an item begins and `finished()` when it ends. Silent
+    when `quiet` or not process 0.
+
+    `estimates`, when given, are the plans' seconds per item still to do: the time left is
+    their remainder, scaled by how the finished items compared with their own estimates.
+    Without them it is the mean time per finished item times the items left.
     """
 
-    def __init__(self, total: int, done: int, estimates: list[float], *, quiet: bool):
+    def __init__(
+        self,
+        total: int,
+        done: int = 0,
+        estimates: list[float] | None = None,
+        *,
+        quiet: bool = False,
+        what: str = "layers",
+        verb: str = "analysing",
+        terminal: bool | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
         self.total = total
         self.done = done
-        self.estimates = list(estimates)
+        self.kept = done
+        self.estimates = list(estimates) if estimates is not None else None
         self.quiet = quiet or jax.process_index() != 0
-        self.start = time.time()
+        self.what = what
+        self.verb = verb
+        self.clock = clock
+        self.start = clock()
         self.spent_estimate = 0.0
-        self.terminal = sys.stderr.isatty()
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
         self.name = ""
+        self._live = None
         if done and not self.quiet:
-            print(f"resuming: {done} of {total} layers kept from the earlier run", file=sys.stderr)
+            print(
+                f"resuming: {done} of {total} {what} kept from the earlier run",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    def _line(self, text: str, *, end: str = "") -> None:
-        if self.quiet:
-            return
-        if self.terminal:
-            print(f"\r{text:<118.118}", end=end, file=sys.stderr, flush=True)
-        else:
-            print(text, file=sys.stderr, flush=True)
+    # The live line (terminals only).
+    def __enter__(self) -> Progress:
+        if self.quiet or not self.terminal:
+            return self
+        from rich.console import Console
+        from rich.progress import BarColumn
+        from rich.progress import MofNCompleteColumn
+        from rich.progress import Progress as Live
+        from rich.progress import TextColumn
+        from rich.table import Column
 
-    def _left(self) -> str:
-        elapsed = time.time() - self.start
-        left = sum(self.estimates)
-        if self.spent_estimate > 0:
-            left *= elapsed / self.spent_estimate
-        return f"{elapsed:6.1f}s elapsed, ~{left:5.0f}s left"
+        console = Console(file=sys.stderr, force_terminal=True)
+        fixed = dict(no_wrap=True, overflow="ignore")
+        self._live = Live(
+            TextColumn("{task.description}", table_column=Column(**fixed)),
+            BarColumn(bar_width=16, table_column=Column(**fixed)),
+            MofNCompleteColumn(table_column=Column(**fixed)),
+            TextColumn("{task.fields[times]}", table_column=Column(**fixed)),
+            TextColumn("{task.fields[item]}", table_column=Column(no_wrap=True)),
+            console=console,
+            transient=False,
+        )
+        # The item's name is cut in the middle (both ends tell layers apart) to what the
+        # terminal has left beside the fixed columns.
+        self._item_width = max(24, console.width - len(self.verb) - 64)
+        self._live.start()
+        self._task = self._live.add_task(
+            self.verb, total=self.total, completed=self.done, times=self._times(), item=""
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def left(self) -> float | None:
+        """Seconds left, estimated."""
+        elapsed = self.elapsed()
+        if self.estimates is not None:
+            left = sum(self.estimates)
+            if self.spent_estimate > 0:
+                left *= elapsed / self.spent_estimate
+            return left
+        finished = self.done - self.kept
+        if finished == 0:
+            return None
+        return elapsed / finished * (self.total - self.done)
+
+    def _times(self) -> str:
+        return f"{_duration(self.elapsed())} elapsed, ~{_duration(self.left())} left"
 
     def starting(self, name: str) -> None:
-        """Layer `name` is being analysed now."""
+        """Item `name` is in progress now."""
         self.name = name
-        if not self.terminal:
-            return  # a log gets the line when the layer is done
-        width = 20
-        bar = "#" * int(width * self.done / max(self.total, 1))
-        self._line(f"[{bar:.<{width}}] {self.done}/{self.total}  {self._left()}  {name}")
+        if self._live is not None:
+            from jsubspace.report import middle_ellipsis
+
+            item = middle_ellipsis(name, self._item_width)
+            self._live.update(self._task, item=item, times=self._times())
 
     def finished(self) -> None:
-        """The layer in progress is done."""
+        """The item in progress is done."""
         self.done += 1
         if self.estimates:
             self.spent_estimate += self.estimates.pop(0)
-        if not self.terminal and self.done < self.total:
-            self._line(f"{self.done}/{self.total} layers  {self._left()}  done: {self.name}")
-        if self.done == self.total:
-            self._line(f"{self.total} layers done in {time.time() - self.start:.1f}s", end="\n")
+        if self.quiet:
+            return
+        if self._live is not None:
+            self._live.update(self._task, completed=self.done, times=self._times())
+            if self.done == self.total:
+                self._live.update(self._task, item="", times=self._summary())
+            return
+        if self.done < self.total:
+            print(
+                f"{self.done}/{self.total} {self.what}  {self._times()}  done: {self.name}",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            print(self._summary(), file=sys.stderr, flush=True)
+
+    def _summary(self) -> str:
+        return f"{self.total} {self.what} done in {_duration(self.elapsed())}"

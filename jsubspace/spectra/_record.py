@@ -48,6 +48,18 @@ class ModeRecord:
             if v is not None or k in ("effective_rank", "side")
         }
 
+    @classmethod
+    def from_json(cls, record: dict) -> ModeRecord:
+        """The record `to_json` wrote."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in known})
+
+    def k_label(self, tau: float = 0.9) -> str:
+        """`k_at[tau]` as text: the k, or `>K` when the K computed eigenvalues do not reach
+        tau (a randomized solver's top K)."""
+        k = self.k_at.get(str(tau))
+        return str(k) if k is not None else f">{len(self.eigenvalues)}"
+
 
 @dataclasses.dataclass
 class LayerRecord:
@@ -101,3 +113,14 @@ class LayerRecord:
                 continue
             out[field.name] = value
         return out
+
+    @classmethod
+    def from_json(cls, record: dict) -> LayerRecord:
+        """The record `to_json` wrote (a `spectra.json` layer); keys of a newer writer that
+        this version does not know are left out."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in record.items() if k in known}
+        values["modes"] = {m: ModeRecord.from_json(r) for m, r in record["modes"].items()}
+        if record.get("verdict") is not None:
+            values["verdict"] = Verdict.from_json(record["verdict"])
+        return cls(**values)

@@ -130,6 +130,12 @@ class Criterion:
         out["interval"] = list(self.interval) if self.interval is not None else None
         return out
 
+    @classmethod
+    def from_json(cls, record: dict) -> Criterion:
+        """The criterion `to_json` wrote."""
+        interval = record.get("interval")
+        return cls(**{**record, "interval": tuple(interval) if interval is not None else None})
+
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
@@ -166,6 +172,20 @@ class Verdict:
             "notes": list(self.notes),
             "alpha": self.alpha,
         }
+
+    @classmethod
+    def from_json(cls, record: dict) -> Verdict:
+        """The card `to_json` wrote (a `spectra.json` layer's "verdict")."""
+        return cls(
+            label=Label(record["label"]),
+            reason=record["reason"],
+            shared=tuple(record.get("shared", ())),
+            roles=dict(record.get("roles", {})),
+            criteria=tuple(Criterion.from_json(c) for c in record.get("criteria", ())),
+            missing=tuple(record.get("missing", ())),
+            notes=tuple(record.get("notes", ())),
+            alpha=record.get("alpha", ALPHA),
+        )
 
     def find(self, name: str, side: str | None = None) -> Criterion | None:
         """The criterion `name` (of `side`), or None."""
@@ -555,7 +575,11 @@ def conclusion(layers: list[dict]) -> str:
     ]
     head = (
         f"{shared} of {len(labels)} layers share a subspace across models"
+        if shared and len(labels) > 1
+        else "the one layer shares a subspace across models"
         if shared
+        else "no shared subspace in the one layer"
+        if len(labels) == 1
         else f"no shared subspace in any of {len(labels)} layers"
     )
     return f"{head} ({'; '.join(parts)})"

@@ -11,6 +11,8 @@ from jsubspace.zoo._models import ARCHITECTURES
 from jsubspace.zoo._models import CNN
 from jsubspace.zoo._models import MLP
 from jsubspace.zoo._models import ViT
+from jsubspace.zoo._report import index_html
+from jsubspace.zoo._report import plot_function
 from jsubspace.zoo._standard import ZooConfig
 from jsubspace.zoo._standard import load_tasks
 from jsubspace.zoo._standard import make_tasks
@@ -40,6 +42,7 @@ __all__ = [
     "accuracy",
     "apply_task",
     "flatten",
+    "index_html",
     "init_zoo",
     "load_digits",
     "load_fashion_mnist",
@@ -47,6 +50,7 @@ __all__ = [
     "lora_accuracy",
     "lora_init",
     "make_tasks",
+    "plot_function",
     "standard_zoos",
     "task_data",
     "train_lora_zoo",

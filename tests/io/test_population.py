@@ -339,3 +339,36 @@ def test_a_directory_holding_only_pytorch_model_bin_gets_the_conversion_hint(tmp
     for source in (model, tmp_path):  # the model directory, or a directory of models
         with pytest.raises(CheckpointError, match="safetensors.torch.save_file"):
             io.open_population([str(source)])
+
+
+def _mixed_directory(tmp_path):
+    """Two safetensors model directories and one holding only `pytorch_model.bin`."""
+    w = np.arange(6, dtype=np.float32).reshape(3, 2)
+    for i in range(2):
+        (tmp_path / f"model_{i}").mkdir()
+        save_file({"w": w * (i + 1)}, str(tmp_path / f"model_{i}" / "model.safetensors"))
+    (tmp_path / "model_bin").mkdir()
+    (tmp_path / "model_bin" / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    return tmp_path
+
+
+def test_a_mixed_directory_names_the_bin_entry_and_skips_it_only_when_asked(tmp_path):
+    source = str(_mixed_directory(tmp_path))
+    with pytest.raises(CheckpointError, match=r"model_bin.*--skip_unreadable"):
+        io.open_population([source])
+    population = io.open_population([source], skip_unreadable=True)
+    assert population.names == ["model_0", "model_1"]
+    ((path, reason),) = population.unreadable
+    assert path == os.path.join(source, "model_bin") and "pickle" in reason
+
+
+def test_a_corrupt_model_is_skipped_with_its_reason_when_asked(tmp_path):
+    w = np.ones((3, 2), np.float32)
+    for i in range(3):
+        save_file({"w": w * i}, str(tmp_path / f"m{i}.safetensors"))
+    (tmp_path / "m3.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match="m3.safetensors"):
+        io.open_population([str(tmp_path)])
+    population = io.open_population([str(tmp_path)], skip_unreadable=True)
+    assert len(population.models) == 3
+    assert [os.path.basename(p) for p, _ in population.unreadable] == ["m3.safetensors"]

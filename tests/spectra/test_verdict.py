@@ -214,7 +214,7 @@ def test_conclusion_counts_labels_shared_first():
     line = spectra.conclusion(layers)
     assert line.startswith("1 of 3 layers share a subspace")
     assert line.index(Label.SHARED_COLS.value) < line.index(Label.NOISE.value)
-    assert spectra.conclusion(layers[:1]).startswith("no shared subspace in any of 1 layers")
+    assert spectra.conclusion(layers[:1]).startswith("no shared subspace in the one layer")
 
 
 @pytest.mark.parametrize(("n_models", "holdout"), [(7, "loo"), (13, 4), (40, 5), (9, 2)])
