@@ -224,11 +224,20 @@ def _compress(argv):
             f"note: {e['name']}: its largest basis (k = {e['k']}, the layer's limit) captures "
             f"{e['captured']:.4f}, below --tau={_TAU.value}; kept at k = {e['k']}"
         )
+    kept = acc["kept"]
+    print(
+        f"{'untouched tensors':<40} {'':>4} {'':>9} {kept['original_bytes']:>12} "
+        f"{kept['bytes']:>10}  ({kept['tensors']} kept, {kept['unique']} stored)"
+    )
+    print(f"{'headers and manifest':<40} {'':>4} {'':>9} {'':>12} {acc['overhead_bytes']:>10}")
     print(
         f"{'total':<40} {'':>4} {acc['captured']:>9.4f} {acc['original_bytes']:>12} "
         f"{acc['store_bytes']:>10} {acc['ratio']:>7.2f}"
     )
-    print(f"\nwrote {_OUT.value}/store.safetensors and store.json")
+    print(
+        f"\nwrote {_OUT.value}/store.safetensors, kept.safetensors and store.json: the store "
+        "stands alone (reconstruct needs no source file)"
+    )
 
 
 def _reconstruct(argv):

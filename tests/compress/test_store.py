@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from jsubspace.compress import SubspaceStore
 from jsubspace.compress import export_all
 from jsubspace.compress import export_model
 from jsubspace.compress import fit_store
+from jsubspace.compress._store import FILES
 
 
 def _dense_population(path, n=8, dtype=np.float32):
@@ -81,19 +83,25 @@ def test_tau_is_met_on_every_layer_and_budget_never_exceeded(tmp_path):
                     include="^" + name.replace(".", r"\.") + "$",
                 )
                 assert fewer.layers[name]["captured"] < tau
-    for budget in (6000, 9000, 20000):
+    # The budget covers the whole store: centres and bases, the kept biases, headers, manifest.
+    with pytest.raises(StoreError, match="alone need") as error:
+        fit_store(str(tmp_path / "pop"), str(tmp_path / "tiny"), budget_bytes=10000)
+    floor = int(re.search(r"alone need (\d+) bytes", str(error.value))[1])
+    assert floor > 40 * 30 * 4 + 12 * 20 * 4 + 8 * 40 * 4  # centres and biases, and more
+    for extra in (240, 3240, 14240):
+        budget = floor + extra
         store = fit_store(str(tmp_path / "pop"), str(tmp_path / f"b{budget}"), budget_bytes=budget)
         acc = store.accounting()
         assert acc["store_bytes"] <= budget
+        on_disk = sum(os.path.getsize(os.path.join(store.directory, f)) for f in FILES)
+        assert on_disk == acc["store_bytes"]  # the accounting is what is on disk
         tensor_bytes = sum(
             i.nbytes
             for i in io.read_header(
                 os.path.join(store.directory, "store.safetensors")
             ).tensors.values()
         )
-        assert tensor_bytes == acc["store_bytes"]  # the accounting is what is on disk
-    with pytest.raises(StoreError, match="centres alone"):
-        fit_store(str(tmp_path / "pop"), str(tmp_path / "tiny"), budget_bytes=100)
+        assert tensor_bytes == acc["factored"]["bytes"]
 
 
 def test_memory_accounting_matches_hand_count(tmp_path):
@@ -105,6 +113,20 @@ def test_memory_accounting_matches_hand_count(tmp_path):
     assert e["coefficients"] == 8 * 3 * 3 * 4
     assert e["center"] == 40 * 30 * 4
     assert e["ratio"] == pytest.approx(e["original_bytes"] / e["total"])
+    acc = store.accounting()
+    # The biases are the untouched tensors' line: 8 models x 40 float32, none shared.
+    assert acc["kept"] == {
+        "tensors": 8,
+        "unique": 8,
+        "original_bytes": 8 * 40 * 4,
+        "bytes": 8 * 40 * 4,
+    }
+    assert acc["original_bytes"] == 8 * (40 * 30 + 12 * 20 + 40) * 4  # the whole sources
+    assert acc["factored"]["bytes"] == e["total"] + acc["layers"]["conv.kernel"]["total"]
+    assert acc["store_bytes"] == (
+        acc["factored"]["bytes"] + acc["kept"]["bytes"] + acc["overhead_bytes"]
+    )
+    assert acc["ratio"] == pytest.approx(acc["original_bytes"] / acc["store_bytes"])
 
 
 def test_export_reloads_with_names_dtypes_and_untouched_tensors(tmp_path):
