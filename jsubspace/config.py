@@ -191,6 +191,7 @@ class RunConfig:
         skip_mismatched: skip layers the models disagree on (listed in the output).
         skip_unreadable: leave out models that cannot be read (pickles, corrupt files), listed
             in the output, instead of stopping.
+        groups: a CSV file labelling the models (`run.read_groups`): the groups control.
         num_devices: devices of the `models` mesh (None: all).
         memory_budget: bytes one layer's analysis may use (None: half the host RAM on CPU, 80%
             of device memory on accelerators).
@@ -205,6 +206,12 @@ class RunConfig:
     skip_mismatched: bool = _field(False, "bool", "Skip layers that models disagree on.")
     skip_unreadable: bool = _field(
         False, "bool", "Leave out models that cannot be read (pickles, corrupt files), listed."
+    )
+    groups: str | None = _field(
+        None,
+        "string",
+        "CSV: model, then label columns (task, seed, ...): per-group spectra, between-group "
+        "capture, leave-one-group-out.",
     )
     num_devices: int | None = _field(
         None,

@@ -15,6 +15,7 @@ import numpy as np
 
 from jsubspace.io._atomic import atomic_write_bytes
 from jsubspace.io._atomic import atomic_write_text
+from jsubspace.report._plan import middle_ellipsis
 from jsubspace.report._plan import short_names
 from jsubspace.spectra import MEANINGS
 from jsubspace.spectra import TAUS
@@ -377,6 +378,58 @@ def _plot_lineage(result: dict, path: str) -> str | None:
     return _save(fig, path)
 
 
+MAX_GROUP_PANELS = 6
+
+
+def _plot_groups(result: dict, column: str, path: str) -> str | None:
+    """Per layer (the first few with the control), the between-group capture matrix of one
+    grouping: row a's basis on column b's held-out variation, two-sided at the record's k; the
+    diagonal is each group's own basis on its own held-out models."""
+    import matplotlib.pyplot as plt
+
+    layers = [
+        layer
+        for layer in result["layers"]
+        if ((layer.get("groups") or {}).get(column) or {}).get("k")
+    ][:MAX_GROUP_PANELS]
+    if not layers:
+        return None
+    fig, axes = plt.subplots(
+        1, len(layers), figsize=(3.6 * len(layers), 3.6), squeeze=False, layout="constrained"
+    )
+    for ax, layer in zip(axes[0], layers):
+        rec = layer["groups"][column]
+        grid = np.array(
+            [[np.nan if v is None else v for v in row] for row in rec["capture"]["two_sided"]]
+        )
+        im = ax.imshow(grid, vmin=0, vmax=max(1e-9, np.nanmax(grid)), cmap="magma")
+        labels = [middle_ellipsis(label, 14) for label in rec["labels"]]
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("held-out models of", fontsize=8)
+        ax.set_ylabel("basis of", fontsize=8)
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                if np.isfinite(grid[i, j]):
+                    bright = im.norm(grid[i, j]) > 0.6
+                    ax.text(
+                        j,
+                        i,
+                        f"{grid[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="k" if bright else "w",
+                    )
+        ax.set_title(
+            f"{middle_ellipsis(layer['name'], 40)}\nk={rec['k']}, random "
+            f"{rec['random']['two_sided']:.3f}",
+            fontsize=8,
+        )
+    fig.suptitle(f"between-group capture ({column}), two-sided", fontsize=10)
+    return _save(fig, path)
+
+
 def write_plots(directory: str, result: dict) -> list[tuple[str, str]]:
     """Writes the PNGs; returns `(caption, path)` pairs in report order."""
     import matplotlib
@@ -387,6 +440,10 @@ def write_plots(directory: str, result: dict) -> list[tuple[str, str]]:
     if p := _plot_lineage(result, os.path.join(directory, "lineage.png")):
         images.append(("Whole-model similarity (lineage)", p))
     images.append(("k at 90% energy", _plot_k_at(result, os.path.join(directory, "k_at.png"))))
+    columns = dict.fromkeys(c for layer in result["layers"] for c in layer.get("groups") or {})
+    for i, column in enumerate(columns):
+        if p := _plot_groups(result, column, os.path.join(directory, f"groups_{i:02d}.png")):
+            images.append((f"Between-group capture: {column}", p))
     families = collections.OrderedDict()
     for layer in result["layers"]:
         families.setdefault(layer_family(layer["name"]), []).append(layer)

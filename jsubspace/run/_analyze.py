@@ -35,6 +35,8 @@ from jsubspace.io._atomic import plain
 from jsubspace.report import write_csv
 from jsubspace.report import write_plots
 from jsubspace.report import write_report_html
+from jsubspace.run._groups import automatic_groups
+from jsubspace.run._groups import read_groups
 from jsubspace.run._interrupt import interruptible
 from jsubspace.run._manifest import run_manifest
 from jsubspace.run._progress import Progress
@@ -58,6 +60,7 @@ class Prepared:
     budget: int
     plans: list[spectra.LayerPlan]
     analysis: AnalysisConfig
+    groupings: tuple = ()
 
 
 def prepare(
@@ -124,6 +127,14 @@ def prepare(
         legacy["split_half"] = False
     if run.skip_unreadable:
         legacy["skip_unreadable"] = True
+    groupings = list(automatic_groups(population))
+    if run.groups:
+        given = read_groups(run.groups, population)
+        columns = {g.column for g in given}
+        groupings = given + [g for g in groupings if g.column not in columns]
+    if groupings:
+        # The labels themselves (not the file's name) identify the run.
+        legacy["groups"] = [[g.column, [g.labels[i] for i in g.index]] for g in groupings]
     if spectra_config.normalize != "none":
         legacy["normalize"] = spectra_config.normalize
     n_models = len(population.models)
@@ -164,6 +175,7 @@ def prepare(
         budget,
         plans,
         config,
+        tuple(groupings),
     )
 
 
@@ -289,6 +301,7 @@ def _analyze_layers(run: Prepared, rundir, todo, records, encoded, base_refs, pr
                 other=other,
                 release=True,
                 plan=run.plans[i],
+                groupings=run.groupings,
             )
         except jax.errors.JaxRuntimeError as e:
             if jax.process_count() > 1:

@@ -2,6 +2,8 @@
 
 from jsubspace.spectra._analyze import ControlConfig
 from jsubspace.spectra._analyze import analyze_layer
+from jsubspace.spectra._groups import Grouping
+from jsubspace.spectra._groups import group_control
 from jsubspace.spectra._holdout import fold_assignment
 from jsubspace.spectra._holdout import holdout_control
 from jsubspace.spectra._layer import LayerSpectra
@@ -46,6 +48,7 @@ __all__ = [
     "TAUS",
     "ControlConfig",
     "Criterion",
+    "Grouping",
     "Label",
     "LayerPlan",
     "LayerRecord",
@@ -64,6 +67,7 @@ __all__ = [
     "effective_rank",
     "fold_assignment",
     "gaussian_stack",
+    "group_control",
     "holdout_control",
     "k_at",
     "layer_models",

@@ -8,6 +8,7 @@ record carries the null, holdout and lineage controls, and the verdict reads all
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,8 @@ from jsubspace.spectra import _holdout
 from jsubspace.spectra import _layer
 from jsubspace.spectra import _lineage
 from jsubspace.spectra import _null
+from jsubspace.spectra._groups import Grouping
+from jsubspace.spectra._groups import group_control
 from jsubspace.spectra._plan import COMPARE_K
 from jsubspace.spectra._plan import HOLDOUT_MODELS
 from jsubspace.spectra._plan import LayerPlan
@@ -63,6 +66,7 @@ def analyze_layer(
     other=None,
     release: bool = False,
     plan: LayerPlan | None = None,
+    groupings: Sequence[Grouping] = (),
 ) -> LayerRecord:
     """Spectra and controls of one layer, as a typed record (`LayerRecord.to_json` gives the
     layer's entry in `spectra.json`).
@@ -71,6 +75,8 @@ def analyze_layer(
     not given): the spectra's route and solvers, the null on the same route, the bases of the
     holdout and compare controls, and whether LoRA controls materialise the updates.
     `other` is `(layer, placed)` of the same layer in a second population, for `compare`.
+    `groupings` label the models (`spectra.Grouping`): each gets the groups control
+    (`spectra.group_control`) under its column's name in `record.groups`.
     `release`: free the device memory of `placed` once the controls that read it are done, before
     the null (whose drawn population then takes its place); the caller must not use `placed`
     afterwards.
@@ -202,6 +208,27 @@ def analyze_layer(
             )
         record.compare["other"] = found
         del y
+    if groupings:
+        record.groups = {}
+        for j, grouping in enumerate(groupings):
+            if x is None:
+                record.groups[grouping.column] = {
+                    "skipped": "the groups control needs the layer's updates, too large to form "
+                    "here (raise --memory_budget)"
+                }
+                continue
+            record.groups[grouping.column] = group_control(
+                x,
+                placed.n_models,
+                grouping,
+                mesh=mesh,
+                seed=control_config.seed,
+                ref=base if spectra_config.center == "base" else None,
+                uncentred=spectra.uncentred,
+                key=jax.random.fold_in(key, 5 + j),
+                **bases("holdout"),
+            )
+        clock.lap("groups")
     del x
     clock.lap("compare")
     if control_config.lineage and spectra.uncentred is not None:

@@ -436,7 +436,13 @@ def _record(
     idx = [k - 1 for k in ks]
     record = {
         "folds": folds,
-        "scheme": "loo" if holdout == "loo" else f"{folds}-fold",
+        "scheme": (
+            "loo"
+            if holdout == "loo"
+            else "leave-one-group-out"
+            if holdout == "groups"
+            else f"{folds}-fold"
+        ),
         "center": center,
         "ks": ks,
         "two_sided": two_f[:, idx].mean(0).tolist(),

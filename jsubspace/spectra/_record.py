@@ -94,6 +94,7 @@ class LayerRecord:
     holdout: dict = dataclasses.field(default_factory=dict)
     compare: dict = dataclasses.field(default_factory=dict)
     lineage: dict | None = None
+    groups: dict | None = None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     verdict: Verdict | None = None
 
@@ -109,7 +110,14 @@ class LayerRecord:
                 if not verdict or value is None:
                     continue
                 value = value.to_json()
-            elif value is None and field.name in ("rank", "lora", "normalize", "scale", "lineage"):
+            elif value is None and field.name in (
+                "rank",
+                "lora",
+                "normalize",
+                "scale",
+                "lineage",
+                "groups",
+            ):
                 continue
             out[field.name] = value
         return out
