@@ -29,7 +29,9 @@ from jsubspace.cli._flags import define_config_flags
 
 COMMANDS = ("analyze", "plan", "demo", "compress", "reconstruct", "merge")
 
-_MODELS = flags.DEFINE_list("models", None, "Model sources: dirs, globs, files or @list files.")
+_MODELS = flags.DEFINE_list(
+    "models", None, "Model sources: dirs, globs, files, hf://ORG/NAME[@REV][/SUB] or @list files."
+)
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 # Every option of the analysis (spectra, controls, run) is a flag generated from its typed
 # configuration (`jsubspace.config`); the flags below are the commands' own.
@@ -287,6 +289,8 @@ def _merge(argv):
     population = io.open_population(
         _MODELS.value, include=_CONFIG["include"].value, exclude=_CONFIG["exclude"].value
     )
+    if base_path.startswith("hf://"):
+        (base_path,) = io.resolve_sources([base_path])
     base = io.load_model(base_path)
     method = _METHOD_MERGE.value
     store = SubspaceStore(_STORE.value) if _STORE.value else None

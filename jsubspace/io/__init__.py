@@ -1,10 +1,13 @@
-"""Checkpoints -> index -> aligned layers -> sharded arrays (safetensors, PEFT, Orbax, npz)."""
+"""Checkpoints -> index -> aligned layers -> sharded arrays (safetensors, PEFT, Orbax, npz;
+from paths or from the Hugging Face Hub as `hf://ORG/NAME[@REVISION][/SUBFOLDER]`)."""
 
 from jsubspace.io._formats import LoraConfig
 from jsubspace.io._formats import LoraModule
 from jsubspace.io._formats import Model
 from jsubspace.io._formats import TensorRef
 from jsubspace.io._formats import load_model
+from jsubspace.io._hub import HubModel
+from jsubspace.io._hub import resolve as resolve_hub
 from jsubspace.io._placement import Placed
 from jsubspace.io._placement import PlacedDense
 from jsubspace.io._placement import PlacedLora
@@ -28,6 +31,7 @@ from jsubspace.io._safetensors import write_file as write_safetensors
 __all__ = [
     "base_refs",
     "DenseLayer",
+    "HubModel",
     "Layer",
     "LoraConfig",
     "LoraLayer",
@@ -47,6 +51,7 @@ __all__ = [
     "place_layer",
     "read_header",
     "read_tensor",
+    "resolve_hub",
     "resolve_sources",
     "stream_layers",
     "write_safetensors",

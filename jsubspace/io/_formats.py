@@ -127,15 +127,36 @@ def _read_json(path: str) -> dict:
     return value
 
 
+def _link_roots(directory: str) -> list[str]:
+    """Where the files of a checkpoint directory may really live: the directory itself and,
+    for a snapshot of a Hugging Face cache (`models--ORG--NAME/snapshots/REV/...`, whose files
+    are links to `../../blobs/`), that repository's blob store."""
+    roots = [os.path.realpath(directory)]
+    parts = os.path.realpath(directory).split(os.sep)
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
+            roots.append(os.path.realpath(os.sep.join(parts[:i] + ["blobs"])))
+            break
+    return roots
+
+
+def _within(path: str, roots: list[str]) -> bool:
+    target = os.path.realpath(path)
+    return any(os.path.commonpath([target, root]) == root for root in roots)
+
+
 def _inside(directory: str, filename: str, source: str) -> str:
-    """Joins a file name from metadata to its directory, refusing anything that leaves it."""
+    """Joins a file name from metadata to its directory, refusing anything that leaves it (by
+    name, or through a link that leads outside; see `_link_roots`)."""
     if not isinstance(filename, str) or not filename:
         raise CheckpointError(source, f"bad file name {filename!r}")
-    full = os.path.realpath(os.path.join(directory, filename))
-    root = os.path.realpath(directory)
-    if os.path.commonpath([full, root]) != root:
+    joined = os.path.normpath(os.path.join(directory, filename))
+    top = os.path.normpath(directory)
+    if os.path.isabs(filename) or os.path.commonpath([joined, top]) != top:
         raise CheckpointError(source, f"file name {filename!r} points outside {directory}")
-    return full
+    if not _within(joined, _link_roots(directory)):
+        raise CheckpointError(source, f"file name {filename!r} points outside {directory}")
+    return os.path.realpath(joined)
 
 
 def load_sharded_index(path: str) -> dict[str, TensorRef]:
@@ -234,13 +255,13 @@ MAX_TENSOR_BYTES = 2**40  # A tensor claiming more than 1 TiB is refused outrigh
 
 def check_links_inside(directory: str) -> None:
     """Refuses a checkpoint directory holding a symlink that leads outside it."""
-    root = os.path.realpath(directory)
+    roots = _link_roots(directory)
     for here, dirs, files in os.walk(directory, followlinks=False):
         for name in dirs + files:
             path = os.path.join(here, name)
             if os.path.islink(path):
                 target = os.path.realpath(path)
-                if os.path.commonpath([target, root]) != root:
+                if not _within(path, roots):
                     raise CheckpointError(
                         directory,
                         f"symlink {os.path.relpath(path, directory)!r} points outside the "

@@ -19,6 +19,7 @@ import numpy as np
 from jsubspace.errors import CheckpointError
 from jsubspace.errors import PopulationError
 from jsubspace.io import _formats
+from jsubspace.io import _hub
 from jsubspace.io._formats import Model
 from jsubspace.io._formats import TensorRef
 
@@ -120,7 +121,12 @@ def resolve_sources(
 
     Args:
         sources: a comma-separated string or a list; each entry is a model, a directory of models,
-            a glob, or `@file` listing one path per line (relative to that file; `#` comments).
+            a glob, a Hugging Face Hub model `hf://ORG/NAME[@REVISION][/SUBFOLDER]`, or `@file`
+            listing one such entry per line (paths relative to that file; `#` comments).
+            Hub models are read from the Hugging Face cache, and only their missing safetensors
+            files are downloaded (never with HF_HUB_OFFLINE=1); a glob in NAME matches cached
+            repositories, one in SUBFOLDER folders of the snapshot (see `io._hub`). Each becomes
+            a link named `ORG--NAME[@REVISION][--SUB--FOLDER]`, the model's name.
         unreadable: when given, pickled models met inside a directory are appended to it as
             `(path, reason)` and left out, instead of raising (`skip_unreadable`).
 
@@ -132,6 +138,9 @@ def resolve_sources(
     paths: list[str] = []
     for source in sources:
         source = os.path.expanduser(source.strip())
+        if _hub.is_hub_source(source):
+            paths.extend(m.path for m in _hub.resolve(source, unreadable=unreadable))
+            continue
         if source.startswith("@"):
             list_file = source[1:]
             try:
@@ -140,7 +149,11 @@ def resolve_sources(
             except OSError as e:
                 raise CheckpointError(list_file, f"cannot read list file: {e.strerror}") from None
             base = os.path.dirname(list_file)
-            entries = [os.path.join(base, ln) for ln in lines if ln and not ln.startswith("#")]
+            entries = [
+                ln if _hub.is_hub_source(ln) else os.path.join(base, ln)
+                for ln in lines
+                if ln and not ln.startswith("#")
+            ]
             paths.extend(resolve_sources(entries, unreadable=unreadable) if entries else [])
             continue
         if any(c in source for c in "*?["):
@@ -181,7 +194,7 @@ def resolve_sources(
             continue
         _formats.load_model(source)  # Raises the precise error (missing, pickle, unknown).
     seen = set()
-    return [p for p in paths if not (p in seen or seen.add(p))]
+    return [p for p in paths if not ((k := _hub.dedup_key(p)) in seen or seen.add(k))]
 
 
 _PICKLE_REASON = "a pickle-based checkpoint (never loaded: it can run code); convert to safetensors"
@@ -375,6 +388,8 @@ def base_refs(path: str, layers) -> dict[str, TensorRef]:
     Raises:
         CheckpointError: naming `path`, when the base lacks a layer or holds it in another shape.
     """
+    if path.startswith("hf://"):  # a hub id resolves to its cached snapshot
+        (path,) = resolve_sources([path])
     base = _formats.load_model(path)
     refs = {}
     for layer in layers:

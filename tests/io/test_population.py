@@ -92,6 +92,32 @@ def test_sharded_index_cannot_leave_its_directory(tmp_path):
         io.load_model(str(d))
 
 
+def test_a_shard_linked_outside_is_refused_except_into_its_hub_cache_blobs(tmp_path):
+    """A shard that is a symlink leaving the model directory is refused, by name or by link;
+    the one exception is a Hugging Face cache snapshot's links into its own repo's blobs."""
+    save_file({"x": np.ones((2, 2), np.float32)}, str(tmp_path / "outside.safetensors"))
+    index = json.dumps({"weight_map": {"x": "model-1.safetensors"}})
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "model.safetensors.index.json").write_text(index)
+    os.symlink(tmp_path / "outside.safetensors", plain / "model-1.safetensors")
+    with pytest.raises(CheckpointError, match="points outside"):
+        io.load_model(str(plain))
+    repo = tmp_path / "hub" / "models--org--name"
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    save_file({"x": np.full((2, 2), 3.0, np.float32)}, str(repo / "blobs" / "f00d"))
+    (snapshot / "model.safetensors.index.json").write_text(index)
+    os.symlink("../../blobs/f00d", snapshot / "model-1.safetensors")
+    np.testing.assert_array_equal(io.load_model(str(snapshot)).tensors["x"].read(), 3.0)
+    # ... but not into another repository's blobs, or anywhere else.
+    os.remove(snapshot / "model-1.safetensors")
+    os.symlink(tmp_path / "outside.safetensors", snapshot / "model-1.safetensors")
+    with pytest.raises(CheckpointError, match="points outside"):
+        io.load_model(str(snapshot))
+
+
 def test_model_safetensors_directory_and_npz(tmp_path):
     rng = np.random.default_rng(3)
     w = [rng.standard_normal((4, 5)).astype(np.float32) for _ in range(2)]
