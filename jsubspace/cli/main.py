@@ -356,6 +356,12 @@ def _errors_as_messages(main):
             print(f"\njsubspace: interrupted: {e}", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(e.exit_code)
+        except KeyboardInterrupt:
+            # Before the run's own handler is in place (reading headers, planning): nothing
+            # has been written yet.
+            print("\njsubspace: interrupted; nothing was written", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(130)
         except DistributedError as e:
             # The peer is gone: skip jax.distributed's exit barrier, which would wait for it
             # and then abort the process with a fatal log instead of this message.

@@ -73,31 +73,11 @@ class Progress:
     def __enter__(self) -> Progress:
         if self.quiet or not self.terminal:
             return self
-        from rich.console import Console
-        from rich.progress import BarColumn
-        from rich.progress import MofNCompleteColumn
-        from rich.progress import Progress as Live
-        from rich.progress import TextColumn
-        from rich.table import Column
+        from jsubspace.run._live import live_display
 
-        console = Console(file=sys.stderr, force_terminal=True)
-        fixed = dict(no_wrap=True, overflow="ignore")
-        self._live = Live(
-            TextColumn("{task.description}", table_column=Column(**fixed)),
-            BarColumn(bar_width=16, table_column=Column(**fixed)),
-            MofNCompleteColumn(table_column=Column(**fixed)),
-            TextColumn("{task.fields[times]}", table_column=Column(**fixed)),
-            TextColumn("{task.fields[item]}", table_column=Column(no_wrap=True)),
-            console=console,
-            transient=False,
-        )
-        # The item's name is cut in the middle (both ends tell layers apart) to what the
-        # terminal has left beside the fixed columns.
-        self._item_width = max(24, console.width - len(self.verb) - 64)
+        self._live, self._item_width = live_display(self)
         self._live.start()
-        self._task = self._live.add_task(
-            self.verb, total=self.total, completed=self.done, times=self._times(), item=""
-        )
+        self._task = self._live.add_task(self.verb, total=self.total, completed=self.done, item="")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -121,7 +101,9 @@ class Progress:
             return None
         return elapsed / finished * (self.total - self.done)
 
-    def _times(self) -> str:
+    def times(self) -> str:
+        if self.done == self.total:
+            return self._summary()
         return f"{_duration(self.elapsed())} elapsed, ~{_duration(self.left())} left"
 
     def starting(self, name: str) -> None:
@@ -131,7 +113,7 @@ class Progress:
             from jsubspace.report import middle_ellipsis
 
             item = middle_ellipsis(name, self._item_width)
-            self._live.update(self._task, item=item, times=self._times())
+            self._live.update(self._task, item=item)
 
     def finished(self) -> None:
         """The item in progress is done."""
@@ -141,13 +123,13 @@ class Progress:
         if self.quiet:
             return
         if self._live is not None:
-            self._live.update(self._task, completed=self.done, times=self._times())
+            self._live.update(self._task, completed=self.done)
             if self.done == self.total:
-                self._live.update(self._task, item="", times=self._summary())
+                self._live.update(self._task, item="")
             return
         if self.done < self.total:
             print(
-                f"{self.done}/{self.total} {self.what}  {self._times()}  done: {self.name}",
+                f"{self.done}/{self.total} {self.what}  {self.times()}  done: {self.name}",
                 file=sys.stderr,
                 flush=True,
             )
