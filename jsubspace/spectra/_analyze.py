@@ -169,8 +169,10 @@ def analyze_layer(
             center=spectra_config.center,
             base=base,
             key=jax.random.fold_in(key, 2),
+            grams=spectra.grams,
             **bases("holdout"),
         )
+        spectra.grams = None  # device memory back before the other controls and the null
         clock.lap("holdout")
         record.compare = {}
         if control_config.split_half:

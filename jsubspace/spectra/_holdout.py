@@ -336,8 +336,13 @@ def holdout_control(
     solvers=EXACT,
     key: jax.Array | None = None,
     iterations: int = 4,
+    grams=None,
 ) -> dict:
     """The holdout record of one layer (dense stack; LoRA callers pass materialised updates).
+
+    `grams` (`kernels.ModeGrams`), when given, are the population's mean-centred rows / cols
+    Grams the spectra already computed: the fold downdates start from them instead of a pass
+    over the stack of their own.
 
     Per fold: the bases of the training models (less one centring model per held-out model,
     see `centre_models`) from the plan's `solvers` (`(rows, cols)`, 'exact' or 'randomized';
@@ -367,7 +372,8 @@ def holdout_control(
     downdate = by_mean and exact
     total = _population_sum(x)
     if downdate:
-        grams = kernels.mode_grams(x, mesh=mesh, n_models=n_models, modes=tuple(sorted(exact)))
+        if grams is None or any(getattr(grams, mode) is None for mode in exact):
+            grams = kernels.mode_grams(x, mesh=mesh, n_models=n_models, modes=tuple(sorted(exact)))
         mu = total / n_models
     skip = tuple(
         "skip" if downdate and mode in exact else solver

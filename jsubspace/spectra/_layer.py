@@ -59,6 +59,9 @@ class LayerSpectra:
     uncentred: np.ndarray | None  # f64[N, N], <W_i, W_j> before centring (lineage)
     factor_gram: np.ndarray | None = None  # f64[N, N], <A_i, A_j> of LoRA A factors
     models_gram: np.ndarray | None = None  # f64[N, N], the models Gram (LoRA; config.center)
+    # The mean-centred rows / cols Grams on the devices (dense, exact sides), for the holdout's
+    # fold downdates: one pass over the stack feeds both. Dropped once the holdout has run.
+    grams: object | None = None
 
 
 def solver_costs(n_models: int, m: int, n: int, *, mode: str, rank: int, iterations: int) -> dict:
@@ -206,7 +209,10 @@ def _dense_spectra(
                 placed.x, mesh=mesh, n_models=placed.n_models, center="none", modes=("models",)
             ).models
         ).astype(np.float64)
-    return LayerSpectra(out, float(host_array(grams.total_energy)), norms, uncentred)
+    kept = None
+    if config.center == "mean" and (grams.rows is not None or grams.cols is not None):
+        kept = grams._replace(models=None)
+    return LayerSpectra(out, float(host_array(grams.total_energy)), norms, uncentred, grams=kept)
 
 
 def factor_sample_mask(n_pad: int, rank: int, ranks) -> np.ndarray:

@@ -43,3 +43,23 @@ def test_dense_holdout_equals_float64(mesh, holdout, mean_scale):
             record[f"per_model_{field}"], want[f"per_model_{field}"], atol=2e-5
         )
     assert record["mean_only"] == pytest.approx(want["mean_only"], abs=1e-5)
+
+
+def test_the_holdout_reuses_the_spectra_grams():
+    """The spectra's centred rows / cols Grams, handed to the holdout, give the same record as
+    the holdout's own pass over the stack (and layer_spectra keeps them for it)."""
+    from jsubspace import spectra
+
+    mesh = sharding.models_mesh(4)
+    w = testing.planted_population(1, n_models=12, shape=(20, 24), rank=3, noise=0.3)
+    x = _placed(w, mesh)
+    from jsubspace.io import PlacedDense
+
+    found = spectra.layer_spectra(
+        PlacedDense(x, 12), mesh=mesh, config=spectra.SpectraConfig(), key=jax.random.key(0)
+    )
+    assert found.grams.rows.shape == (20, 20) and found.grams.cols.shape == (24, 24)
+    own = _holdout.holdout_control(x, 12, mesh=mesh, holdout=4, seed=3)
+    reused = _holdout.holdout_control(x, 12, mesh=mesh, holdout=4, seed=3, grams=found.grams)
+    for field in ("per_model_two_sided", "per_model_rows_one_sided", "per_model_cols_one_sided"):
+        np.testing.assert_allclose(reused[field], own[field], atol=1e-6)
