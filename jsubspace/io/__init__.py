@@ -1,5 +1,6 @@
 """Checkpoints -> index -> aligned layers -> sharded arrays (safetensors, PEFT, Orbax, npz;
-from paths or from the Hugging Face Hub as `hf://ORG/NAME[@REVISION][/SUBFOLDER]`)."""
+from paths, from the Hugging Face Hub as `hf://ORG/NAME[@REVISION][/SUBFOLDER]`, or from
+`https://`, `http://`, `s3://` and `gs://` URLs read by byte ranges, see `io._remote`)."""
 
 from jsubspace.io._formats import LoraConfig
 from jsubspace.io._formats import LoraModule

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from jsubspace.errors import CheckpointError
+from jsubspace.io import _remote
 from jsubspace.io import _safetensors
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -116,8 +117,11 @@ def _safetensors_refs(path: str) -> dict[str, TensorRef]:
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
+        if _remote.is_url(path):
+            value = json.loads(bytes(_remote.read_json_bytes(path)).decode("utf-8"))
+        else:
+            with open(path, encoding="utf-8") as f:
+                value = json.load(f)
     except OSError as e:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -125,6 +129,27 @@ def _read_json(path: str) -> dict:
     if not isinstance(value, dict):
         raise CheckpointError(path, f"expected a JSON object, found a {type(value).__name__}")
     return value
+
+
+def _join(directory: str, name: str) -> str:
+    return (
+        _remote.join(directory, name)
+        if _remote.is_url(directory)
+        else os.path.join(directory, name)
+    )
+
+
+def _isfile(path: str) -> bool:
+    return _remote.exists(path) if _remote.is_url(path) else os.path.isfile(path)
+
+
+def _name(path: str) -> str:
+    """A model's name from its path: the basename (for a URL, see `_remote.model_name`)."""
+    return (
+        _remote.model_name(path)
+        if _remote.is_url(path)
+        else os.path.basename(os.path.normpath(path))
+    )
 
 
 def _link_roots(directory: str) -> list[str]:
@@ -148,6 +173,8 @@ def _within(path: str, roots: list[str]) -> bool:
 def _inside(directory: str, filename: str, source: str) -> str:
     """Joins a file name from metadata to its directory, refusing anything that leaves it (by
     name, or through a link that leads outside; see `_link_roots`)."""
+    if _remote.is_url(directory):
+        return _remote.join_inside(directory, filename, source)
     if not isinstance(filename, str) or not filename:
         raise CheckpointError(source, f"bad file name {filename!r}")
     joined = os.path.normpath(os.path.join(directory, filename))
@@ -165,13 +192,13 @@ def load_sharded_index(path: str) -> dict[str, TensorRef]:
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(path, "index has no 'weight_map' object")
-    directory = os.path.dirname(path)
+    directory = _remote.parent(path) if _remote.is_url(path) else os.path.dirname(path)
     shards: dict[str, dict[str, TensorRef]] = {}
     refs = {}
     for name, filename in weight_map.items():
         shard = _inside(directory, filename, path)
         if shard not in shards:
-            if not os.path.isfile(shard):
+            if not _isfile(shard):
                 raise CheckpointError(path, f"shard {filename!r} listed in the index is missing")
             shards[shard] = _safetensors_refs(shard)
         if name not in shards[shard]:
@@ -187,7 +214,7 @@ _LORA_KEY = re.compile(
 
 def load_peft(directory: str) -> Model:
     """A PEFT LoRA adapter directory, exposing each adapted module in factored form."""
-    config_path = os.path.join(directory, "adapter_config.json")
+    config_path = _join(directory, "adapter_config.json")
     cfg = _read_json(config_path)
     peft_type = cfg.get("peft_type", "LORA")
     if peft_type != "LORA":
@@ -207,11 +234,9 @@ def load_peft(directory: str) -> Model:
         raise CheckpointError(config_path, f"bad LoRA config field: {e!r}") from None
     if config.r <= 0:
         raise CheckpointError(config_path, f"r must be positive, found {config.r}")
-    weights = os.path.join(directory, "adapter_model.safetensors")
-    if not os.path.isfile(weights):
-        if any(
-            os.path.isfile(os.path.join(directory, "adapter_model" + s)) for s in PICKLE_SUFFIXES
-        ):
+    weights = _join(directory, "adapter_model.safetensors")
+    if not _isfile(weights):
+        if any(_isfile(_join(directory, "adapter_model" + s)) for s in PICKLE_SUFFIXES):
             raise CheckpointError(
                 directory,
                 "adapter weights are pickled (adapter_model.bin); pickles are never loaded. "
@@ -245,9 +270,7 @@ def load_peft(directory: str) -> Model:
         modules[module] = LoraModule(module, a, b, rank, alpha, config.scale(rank, alpha))
     if not modules:
         raise CheckpointError(weights, "no lora_A / lora_B tensors found")
-    return Model(
-        os.path.basename(os.path.normpath(directory)), directory, "peft", tensors, config, modules
-    )
+    return Model(_name(directory), directory, "peft", tensors, config, modules)
 
 
 MAX_TENSOR_BYTES = 2**40  # A tensor claiming more than 1 TiB is refused outright.
@@ -408,6 +431,8 @@ _NOT_MODELS = ("optimizer", "scheduler", "rng_state", "training_args", "trainer_
 def pickled_model(path: str) -> bool:
     """A model only in a pickle format (`*.bin`, `*.pt`, ...; or a directory holding
     `pytorch_model.bin` and no safetensors weights), which is never loaded."""
+    if _remote.is_url(path):
+        return _remote.pickled_model(path)
     if os.path.isfile(path):
         # Training state that sits beside models (optimizer.pt, rng_state.pth, ...) is no model.
         return path.endswith(PICKLE_SUFFIXES) and not os.path.basename(path).startswith(_NOT_MODELS)
@@ -424,6 +449,8 @@ def pickled_model(path: str) -> bool:
 
 def model_kind(path: str) -> str | None:
     """The format of `path` if it is a model, else None (a directory of models, say)."""
+    if _remote.is_url(path):
+        return _remote.model_kind(path)
     if os.path.isfile(path):
         if path.endswith(".safetensors"):
             return "safetensors"
@@ -448,16 +475,19 @@ def model_kind(path: str) -> str | None:
 def load_model(path: str) -> Model:
     """Reads the headers of one model; raises CheckpointError if `path` is no known format."""
     kind = model_kind(path)
-    name = os.path.basename(os.path.normpath(path))
-    if kind == "safetensors" and os.path.isdir(path):
-        file = os.path.join(path, "model.safetensors")
+    remote = _remote.is_url(path)
+    name = _name(path)
+    is_dir = not _remote.is_file_url(path) if remote else os.path.isdir(path)
+    if kind == "safetensors" and is_dir:
+        file = _join(path, "model.safetensors")
         return Model(name, path, kind, _safetensors_refs(file))
     if kind == "safetensors":
-        return Model(os.path.splitext(name)[0], path, kind, _safetensors_refs(path))
-    if kind == "safetensors-index":
         return Model(
-            name, path, kind, load_sharded_index(os.path.join(path, "model.safetensors.index.json"))
+            name if remote else os.path.splitext(name)[0], path, kind, _safetensors_refs(path)
         )
+    if kind == "safetensors-index":
+        index = _join(path, "model.safetensors.index.json") if is_dir else path
+        return Model(name, path, kind, load_sharded_index(index))
     if kind == "peft":
         return load_peft(path)
     if kind == "orbax":
@@ -471,6 +501,8 @@ def load_model(path: str) -> Model:
             "safetensors first, in a trusted environment: load the state dict with torch "
             "(weights_only=True) and write it with safetensors.torch.save_file",
         )
+    if remote:
+        raise CheckpointError(path, _remote.missing_problem(path))
     if not os.path.exists(path):
         raise CheckpointError(path, "no such file or directory")
     raise CheckpointError(

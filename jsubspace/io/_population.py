@@ -20,6 +20,7 @@ from jsubspace.errors import CheckpointError
 from jsubspace.errors import PopulationError
 from jsubspace.io import _formats
 from jsubspace.io import _hub
+from jsubspace.io import _remote
 from jsubspace.io._formats import Model
 from jsubspace.io._formats import TensorRef
 
@@ -121,12 +122,27 @@ def resolve_sources(
 
     Args:
         sources: a comma-separated string or a list; each entry is a model, a directory of models,
-            a glob, a Hugging Face Hub model `hf://ORG/NAME[@REVISION][/SUBFOLDER]`, or `@file`
-            listing one such entry per line (paths relative to that file; `#` comments).
+            a glob, a Hugging Face Hub model `hf://ORG/NAME[@REVISION][/SUBFOLDER]`, a URL, or
+            `@file` listing one such entry per line (paths relative to that file; `#` comments).
             Hub models are read from the Hugging Face cache, and only their missing safetensors
             files are downloaded (never with HF_HUB_OFFLINE=1); a glob in NAME matches cached
             repositories, one in SUBFOLDER folders of the snapshot (see `io._hub`). Each becomes
             a link named `ORG--NAME[@REVISION][--SUB--FOLDER]`, the model's name.
+            A URL (`https://`, `http://`, `s3://`, `gs://`; see `io._remote`) names a
+            `*.safetensors` file, a sharded `*.safetensors.index.json`, or a directory: for
+            http(s) the known file names are probed under it (a PEFT adapter's
+            `adapter_config.json` + `adapter_model.safetensors`, `model.safetensors.index.json`,
+            `model.safetensors`), an s3 / gs prefix is listed (a prefix of models, or a glob, gives
+            each model in it). Nothing is downloaded whole: headers, then each selected tensor,
+            are read by byte ranges, and kept in a range cache (`$XDG_CACHE_HOME/jsubspace/ranges`,
+            or `JSUBSPACE_RANGE_CACHE=DIR|off`) keyed by the object's ETag, so a resumed run
+            fetches only what it lacks. A URL model is named by its file's stem, or by its
+            directory for the standard file names (`.../seed3/model.safetensors` -> `seed3`).
+            `s3://` needs `s3fs` and `gs://` needs `gcsfs` (`pip install 'jsubspace[remote]'`),
+            with their usual credentials; an S3-compatible store is reached with
+            `AWS_ENDPOINT_URL=http://host:port` (botocore) or `FSSPEC_S3_ENDPOINT_URL`. Requests
+            time out after `JSUBSPACE_REMOTE_TIMEOUT` seconds (30) and are tried
+            `JSUBSPACE_REMOTE_RETRIES` times (3).
         unreadable: when given, pickled models met inside a directory are appended to it as
             `(path, reason)` and left out, instead of raising (`skip_unreadable`).
 
@@ -137,7 +153,11 @@ def resolve_sources(
         sources = [s for s in sources.split(",") if s.strip()]
     paths: list[str] = []
     for source in sources:
-        source = os.path.expanduser(source.strip())
+        source = source.strip()
+        if _remote.is_url(source):
+            paths.extend(_remote.resolve(source, unreadable=unreadable))
+            continue
+        source = os.path.expanduser(source)
         if _hub.is_hub_source(source):
             paths.extend(m.path for m in _hub.resolve(source, unreadable=unreadable))
             continue
@@ -150,7 +170,7 @@ def resolve_sources(
                 raise CheckpointError(list_file, f"cannot read list file: {e.strerror}") from None
             base = os.path.dirname(list_file)
             entries = [
-                ln if _hub.is_hub_source(ln) else os.path.join(base, ln)
+                ln if _hub.is_hub_source(ln) or _remote.is_url(ln) else os.path.join(base, ln)
                 for ln in lines
                 if ln and not ln.startswith("#")
             ]

@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from jsubspace.errors import CheckpointError
+from jsubspace.io import _remote
 
 # The largest header we accept. safetensors itself refuses headers over 100 MB.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -84,7 +85,8 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """Reads and validates the header of a safetensors file; reads no tensor bytes.
 
     Args:
-        path: the `.safetensors` file.
+        path: the `.safetensors` file, or its URL (`io._remote`: two range requests, the length
+            then the header, validated alike).
 
     Returns:
         The validated header.
@@ -93,26 +95,38 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         CheckpointError: naming the file and the problem, for any malformed input.
     """
     path = os.fspath(path)
+    if _remote.is_url(path):
+        remote = _remote.open_file(path)
+        return _parse_header(path, remote.size, remote.read)
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise _fail(path, f"file is {size} bytes, shorter than the 8-byte header length")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > size - 8:
-                raise _fail(
-                    path, f"header length {header_len} is larger than the file ({size} bytes)"
-                )
-            if header_len > MAX_HEADER_BYTES:
-                raise _fail(path, f"header length {header_len} exceeds {MAX_HEADER_BYTES} bytes")
-            raw = f.read(header_len)
+
+            def read(offset: int, n: int) -> bytes:
+                f.seek(offset)
+                return f.read(n)
+
+            return _parse_header(path, size, read)
     except OSError as e:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from None
+
+
+def _parse_header(path: str, size: int, read) -> SafetensorsHeader:
+    """The header of a file of `size` bytes whose bytes `read(offset, n)` returns (fewer where the
+    file ends first)."""
+    prefix = read(0, 8)
+    if len(prefix) < 8:
+        raise _fail(path, f"file is {size} bytes, shorter than the 8-byte header length")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > size - 8:
+        raise _fail(path, f"header length {header_len} is larger than the file ({size} bytes)")
+    if header_len > MAX_HEADER_BYTES:
+        raise _fail(path, f"header length {header_len} exceeds {MAX_HEADER_BYTES} bytes")
+    raw = read(8, header_len)
     if len(raw) != header_len:
         raise _fail(path, "file truncated inside the header")
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(bytes(raw).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise _fail(path, f"header is not UTF-8 JSON ({type(e).__name__})") from None
     if not isinstance(header, dict):
@@ -171,9 +185,14 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
 
 
 def read_tensor(path: str | os.PathLike, info: TensorInfo) -> np.ndarray:
-    """A read-only memory-mapped view of one tensor; no bytes are read until used."""
+    """A read-only memory-mapped view of one tensor; no bytes are read until used. For a URL,
+    the tensor's bytes are fetched now, by one range request (or from the range cache)."""
     if info.nbytes == 0:
         return np.zeros(info.shape, info.dtype)
+    if _remote.is_url(path):
+        array = np.frombuffer(_remote.read_range(path, info.offset, info.nbytes), info.dtype)
+        array.flags.writeable = False
+        return array.reshape(info.shape)
     try:
         flat = np.memmap(
             path,
