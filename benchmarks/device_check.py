@@ -1,0 +1,187 @@
+"""One check of a machine's accelerator (or its CPU), written to one JSON: what the devices are,
+the kernel rates the layer plans use, the core kernels' achieved rates, and the default analysis
+against the spectra alone on a LoRA population (Mistral-7B module shapes) and a dense one.
+
+About 3-4 minutes on a GPU with the default sizes (the writes of the populations included);
+`--quick` (tiny shapes, about a minute on 2 CPU cores) is what the test suite runs, so that the
+script is known to work before an accelerator is at hand.
+
+Run:
+    python benchmarks/device_check.py --out=device_check.json
+    python benchmarks/device_check.py --out=/tmp/check.json --quick        # CPU, tests
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+_OUT = flags.DEFINE_string("out", "device_check.json", "Where the JSON goes.")
+_QUICK = flags.DEFINE_bool("quick", False, "Tiny shapes: a CPU check of the script itself.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory (default: a temporary one).")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# (adapters, transformer layers, hidden, kv width) of the LoRA population; (models, layers,
+# hidden) of the dense one; (N, m, n) of the kernel-rate stack.
+SIZES = {
+    False: {"lora": (40, 1, 4096, 1024), "dense": (16, 2, 512), "kernel": (64, 1024, 1024)},
+    True: {"lora": (8, 1, 256, 64), "dense": (6, 1, 64), "kernel": (8, 128, 96)},
+}
+
+
+def _best(fn, *args, repeats: int = 3) -> float:
+    fn(*args)  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn(*args)
+        getattr(out, "block_until_ready", lambda: None)()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def kernel_rates(n: int, m: int, k: int) -> dict:
+    """Achieved rates of the Gram and randomized kernels on an `[n, m, k]` stack on every
+    device, in flop/s."""
+    import jax
+    import numpy as np
+
+    from jsubspace import kernels
+    from jsubspace import sharding
+
+    mesh = sharding.models_mesh()
+    n_pad = sharding.padded_count(n, mesh)
+    x = jax.device_put(
+        np.random.default_rng(0).standard_normal((n_pad, m, k), np.float32),
+        sharding.stacked_sharding(mesh),
+    )
+
+    def grams():
+        return kernels.mode_grams(x, mesh=mesh, n_models=n, modes=("rows", "cols")).rows
+
+    rank = min(64, m, k)
+
+    def randomized():
+        return kernels.randomized_mode_eigh(
+            x, key=jax.random.key(0), mesh=mesh, n_models=n, mode="rows", rank=rank
+        ).values
+
+    t_gram = _best(grams)
+    t_rand = _best(randomized)
+    width = rank + 10
+    return {
+        "stack": [n, m, k],
+        "devices": mesh.devices.size,
+        "gram_seconds": t_gram,
+        "gram_flops_per_s": 2.0 * n * m * k * (m + k) / t_gram,
+        "randomized_seconds": t_rand,
+        "randomized_flops_per_s": (3 + 1) * 4.0 * n * m * k * width / t_rand,
+    }
+
+
+def _write(kind: str, out: str, sizes: tuple) -> float:
+    """A population written by benchmarks/write_population.py (its own process: it defines
+    flags of its own); returns the seconds it took."""
+    if kind == "lora":
+        n, layers, hidden, kv = sizes
+        extra = [f"--hidden={hidden}", f"--kv={kv}", "--planted=8", "--shared_a_fraction=0.25"]
+    else:
+        n, layers, hidden = sizes
+        extra = [f"--hidden={hidden}"]
+    start = time.perf_counter()
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "write_population.py"),
+            f"--out={out}",
+            f"--kind={'lora' if kind == 'lora' else 'full'}",
+            f"--n={n}",
+            f"--layers={layers}",
+            *extra,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return time.perf_counter() - start
+
+
+def analysis(population: str, work: str) -> dict:
+    """The default analysis against the spectra alone (no null, holdout or split half), each in
+    this process after a warm-up run of the same shapes (so compilation is not timed), and the
+    seconds of each part of the default run (summed over layers)."""
+    import jsubspace
+
+    spectra_only = dict(null_draws=0, holdout=None, split_half=False)
+    out = {}
+    for name, options in (("spectra_only", spectra_only), ("default", {})):
+        kwargs = dict(plots=False, quiet=True, overwrite=True, **options)
+        jsubspace.analyze([population], os.path.join(work, f"{name}_warm"), **kwargs)
+        start = time.perf_counter()
+        result = jsubspace.analyze([population], os.path.join(work, name), **kwargs)
+        out[f"{name}_seconds"] = time.perf_counter() - start
+        parts = {}
+        for layer in result["layers"]:
+            for part, seconds in layer.get("seconds", {}).items():
+                parts[part] = parts.get(part, 0.0) + seconds
+        out[f"{name}_parts"] = parts
+        if name == "default":
+            out["verdicts"] = {la["name"]: la["verdict"]["label"] for la in result["layers"]}
+            out["layers"] = len(result["layers"])
+            out["models"] = len(result["models"])
+    out["default_over_spectra"] = out["default_seconds"] / out["spectra_only_seconds"]
+    return out
+
+
+def main(argv):
+    del argv
+    import jax
+
+    from jsubspace import spectra
+
+    sizes = SIZES[_QUICK.value]
+    started = time.perf_counter()
+    devices = jax.devices()
+    record = {
+        "what": "benchmarks/device_check.py" + (" --quick" if _QUICK.value else ""),
+        "host": {"platform": platform.platform(), "python": platform.python_version()},
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [{"kind": d.device_kind, "platform": d.platform, "id": d.id} for d in devices],
+        "processes": jax.process_count(),
+    }
+    record["plan_rates"] = spectra.measure_rates().__dict__
+    print(f"{len(devices)} x {devices[0].device_kind}; plan rates {record['plan_rates']}")
+    record["kernels"] = kernel_rates(*sizes["kernel"])
+    print(f"kernels: {record['kernels']}")
+    with tempfile.TemporaryDirectory() as scratch:
+        work = _WORKDIR.value or scratch
+        for kind in ("lora", "dense"):
+            population = os.path.join(work, f"population_{kind}")
+            written = _write(kind, population, sizes[kind])
+            found = analysis(population, os.path.join(work, f"out_{kind}"))
+            found["population"] = list(sizes[kind])
+            found["write_seconds"] = written
+            record[kind] = found
+            print(
+                f"{kind}: default {found['default_seconds']:.1f} s, spectra only "
+                f"{found['spectra_only_seconds']:.1f} s "
+                f"({found['default_over_spectra']:.2f}x); parts {found['default_parts']}"
+            )
+    record["seconds"] = time.perf_counter() - started
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {_OUT.value} ({record['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    app.run(main)
