@@ -186,7 +186,6 @@ def lora_bases(
     return tuple(bases)
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "k"))
 def downdated_basis(gram, x, removed, mu, count, *, mode: str, k: int):
     """The top-k eigenvectors (`f32[side, k]`) of one fold's `rows` / `cols` matrix, as a
     downdate of the whole population's: with `G = sum_i (W_i - mu)(W_i - mu)^T` over all models
@@ -202,6 +201,12 @@ def downdated_basis(gram, x, removed, mu, count, *, mode: str, k: int):
         x: `dtype[N_pad, m, n]`, the layer; removed: `int[q]`; mu: `f32[m, n]` the population
             mean; count: `|A|`.
     """
+    return top_eigenvectors(_fold_matrix(gram, x, removed, mu, count, mode=mode), k)
+
+
+@functools.partial(jax.jit, static_argnames=("mode",))
+def _fold_matrix(gram, x, removed, mu, count, *, mode: str):
+    """`downdated_basis`' matrix: the population's less the removed models and the mean shift."""
     r = jnp.take(x, removed, axis=0).astype(jnp.float32) - mu
     d = -jnp.sum(r, axis=0) / count
     if mode == "rows":
@@ -210,7 +215,34 @@ def downdated_basis(gram, x, removed, mu, count, *, mode: str, k: int):
     else:
         minus = jnp.einsum("imn,imk->nk", r, r, precision=HIGHEST)
         outer = jnp.dot(d.T, d, precision=HIGHEST)
-    return jnp.linalg.eigh(gram - minus - count * outer)[1][:, ::-1][:, :k]
+    return gram - minus - count * outer
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _top_eigenvectors_device(matrix, k: int):
+    return jnp.linalg.eigh(matrix)[1][:, ::-1][:, :k]
+
+
+def top_eigenvectors(matrix: jax.Array, k: int) -> jax.Array | np.ndarray:
+    """The top-k eigenvectors (`f32[side, k]`, descending) of a symmetric matrix (on CPU a host
+    array, which jitted callers take as a replicated input, in one process or many).
+
+    On CPU the matrix is in host memory already, and LAPACK's `?syevr` computes the k wanted
+    pairs alone (`subset_by_index`): about twice as fast as XLA's CPU `eigh`, which always
+    computes every eigenvector (a 1536-wide fold matrix: 0.27 s instead of 0.5 s, five folds
+    per layer and side). Accelerators solve on the device."""
+    if next(iter(matrix.devices())).platform != "cpu":
+        return _top_eigenvectors_device(matrix, k)
+    import scipy.linalg
+
+    host = host_array(matrix)
+    side = host.shape[0]
+    if not np.all(np.isfinite(host)):
+        return np.full((side, k), np.nan, np.float32)
+    _, vectors = scipy.linalg.eigh(
+        host, subset_by_index=[side - k, side - 1], driver="evr", check_finite=False
+    )
+    return np.ascontiguousarray(vectors[:, ::-1], np.float32)
 
 
 @jax.jit
