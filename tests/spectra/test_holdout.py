@@ -63,3 +63,34 @@ def test_the_holdout_reuses_the_spectra_grams():
     reused = _holdout.holdout_control(x, 12, mesh=mesh, holdout=4, seed=3, grams=found.grams)
     for field in ("per_model_two_sided", "per_model_rows_one_sided", "per_model_cols_one_sided"):
         np.testing.assert_allclose(reused[field], own[field], atol=1e-6)
+
+
+def test_long_sides_take_their_fold_bases_by_lanczos_and_agree_with_float64():
+    """A side of 320 (past `LANCZOS_SIDE`, k a small part of it): the CPU fold bases come from
+    Lanczos; the per-model captures still equal the float64 oracle's."""
+    assert 320 >= _holdout.LANCZOS_SIDE
+    mesh = sharding.models_mesh(2)
+    w = testing.planted_population(2, n_models=10, shape=(320, 24), rank=3, noise=0.3)
+    record = _holdout.holdout_control(_placed(w, mesh), 10, mesh=mesh, holdout=5, seed=1)
+    folds = _holdout.fold_assignment(10, 5, 1)
+    kmax = max(record["ks"])
+    assert kmax <= 320 // 8
+    want = _holdout._record(
+        *testing.holdout64(w.astype(np.float64), folds, kmax, 1),
+        m=320,
+        n=24,
+        kmax=kmax,
+        folds=5,
+        holdout=5,
+        center="mean",
+        note=None,
+    )
+    for field in ("two_sided", "rows_one_sided", "cols_one_sided"):
+        np.testing.assert_allclose(
+            record[f"per_model_{field}"], want[f"per_model_{field}"], atol=2e-5
+        )
+    # The solver itself: the top eigenvectors of a 320-wide matrix, descending, to float32.
+    g = np.cov(np.random.default_rng(0).standard_normal((320, 900))).astype(np.float32)
+    got = _holdout.top_eigenvectors(jax.numpy.asarray(g), 6)
+    want_v = np.linalg.eigh(g.astype(np.float64))[1][:, ::-1][:, :6]
+    np.testing.assert_allclose(np.abs(np.sum(got * want_v, axis=0)), 1.0, atol=1e-5)
