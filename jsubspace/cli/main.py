@@ -261,7 +261,7 @@ def _reconstruct(argv):
     paths = []
     with (
         interruptible(message=lambda: f"{len(paths)} of {len(models)} models written"),
-        Progress(len(models), what="models", verb="rebuilding") as progress,
+        Progress(len(models), what="models", verb="rebuilding", lead=True) as progress,
     ):
         for model in models:
             progress.starting(model)
@@ -290,7 +290,10 @@ def _merge(argv):
         _MODELS.value, include=_CONFIG["include"].value, exclude=_CONFIG["exclude"].value
     )
     if base_path.startswith("hf://"):
-        (base_path,) = io.resolve_sources([base_path])
+        found = io.resolve_sources([base_path])
+        if len(found) != 1:
+            raise app.UsageError(f"--base={base_path} names {len(found)} models, not one")
+        (base_path,) = found
     base = io.load_model(base_path)
     method = _METHOD_MERGE.value
     store = SubspaceStore(_STORE.value) if _STORE.value else None

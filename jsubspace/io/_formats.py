@@ -152,22 +152,28 @@ def _name(path: str) -> str:
     )
 
 
-def _link_roots(directory: str) -> list[str]:
-    """Where the files of a checkpoint directory may really live: the directory itself and,
+def _link_roots(directory: str) -> tuple[str, str | None]:
+    """Where the files of a checkpoint directory may really live: the directory itself, and,
     for a snapshot of a Hugging Face cache (`models--ORG--NAME/snapshots/REV/...`, whose files
-    are links to `../../blobs/`), that repository's blob store."""
-    roots = [os.path.realpath(directory)]
-    parts = os.path.realpath(directory).split(os.sep)
+    are links to `../../blobs/`), that repository's blob store -- only when it is a real folder
+    (not itself a link), and only for files directly inside it, as the cache lays them out."""
+    root = os.path.realpath(directory)
+    parts = root.split(os.sep)
     for i in range(len(parts) - 2, 0, -1):
         if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
-            roots.append(os.path.realpath(os.sep.join(parts[:i] + ["blobs"])))
+            blobs = os.sep.join(parts[:i] + ["blobs"])
+            if os.path.isdir(blobs) and not os.path.islink(blobs):
+                return root, os.path.realpath(blobs)
             break
-    return roots
+    return root, None
 
 
-def _within(path: str, roots: list[str]) -> bool:
+def _within(path: str, roots: tuple[str, str | None]) -> bool:
     target = os.path.realpath(path)
-    return any(os.path.commonpath([target, root]) == root for root in roots)
+    root, blobs = roots
+    if os.path.commonpath([target, root]) == root:
+        return True
+    return blobs is not None and os.path.dirname(target) == blobs and os.path.isfile(target)
 
 
 def _inside(directory: str, filename: str, source: str) -> str:

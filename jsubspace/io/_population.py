@@ -409,7 +409,10 @@ def base_refs(path: str, layers) -> dict[str, TensorRef]:
         CheckpointError: naming `path`, when the base lacks a layer or holds it in another shape.
     """
     if path.startswith("hf://"):  # a hub id resolves to its cached snapshot
-        (path,) = resolve_sources([path])
+        found = resolve_sources([path])
+        if len(found) != 1:
+            raise CheckpointError(path, f"a base must be one model; this names {len(found)}")
+        (path,) = found
     base = _formats.load_model(path)
     refs = {}
     for layer in layers:

@@ -86,7 +86,8 @@ def verdict_rows(result: dict) -> list[dict]:
         label = verdict.get("label")
         if len(verdict.get("shared", [])) == 1:  # name the shared side's role
             side = verdict["shared"][0]
-            label = f"{label} ({side}: {verdict['roles'][side]} side)"
+            role = (verdict.get("roles") or {}).get(side)
+            label = f"{label} ({side}: {role} side)" if role else label
         row = {"layer": layer["name"], "verdict": label}
         for side in ("rows", "cols"):
             held = _criterion(verdict, "holdout", side) or {}

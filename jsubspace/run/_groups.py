@@ -45,9 +45,15 @@ def read_groups(path: str, population: io.Population) -> list[Grouping]:
     for i, model in enumerate(population.models):
         for key in _keys(model):
             lookup.setdefault(key, set()).add(i)
+    # Rows of models left out as unreadable (`skip_unreadable`) are passed over.
+    skipped = set()
+    for path, _ in population.unreadable:
+        skipped.update({os.path.normpath(path), os.path.basename(os.path.normpath(path))})
     labels: dict[int, list[str]] = {}
     for line, row in enumerate(rows[1:], start=2):
         name = row[0].strip()
+        if name in skipped or os.path.normpath(name) in skipped:
+            continue
         values = [c.strip() for c in row[1:]]
         if len(values) != len(header) - 1 or not all(values):
             raise PopulationError(

@@ -38,7 +38,9 @@ def _watch(reader: socket.socket, done: threading.Event, grace: float, message) 
         return  # the main thread stopped by itself
     # Never end the process in the middle of an atomic write.
     WRITE_LOCK.acquire(timeout=30)
-    print(f"\njsubspace: interrupted; {message()}", file=sys.stderr, flush=True)
+    # A live progress line hid the cursor; no exit handler will show it again.
+    show = "\x1b[?25h" if sys.stderr.isatty() else ""
+    print(f"{show}\njsubspace: interrupted; {message()}", file=sys.stderr, flush=True)
     os._exit(EXIT_CODES.get(signum, 130))
 
 

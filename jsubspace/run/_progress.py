@@ -48,12 +48,15 @@ class Progress:
         verb: str = "analysing",
         terminal: bool | None = None,
         clock: Callable[[], float] = time.time,
+        lead: bool | None = None,
     ):
         self.total = total
         self.done = done
         self.kept = done
         self.estimates = list(estimates) if estimates is not None else None
-        self.quiet = quiet or jax.process_index() != 0
+        # `lead`: whether this process speaks (default: process 0; commands that start no
+        # JAX backend say so, so that progress does not start one).
+        self.quiet = quiet or not (jax.process_index() == 0 if lead is None else lead)
         self.what = what
         self.verb = verb
         self.clock = clock

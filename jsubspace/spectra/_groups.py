@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jsubspace.kernels import HIGHEST
 from jsubspace.kernels._hosvd import EXACT
 from jsubspace.sharding._mesh import host_array
 from jsubspace.sharding._mesh import padded_count
@@ -80,6 +81,14 @@ def within_pairs(index: np.ndarray, seed: int) -> np.ndarray:
         if len(members) > 1:
             partner[members] = np.roll(members, -1)
     return partner
+
+
+@jax.jit
+def _masked_sums(x, weights, held):
+    """`f32[m, n]`: the sum of the models with weight 1 plus the sum of the `held` models."""
+    xf = x.astype(jnp.float32)
+    inside = jnp.einsum("i,imn->mn", weights, xf, precision=HIGHEST)
+    return inside + jnp.sum(jnp.take(xf, held, axis=0), axis=0)
 
 
 def _substack(x: jax.Array, idx: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -176,8 +185,18 @@ def group_control(
         held = np.flatnonzero(~in_a & (partner >= 0))
         if not len(held):
             continue
+        # `held_captures`' training mean is (total - sum of the held) / (count - p): given
+        # a's sum plus the held models' as the total, and |a| + p as the count, a's own mean.
+        sums = _masked_sums(x, model_weights(in_a, n_pad, sharded), jnp.asarray(held))
         found = held_captures(
-            x, jnp.asarray(held), jnp.asarray(partner[held]), ref, total, float(n_models), u, v
+            x,
+            jnp.asarray(held),
+            jnp.asarray(partner[held]),
+            ref,
+            sums,
+            float(sizes[a] + len(held)),
+            u,
+            v,
         )
         two, rows, cols, centred, resid, raw = (host_array(f).astype(np.float64) for f in found)
         safe = np.maximum(centred, 1e-30)[:, None]
@@ -187,8 +206,6 @@ def group_control(
                 continue
             for side, got in zip(SIDES, (two, rows, cols)):
                 curves[side][a, b] = (got[mine] / safe[mine]).mean(0)
-            # `held_captures`' training mean is (total - sum of the held) / (N - p): with every
-            # model outside a held, a's own mean.
             mean_only[a, b] = 1.0 - resid[mine].sum() / max(raw[mine].sum(), 1e-30)
 
     # Own bases: each group's holdout inside it.
@@ -239,8 +256,8 @@ def group_control(
         for b in range(n_groups):
             in_b = index == b
             held = np.flatnonzero(in_b & (partner >= 0))
-            if not len(held):
-                continue
+            if not len(held) or n_models - sizes[b] < 2:
+                continue  # no pairs to score, or no basis to fit (fewer than 2 models)
             u, v = masked_bases(
                 x,
                 model_weights(~in_b, n_pad, sharded),
@@ -258,6 +275,9 @@ def group_control(
                 f = host_array(f).astype(np.float64)
                 out[j][held, ...] = f if f.ndim == 1 else np.pad(f, ((0, 0), (0, 64 - kmax)))
             scored[held] = True
+    if n_groups >= 2 and not scored.any():
+        notes.append("no leave-one-group-out holdout: no group has two models to pair")
+    elif n_groups >= 2:
         curves_logo = [o[scored][:, :kmax] for o in out[:3]]
         logo = _record(
             *curves_logo,
@@ -281,7 +301,9 @@ def group_control(
         return [[None if np.isnan(v) else float(v) for v in row] for row in values]
 
     spectra = {}
-    if uncentred is not None:
+    if uncentred is None:
+        notes.append("no per-group spectra: they come from the lineage control's inner products")
+    else:
         for g, label in enumerate(grouping.labels):
             spectra[label] = _group_spectrum(uncentred, np.flatnonzero(index == g))
     record = {

@@ -242,12 +242,12 @@ def top_eigenvectors(matrix: jax.Array, k: int) -> jax.Array | np.ndarray:
     side = host.shape[0]
     if not np.all(np.isfinite(host)):
         return np.full((side, k), np.nan, np.float32)
-    if side >= LANCZOS_SIDE and k <= side // 8:
+    if side >= LANCZOS_SIDE and k <= side // 8 and np.any(host):
         start = np.random.default_rng([side, k]).standard_normal(side).astype(host.dtype)
         try:
             values, vectors = scipy.sparse.linalg.eigsh(host, k=k, which="LA", tol=0, v0=start)
-        except scipy.sparse.linalg.ArpackNoConvergence:
-            pass  # the direct solver below
+        except scipy.sparse.linalg.ArpackError:
+            pass  # no convergence, or a degenerate start: the direct solver below
         else:
             order = np.argsort(values)[::-1]
             return np.ascontiguousarray(vectors[:, order], np.float32)

@@ -137,6 +137,13 @@ class Criterion:
         return cls(**{**record, "interval": tuple(interval) if interval is not None else None})
 
 
+_LEGACY_LABELS = {
+    "shared input subspace (cols); outputs model-specific": Label.SHARED_COLS.value,
+    "shared output subspace (rows); inputs model-specific": Label.SHARED_ROWS.value,
+}
+"""One-sided labels as an earlier version wrote them."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     """A layer's verdict card: the label, why, and every criterion it read.
@@ -176,14 +183,20 @@ class Verdict:
     @classmethod
     def from_json(cls, record: dict) -> Verdict:
         """The card `to_json` wrote (a `spectra.json` layer's "verdict")."""
+        label, notes = record["label"], tuple(record.get("notes", ()))
+        label = _LEGACY_LABELS.get(label, label)
+        if label not in Label._value2member_map_:
+            # A card of a version whose labels this one does not know: kept readable.
+            notes += (f"label written by another version: {label!r}",)
+            label = Label.INCONCLUSIVE
         return cls(
-            label=Label(record["label"]),
+            label=Label(label),
             reason=record["reason"],
             shared=tuple(record.get("shared", ())),
             roles=dict(record.get("roles", {})),
             criteria=tuple(Criterion.from_json(c) for c in record.get("criteria", ())),
             missing=tuple(record.get("missing", ())),
-            notes=tuple(record.get("notes", ())),
+            notes=notes,
             alpha=record.get("alpha", ALPHA),
         )
 

@@ -398,3 +398,18 @@ def test_a_corrupt_model_is_skipped_with_its_reason_when_asked(tmp_path):
     population = io.open_population([str(tmp_path)], skip_unreadable=True)
     assert len(population.models) == 3
     assert [os.path.basename(p) for p, _ in population.unreadable] == ["m3.safetensors"]
+
+
+def test_a_blobs_folder_that_is_a_link_grants_nothing(tmp_path):
+    """A crafted `models--x/blobs` linking elsewhere does not widen what a snapshot may read."""
+    save_file({"x": np.ones((2, 2), np.float32)}, str(tmp_path / "secret.safetensors"))
+    repo = tmp_path / "hub" / "models--org--evil"
+    snapshot = repo / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    os.symlink(tmp_path, repo / "blobs")
+    (snapshot / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "model-1.safetensors"}})
+    )
+    os.symlink("../../blobs/secret.safetensors", snapshot / "model-1.safetensors")
+    with pytest.raises(CheckpointError, match="points outside"):
+        io.load_model(str(snapshot))

@@ -223,3 +223,45 @@ def test_peft_adapters_are_grouped_by_their_base_model(tmp_path):
     (grouping,) = automatic_groups(population)
     assert grouping.column == "base_model"
     assert grouping.labels == ("org/base-0", "org/base-1")
+
+
+def test_singleton_groups_leave_the_other_means_and_the_holdout_honest(population):
+    """Groups of 8, 8, 7 and one model: the mean-only of a basis group is its own mean (the
+    singleton is no part of it), and a grouping of single models has no pairs to hold out."""
+    x64 = population
+    mesh = sharding.models_mesh(2)
+    labels = LABELS[:23] + ["solo"]
+    rec = spectra.group_control(
+        place(x64.astype(np.float32), mesh),
+        24,
+        spectra.Grouping.from_labels("t", labels),
+        mesh=mesh,
+        seed=0,
+    )
+    index = np.asarray(spectra.Grouping.from_labels("t", labels).index)
+    for a, b in ((0, 1), (2, 0)):
+        held = np.flatnonzero(index == b)
+        mu = x64[index == a].mean(0)
+        want = 1 - np.sum((x64[held] - mu) ** 2) / np.sum(x64[held] ** 2)
+        np.testing.assert_allclose(rec["mean_only"][a][b], want, rtol=1e-4)
+    assert rec["capture"]["two_sided"][0][3] is None  # the singleton has no pair to centre by
+    singles = spectra.group_control(
+        place(x64[:6].astype(np.float32), mesh),
+        6,
+        spectra.Grouping.from_labels("seed", [str(i) for i in range(6)]),
+        mesh=mesh,
+        seed=0,
+    )
+    assert singles["leave_one_group_out"] is None and singles["k"] is None
+    assert any("no group has two models" in note for note in singles["notes"])
+
+
+def test_a_groups_file_may_name_models_left_out_as_unreadable(tmp_path):
+    pop = _write(tmp_path, planted(3)[:6])
+    (tmp_path / "pop" / "old").mkdir()
+    (tmp_path / "pop" / "old" / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    population = jsubspace.open_population([pop], skip_unreadable=True)
+    groups = tmp_path / "g.csv"
+    groups.write_text("model,task\n" + "".join(f"m{i:02d},{i % 2}\n" for i in range(6)) + "old,1\n")
+    (grouping,) = read_groups(str(groups), population)
+    assert grouping.index == (0, 1, 0, 1, 0, 1)

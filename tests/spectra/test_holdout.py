@@ -94,3 +94,15 @@ def test_long_sides_take_their_fold_bases_by_lanczos_and_agree_with_float64():
     got = _holdout.top_eigenvectors(jax.numpy.asarray(g), 6)
     want_v = np.linalg.eigh(g.astype(np.float64))[1][:, ::-1][:, :6]
     np.testing.assert_allclose(np.abs(np.sum(got * want_v, axis=0)), 1.0, atol=1e-5)
+
+
+def test_a_layer_equal_in_every_model_gets_a_basis_not_a_crash():
+    """The fold matrix of a layer all models share is zero: no Lanczos start fails on it."""
+    got = _holdout.top_eigenvectors(jax.numpy.zeros((320, 320), jax.numpy.float32), 5)
+    assert got.shape == (320, 5) and np.all(np.isfinite(got))
+    mesh = sharding.models_mesh(1)
+    w = np.repeat(np.random.default_rng(0).standard_normal((1, 320, 24)), 8, axis=0)
+    record = _holdout.holdout_control(
+        _placed(w.astype(np.float32), mesh), 8, mesh=mesh, holdout=4, seed=0
+    )
+    assert record["mean_only"] == pytest.approx(1.0)

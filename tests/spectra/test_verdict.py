@@ -254,3 +254,12 @@ def test_report_and_table_carry_the_cards_and_the_conclusion(tmp_path):
     assert "held-out capture against a random k-subspace" in page  # the card's rows
     table = verdict_table(result)
     assert "(cols: input side)" in table and f"conclusion: {result['conclusion']}" in table
+
+
+def test_cards_of_other_versions_stay_readable():
+    old = spectra.Verdict.from_json(
+        {"label": "shared input subspace (cols); outputs model-specific", "reason": "r"}
+    )
+    assert old.label is Label.SHARED_COLS
+    unknown = spectra.Verdict.from_json({"label": "a label never written here", "reason": "r"})
+    assert unknown.label is Label.INCONCLUSIVE and "a label never written here" in unknown.notes[0]
