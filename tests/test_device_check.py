@@ -35,8 +35,6 @@ def test_the_device_check_runs_on_cpu_and_writes_its_json(tmp_path):
         found = record[kind]
         assert found["models"] == models and found["layers"] == layers, found
         assert len(found["verdicts"]) == layers
-        assert found["default_over_spectra"] > 1  # the controls cost something
+        assert found["default_over_spectra"] > 0  # a ratio of two timings (not judged here)
         assert set(found["default_parts"]) >= {"spectra", "holdout", "compare", "null"}
-        assert "holdout" not in found["spectra_only_parts"] or (
-            found["spectra_only_parts"]["holdout"] < found["default_parts"]["holdout"]
-        )
+        assert "holdout" not in found["spectra_only_parts"]  # the controls were off
