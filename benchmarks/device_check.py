@@ -2,7 +2,8 @@
 the kernel rates the layer plans use, the core kernels' achieved rates, and the default analysis
 against the spectra alone on a LoRA population (Mistral-7B module shapes) and a dense one.
 
-About 3-4 minutes on a GPU with the default sizes (the writes of the populations included);
+The default sizes are meant to stay under 5 minutes on a GPU, the writes of the populations
+included (not yet timed on one: no accelerator has been lent to this project);
 `--quick` (tiny shapes, about a minute on 2 CPU cores) is what the test suite runs, so that the
 script is known to work before an accelerator is at hand.
 
