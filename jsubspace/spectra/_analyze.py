@@ -137,7 +137,10 @@ def analyze_layer(
 
     if x is None:
         # A LoRA layer too large to materialise: its controls come from the factors.
-        factors = _control_factors(placed, spectra, spectra_config, mesh=mesh)
+        factors, shifted = _control_factors(placed, spectra, spectra_config, mesh=mesh)
+        # The spectra's factor Grams serve the controls when these factors are the ones they
+        # were computed from (not shifted towards the mean).
+        grams = None if shifted else spectra.factor_grams
         record.holdout = _run_lora_holdout(
             placed,
             factors,
@@ -146,6 +149,7 @@ def analyze_layer(
             control=control_config,
             config=spectra_config,
             key=jax.random.fold_in(key, 2),
+            grams=grams,
         )
         clock.lap("holdout")
         record.compare = {}
@@ -158,8 +162,10 @@ def analyze_layer(
                 key=jax.random.fold_in(key, 3),
                 iterations=spectra_config.iterations,
                 center="mean" if spectra_config.center == "mean" else "none",
+                grams=grams,
             )
-        del factors
+        del factors, grams
+        spectra.factor_grams = None
     else:
         record.holdout = _run_holdout(
             x,
@@ -367,13 +373,15 @@ def _holdout_skipped(n: int, control: ControlConfig) -> dict | None:
 def _control_factors(placed, spectra, config, *, mesh):
     """The factors the factored controls read: shifted by the mean update first when the
     population sits close to its mean (`spectra._layer.close_to_mean`), as the spectra were;
-    never when the spectra are uncentred (the shift would change what the controls see)."""
+    never when the spectra are uncentred (the shift would change what the controls see).
+    Returns `(factors, shifted)`."""
     factors = placed[:3]
     if config.center != "mean":
-        return factors
+        return factors, False
     if _layer.close_to_mean(spectra.uncentred, np.trace(_centred_gram(spectra, config))):
         factors = kernels.shifted_lora(*factors, mesh=mesh, n_models=placed.n_models, split="rows")
-    return factors
+        return factors, True
+    return factors, False
 
 
 def _centred_gram(spectra, config) -> np.ndarray:
@@ -385,7 +393,7 @@ def _centred_gram(spectra, config) -> np.ndarray:
     return h @ spectra.uncentred @ h
 
 
-def _run_lora_holdout(placed, factors, spectra, *, mesh, control, config, key) -> dict:
+def _run_lora_holdout(placed, factors, spectra, *, mesh, control, config, key, grams) -> dict:
     """The holdout control of a LoRA layer too large to materialise, from its factors."""
     skipped = _holdout_skipped(placed.n_models, control)
     if skipped is not None:
@@ -401,6 +409,7 @@ def _run_lora_holdout(placed, factors, spectra, *, mesh, control, config, key) -
         key=key,
         iterations=config.iterations,
         center=config.center,
+        grams=grams,
     )
 
 

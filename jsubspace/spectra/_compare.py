@@ -13,6 +13,7 @@ import numpy as np
 
 from jsubspace.sharding._mesh import host_array
 from jsubspace.sharding._mesh import stacked_sharding
+from jsubspace.spectra import _gram_bases
 from jsubspace.spectra._holdout import EXACT
 from jsubspace.spectra._holdout import lora_bases
 from jsubspace.spectra._holdout import masked_bases
@@ -28,13 +29,15 @@ def principal_cosines(u: np.ndarray, v: np.ndarray) -> np.ndarray:
 OVERLAP_KS = (1, 2, 4, 8, 16)
 
 
-def _angles_record(a, b, shape, k) -> dict:
+def _angles_record(a, b, shape, k, cosines=(principal_cosines, principal_cosines)) -> dict:
     """Principal angles between the bases `a` and `b` (`(rows f32[m, k], cols f32[n, k])`,
     columns by descending eigenvalue), at k and at each smaller k of `OVERLAP_KS` (the leading
-    columns: a shared subspace of low rank stands out at its own k, not only at the largest)."""
+    columns: a shared subspace of low rank stands out at its own k, not only at the largest).
+    `cosines`: the rows' and the cols' `principal_cosines` (bases held as Gram coefficients
+    bring their own)."""
     m, n = shape
-    rows = principal_cosines(a[0], b[0])
-    cols = principal_cosines(a[1], b[1])
+    rows = cosines[0](a[0], b[0])
+    cols = cosines[1](a[1], b[1])
     ks = sorted({j for j in OVERLAP_KS if j < k} | {k})
     return {
         "k": k,
@@ -45,13 +48,26 @@ def _angles_record(a, b, shape, k) -> dict:
         "random_rows_overlap": k / m,
         "random_cols_overlap": k / n,
         "ks": ks,
-        "rows_overlap_at": [_overlap(a[0][:, :j], b[0][:, :j]) for j in ks],
-        "cols_overlap_at": [_overlap(a[1][:, :j], b[1][:, :j]) for j in ks],
+        "rows_overlap_at": [_overlap(a[0][:, :j], b[0][:, :j], cosines[0]) for j in ks],
+        "cols_overlap_at": [_overlap(a[1][:, :j], b[1][:, :j], cosines[1]) for j in ks],
     }
 
 
-def _overlap(u, v) -> float:
-    return float(np.mean(principal_cosines(u, v) ** 2))
+def _overlap(u, v, cosines=principal_cosines) -> float:
+    return float(np.mean(cosines(u, v) ** 2))
+
+
+def _gram_cosines(grams: _gram_bases.FactorGrams, mode: str):
+    """`principal_cosines` of two bases held as Gram coefficients (orthonormal in the mode's
+    Gram, so `U_1^T U_2 = C_1^T G C_2` needs no QR)."""
+
+    def cosines(c1, c2):
+        one = _gram_bases.Basis(c1, None, 0.0)
+        other = _gram_bases.Basis(c2, None, 0.0)
+        found = _gram_bases.cross(grams, one, other, mode=mode)
+        return np.clip(np.linalg.svd(found, compute_uv=False), 0.0, 1.0)
+
+    return cosines
 
 
 def _bases(x, weights, mesh, k, solvers=EXACT, key=None, iterations=4, ref=None):
@@ -127,10 +143,13 @@ def lora_split_half_compare(
     k: int = 16,
     iterations: int = 4,
     center: str = "mean",
+    grams: _gram_bases.FactorGrams | None = None,
 ) -> dict:
     """`split_half_compare` of a LoRA population from its factors (`(a, b, scales)`), with
     bases from the randomized solver (k up to half the shorter side), centred as the spectra
-    were (`center`)."""
+    were (`center`). With `grams` (`LayerSpectra.factor_grams` of the same, unshifted factors)
+    both halves' bases and their angles come from the Grams (`spectra._gram_bases`), with no
+    pass over the factors."""
     a, b, _ = factors
     m, n = b.shape[1], a.shape[2]
     half = n_models // 2
@@ -138,6 +157,31 @@ def lora_split_half_compare(
     if half < 2:
         return {"skipped": f"{n_models} models are too few to split in halves"}
     w1, w2 = _halves(n_models, a.shape[0], seed)
+    if grams is not None:
+        rng = np.random.default_rng([seed, 3])
+        found = [
+            tuple(
+                _gram_bases.set_basis(
+                    grams, w > 0, mode=mode, k=k, center=center, rng=rng, iterations=iterations
+                )
+                for mode in ("rows", "cols")
+            )
+            for w in (w1, w2)
+        ]
+        record = _angles_record(
+            *(tuple(basis.coef for basis in bases) for bases in found),
+            (m, n),
+            k,
+            cosines=(_gram_cosines(grams, "rows"), _gram_cosines(grams, "cols")),
+        )
+        residual = max(basis.residual for bases in found for basis in bases)
+        record["bases"] = {
+            "from": "grams",
+            "solver": "block-krylov",
+            "iterations": iterations,
+            "residual": residual,
+        }
+        return record
     k1, k2 = jax.random.split(key)
     common = dict(mesh=mesh, k=k, iterations=iterations, center=center)
     return _angles_record(

@@ -29,6 +29,7 @@ from jsubspace.kernels._hosvd import EXACT
 from jsubspace.sharding._mesh import MODELS
 from jsubspace.sharding._mesh import host_array
 from jsubspace.sharding._mesh import stacked_sharding
+from jsubspace.spectra import _gram_bases
 from jsubspace.spectra._null import EXCESS_KS
 
 
@@ -641,6 +642,7 @@ def lora_holdout_control(
     key: jax.Array,
     iterations: int = 4,
     center: str = "mean",
+    grams: _gram_bases.FactorGrams | None = None,
 ) -> dict:
     """The holdout record of a LoRA layer from its factors (`holdout_control` without forming
     the updates): per fold, the training models' top-k rows / cols eigenvectors by the randomized
@@ -657,6 +659,11 @@ def lora_holdout_control(
         key: PRNG key of the randomized solver.
         center: the spectra's centring: 'mean' centres on the training mean; 'none' / 'base'
             take the updates as they are (LoRA updates are already relative to their base).
+        grams: the factor cross-Grams the spectra computed (`LayerSpectra.factor_grams`, of
+            the same, unshifted factors): when given, every fold's bases and captures come from
+            them (`spectra._gram_bases`: block Krylov on coefficient vectors, started from the
+            full population's bases), with no pass over the factors; the record's `bases` says
+            so, with the solver's largest residual.
     """
     a, b, scales = factors
     m, n = b.shape[1], a.shape[2]
@@ -679,6 +686,27 @@ def lora_holdout_control(
     def weights(chosen):
         return model_weights(chosen, n_pad, sharded)
 
+    solved = None
+    if grams is not None:
+        rng = np.random.default_rng([seed, 2])
+        population = np.arange(n_pad) < n_models
+        solve = functools.partial(
+            _gram_bases.set_basis, grams, k=kmax, center="mean" if by_mean else "none", rng=rng
+        )
+        # The full population's bases start every fold's Krylov space (a fold differs from it
+        # by a few models).
+        warm = {
+            mode: solve(population, mode=mode, iterations=iterations) for mode in ("rows", "cols")
+        }
+        fold_steps = max(1, iterations // 2)
+        solved = {
+            "from": "grams",
+            "solver": "block-krylov, folds warm-started from the population's bases",
+            "iterations": iterations,
+            "fold_iterations": fold_steps,
+        }
+        residuals = [b.residual for b in warm.values()]
+
     for f in range(n_folds):
         held = folds == f
         index = np.flatnonzero(held)
@@ -686,6 +714,21 @@ def lora_holdout_control(
         basis = ~held
         if by_mean:
             basis[centre] = False
+        if grams is not None:
+            chosen = np.zeros(n_pad, bool)
+            chosen[:n_models] = basis
+            # Warm-started: half the population's Krylov steps (the residuals are recorded).
+            u, v = (
+                solve(chosen, mode=mode, warm=warm[mode], iterations=fold_steps)
+                for mode in ("rows", "cols")
+            )
+            residuals += [u.residual, v.residual]
+            t, r, c, e = _gram_bases.held_captures(grams, index, centre, u, v)
+            two[held], rows[held], cols[held] = t, r, c
+            if by_mean:
+                centred[held] = e
+            resid[held] = _energy_about(models_gram, held, ~held)
+            continue
         key, sub = jax.random.split(key)
         bases = lora_bases(
             factors,
@@ -707,7 +750,7 @@ def lora_holdout_control(
         if by_mean:
             centred[held] = host_array(_factor_energies(pa, pb, ps)).astype(np.float64)[:count]
         resid[held] = _energy_about(models_gram, held, ~held)
-    return _record(
+    record = _record(
         two,
         np.maximum(rows, 0.0),
         np.maximum(cols, 0.0),
@@ -722,3 +765,6 @@ def lora_holdout_control(
         center=center,
         note=note,
     )
+    if solved is not None:
+        record["bases"] = {**solved, "residual": float(max(residuals))}
+    return record

@@ -22,6 +22,7 @@ from jsubspace.io import PlacedLora
 from jsubspace.sharding import host_array
 from jsubspace.sharding import stacked_sharding
 from jsubspace.spectra import _factored
+from jsubspace.spectra import _gram_bases
 
 # Under method='auto' a side no longer than exact_limit is solved exactly unless the exact solve
 # costs more than this many flops (a few seconds on one CPU core) and the randomized one is at
@@ -62,6 +63,9 @@ class LayerSpectra:
     # The mean-centred rows / cols Grams on the devices (dense, exact sides), for the holdout's
     # fold downdates: one pass over the stack feeds both. Dropped once the holdout has run.
     grams: object | None = None
+    # A LoRA layer's factor cross-Grams on the host (`spectra._gram_bases.FactorGrams`; factor
+    # route, unshifted), from which its holdout and split-half bases come. Dropped likewise.
+    factor_grams: object | None = None
 
 
 def solver_costs(n_models: int, m: int, n: int, *, mode: str, rank: int, iterations: int) -> dict:
@@ -607,7 +611,14 @@ def lora_layer_spectra(
     g = dispatch_lora(placed, mesh=mesh, config=config)
     m, n = placed.b.shape[1], placed.a.shape[2]
     if not _mean_dominated(g, config):
-        return lora_spectra_from_grams(g, ranks, config=config, m=m, n=n, lineage=lineage)
+        found = lora_spectra_from_grams(g, ranks, config=config, m=m, n=n, lineage=lineage)
+        if lineage:  # the real population, whose controls follow
+            found.factor_grams = _gram_bases.FactorGrams(
+                host_array(g.factor_a),
+                host_array(g.factor_b),
+                host_array(g.scales).astype(np.float64),
+            )
+        return found
     # Close to their mean, the factor route's sums cancel in float32 as the side route's do:
     # its spectra are taken of the population shifted by the rank-r update Bbar Abar (rank 2r
     # factors, which centring removes again; split so that the factor whose Gram is rooted is

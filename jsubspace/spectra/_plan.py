@@ -112,7 +112,9 @@ class LayerPlan:
             user forced one or the budget sent the layer to side space).
         solvers: per spectra mode, 'exact' or 'randomized'.
         controls: per control, what runs and how: `{"null": {"draws": R}, "holdout": {"bases":
-            {"rows": solver, "cols": solver}, "from": "stack" | "factors", "kmax": k, ...}, ...}`;
+            {"rows": solver, "cols": solver}, "from": "stack" | "factors" | "grams", "kmax": k,
+            ...}, ...}` ("grams": the factor route's bases from the spectra's factor Grams,
+            `spectra._gram_bases`, unless the population sits close to its mean);
             a control that does not run says why (`{"skipped": reason}` or `{"off": True}`).
         materialise: LoRA controls work on the materialised updates (else on the factors).
         working_set_bytes: estimated peak bytes of the layer's analysis.
@@ -191,7 +193,9 @@ def basis_solvers(n_models: int, m: int, n: int, k: int, config: SpectraConfig) 
     return out
 
 
-def control_plan(n_models: int, m: int, n: int, controls, *, factored: bool, config) -> dict:
+def control_plan(
+    n_models: int, m: int, n: int, controls, *, factored: bool, config, route: str = "dense"
+) -> dict:
     """What each control runs (see `LayerPlan.controls`)."""
 
     def bases(count, k):
@@ -200,7 +204,7 @@ def control_plan(n_models: int, m: int, n: int, controls, *, factored: bool, con
         return basis_solvers(count, m, n, k, config)
 
     out = {"null": {"draws": controls.null_draws} if controls.null_draws else {"off": True}}
-    source = "factors" if factored else "stack"
+    source = ("grams" if route == "lora-factor" else "factors") if factored else "stack"
     if controls.holdout is None:
         out["holdout"] = {"off": True}
     elif n_models < HOLDOUT_MODELS:
@@ -277,7 +281,9 @@ def plan_layer(
         if budget is not None:
             limit = min(limit, budget // 4)
         materialise = n_pad * m * n * 4 <= limit
-    planned = control_plan(n_models, m, n, controls, factored=not materialise, config=spectra)
+    planned = control_plan(
+        n_models, m, n, controls, factored=not materialise, config=spectra, route=route
+    )
     config = dataclasses.replace(spectra, lora_space=space)
     used = [planned[c]["bases"] for c in ("holdout", "split_half") if "bases" in planned[c]]
     working = working_set(layer, n_pad, config, materialise=materialise, bases=used)
@@ -409,6 +415,19 @@ def _basis_flops(n_models, m, n, k, bases, config, *, removed=None) -> tuple[flo
     return gemm, eigh
 
 
+def _gram_basis_flops(d: int, k: int, iterations: int, *, warm: bool = False) -> float:
+    """Flops of one `spectra._gram_bases.set_basis` over `d` factor columns, counted at the
+    float32 GEMM rate: each block's operator product (two `d x d` GEMMs), two projection
+    passes with a Gram product each, and the Rayleigh-Ritz residuals, in float64 (twice
+    the cost); a warm start adds the superset's directions (`d x Nr`, about one more product)."""
+    width = k + 10
+    blocks = iterations + 1
+    flops = blocks * 2 * 2.0 * d * d * width  # the operator
+    flops += blocks * 2 * 2.0 * d * d * width  # the orthonormalisations' Gram products
+    flops += 2.0 * d * d * width * (2 + warm)  # residuals, warm start
+    return 2.0 * flops
+
+
 def estimated_flops(kind, n_models, m, n, rank, config, solvers, controls, *, route):
     """`(gemm, eigh)` flops of a layer's spectra and controls, by the plan's solvers."""
     gemm = eigh = 0.0
@@ -466,7 +485,14 @@ def estimated_flops(kind, n_models, m, n, rank, config, solvers, controls, *, ro
                 if holdout["bases"][mode] == "exact":
                     gemm += 2.0 * stack * side
         held = holdout.get("largest", 1) * m * n
+        if holdout["from"] == "grams":
+            gemm += 2 * _gram_basis_flops(n_models * rank, holdout["kmax"], config.iterations)
         for _ in range(holdout["folds"]):
+            if holdout["from"] == "grams":
+                train = (n_models - 2 * holdout.get("largest", 1)) * rank
+                steps = max(1, config.iterations // 2)
+                gemm += 2 * _gram_basis_flops(train, holdout["kmax"], steps, warm=True)
+                continue
             if holdout["from"] == "factors":
                 g = 2 * (config.iterations + 1) * 4.0 * size * (holdout["kmax"] + 10)
                 gemm += g + 4.0 * size * holdout["kmax"]
@@ -478,7 +504,9 @@ def estimated_flops(kind, n_models, m, n, rank, config, solvers, controls, *, ro
             eigh += e
     half = controls["split_half"]
     if "bases" in half:
-        if half["from"] == "factors":
+        if half["from"] == "grams":
+            gemm += 4 * _gram_basis_flops(n_models // 2 * rank, half["k"], config.iterations)
+        elif half["from"] == "factors":
             gemm += 2 * 2 * (config.iterations + 1) * 4.0 * size / 2 * (COMPARE_K + 10)
         else:
             g, e = _basis_flops(n_models / 2, m, n, half["k"], half["bases"], config)

@@ -80,8 +80,8 @@ def test_factored_holdout_keeps_float32_accuracy_when_the_mean_dominates():
         _check(_factored(placed, 3), dw, 3, rtol=2e-6)
 
 
-def _population_dir(root, seed):
-    a, b = testing.lora_population(seed, n_models=12, shape=(40, 36), rank=4)
+def _population_dir(root, seed, shape):
+    a, b = testing.lora_population(seed, n_models=12, shape=shape, rank=4)
     for i in range(len(a)):
         testing.write_peft_adapter(
             root / f"a{i:02d}", {"model.q_proj": (a[i], b[i])}, r=4, lora_alpha=8
@@ -89,13 +89,16 @@ def _population_dir(root, seed):
     return str(root)
 
 
+# 12 x 4 factor rows beside sides of 40 / 36 (side space: the controls run through the factors)
+# and of 60 / 56 (factor route: from the factor Grams the spectra computed).
+@pytest.mark.parametrize("shape", [(40, 36), (60, 56)], ids=["side", "factor"])
 def test_analyze_layer_takes_the_controls_from_the_factors_for_layers_too_large_to_materialise(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, shape
 ):
     from jsubspace import io
 
-    population = io.open_population([_population_dir(tmp_path / "one", 5)])
-    other = io.open_population([_population_dir(tmp_path / "two", 6)])
+    population = io.open_population([_population_dir(tmp_path / "one", 5, shape)])
+    other = io.open_population([_population_dir(tmp_path / "two", 6, shape)])
     (layer,) = population.layers
     (other_layer,) = other.layers
     mesh = models_mesh(2)
@@ -116,6 +119,8 @@ def test_analyze_layer_takes_the_controls_from_the_factors_for_layers_too_large_
     monkeypatch.setattr(_plan, "MATERIALISE_LIMIT", 0)
     factored = record()
     ours, theirs = factored["holdout"], materialised["holdout"]
+    grams = shape == (60, 56)
+    assert ("bases" in ours) == grams and ("bases" in factored["compare"]["split_half"]) == grams
     # 9 training models, 3 of them centring held-out ones: a basis of 6 models, k <= 5.
     assert ours["ks"] == theirs["ks"] == [1, 2, 4]
     for field in ("two_sided", "rows_one_sided", "cols_one_sided", "mean_plus_basis"):
