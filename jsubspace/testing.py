@@ -286,11 +286,12 @@ def factor_pca64(a: np.ndarray, b: np.ndarray, ranks) -> dict[str, np.ndarray]:
 
 def reproducible_layers(result: dict) -> list[dict]:
     """The layer records of a `spectra.json` dict without what no rerun can repeat: the wall
-    seconds of each part and the plan's estimate from the machine rates measured in that process.
-    Two runs of one configuration (resumed, interrupted, on another day) give equal lists."""
+    seconds and peak bytes of each part and the plan's estimate from the machine rates measured
+    in that process. Two runs of one configuration (resumed, interrupted, on another day) give
+    equal lists."""
     layers = []
     for layer in result["layers"]:
-        layer = {k: v for k, v in layer.items() if k != "seconds"}
+        layer = {k: v for k, v in layer.items() if k not in ("seconds", "peak_bytes")}
         if "plan" in layer:
             layer["plan"] = {k: v for k, v in layer["plan"].items() if k != "seconds"}
         layers.append(layer)

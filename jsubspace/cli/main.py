@@ -133,6 +133,7 @@ def _plan(argv):
 def _analyze(argv):
     from jsubspace.report import verdict_table
     from jsubspace.run import analyze
+    from jsubspace.spectra._cost import cost_line
 
     if not _MODELS.value or (not _OUT.value and not _DRY_RUN.value):
         raise app.UsageError("analyze needs --models and --out")
@@ -142,6 +143,8 @@ def _analyze(argv):
     _setup_jax()
     result = analyze(_MODELS.value, _OUT.value, **_options())
     print(verdict_table(result))
+    if line := cost_line(result.get("cost") or {}):
+        print(line)
     extra = " and report.html" if _PLOTS.value else ""
     print(f"\nwrote {os.path.join(_OUT.value, 'spectra.json')}{extra}")
 

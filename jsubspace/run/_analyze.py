@@ -42,6 +42,7 @@ from jsubspace.run._manifest import run_manifest
 from jsubspace.run._progress import Progress
 from jsubspace.run._result import AnalysisResult
 from jsubspace.run._rundir import RunDirectory
+from jsubspace.spectra._cost import run_cost
 
 SPECTRA_VERSION = "1"
 
@@ -353,6 +354,7 @@ def _finish(run: Prepared, rundir, records, encoded, out: str, *, plots: bool) -
         "skipped_layers": [{"name": n, "reason": r} for n, r in population.skipped],
         "skipped_models": [{"path": p, "reason": r} for p, r in population.unreadable],
         "conclusion": spectra.conclusion(records),
+        "cost": run_cost(records),
         "layers": records,
     }
     if rundir.lead:

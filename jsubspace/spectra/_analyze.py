@@ -7,7 +7,6 @@ record carries the null, holdout and lineage controls, and the verdict reads all
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import jax
@@ -22,6 +21,7 @@ from jsubspace.io import PlacedLora
 from jsubspace.sharding import host_array
 from jsubspace.sharding._mesh import stacked_sharding
 from jsubspace.spectra import _compare
+from jsubspace.spectra import _cost
 from jsubspace.spectra import _holdout
 from jsubspace.spectra import _layer
 from jsubspace.spectra import _lineage
@@ -87,7 +87,7 @@ def analyze_layer(
     spectra_config = plan.spectra_config(spectra_config)
     ranks = list(layer.ranks) if isinstance(placed, PlacedLora) else None
     k_spec, k_null = jax.random.split(key)
-    clock = _Clock()
+    clock = _cost.Clock()
     scales = None
     if spectra_config.normalize == "fro":
         placed, scales = normalized(placed, base, mesh=mesh, release=release)
@@ -275,6 +275,7 @@ def analyze_layer(
     )
     clock.lap("null")
     record.seconds = clock.laps
+    record.peak_bytes = clock.peaks
     record.verdict = verdict(
         record.to_json(),
         n_models=placed.n_models,
@@ -332,20 +333,6 @@ def normalized(placed, base, *, mesh, release: bool = False):
     if release:
         placed.x.delete()
     return PlacedDense(x, placed.n_models), norms[: placed.n_models]
-
-
-class _Clock:
-    """Wall seconds of each part of a layer's analysis (`record.seconds`), beside the plan's
-    estimate: where the time of a layer went. Parts end where their results reach the host."""
-
-    def __init__(self):
-        self.laps: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, part: str) -> None:
-        now = time.perf_counter()
-        self.laps[part] = self.laps.get(part, 0.0) + now - self._last
-        self._last = now
 
 
 _materialise = jax.jit(kernels.materialized_updates)

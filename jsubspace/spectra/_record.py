@@ -75,6 +75,8 @@ class LayerRecord:
         rank, lora: LoRA layers' rank and statistic ('delta' / 'factors').
         normalize: 'fro' when the models were put at unit norm first.
         seconds: wall seconds of each part.
+        peak_bytes: peak resident bytes of the process during each part (sampled; empty where
+            it cannot be read: `spectra._cost`).
         verdict: the verdict card.
     """
 
@@ -96,6 +98,7 @@ class LayerRecord:
     lineage: dict | None = None
     groups: dict | None = None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    peak_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     verdict: Verdict | None = None
 
     def to_json(self, *, verdict: bool = True) -> dict:
@@ -118,6 +121,8 @@ class LayerRecord:
                 "lineage",
                 "groups",
             ):
+                continue
+            elif field.name == "peak_bytes" and not value:
                 continue
             out[field.name] = value
         return out

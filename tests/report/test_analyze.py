@@ -55,6 +55,21 @@ def test_shared_init_loras_are_flagged(demo):
         assert len(shared["identical_groups"]) == 1 and len(shared["identical_groups"][0]) == 8
 
 
+def test_every_part_is_timed_and_sized_per_layer_and_for_the_run(demo):
+    _, _, dense, lora = demo
+    for result in (dense, lora):
+        parts = {"spectra", "holdout", "compare", "lineage", "null"}
+        for layer in result["layers"]:
+            assert set(layer["seconds"]) == parts, layer["name"]
+            assert set(layer["peak_bytes"]) == parts and min(layer["peak_bytes"].values()) > 2**20
+        cost = result["cost"]
+        for part in parts:
+            total = sum(layer["seconds"][part] for layer in result["layers"])
+            assert cost["seconds"][part] == pytest.approx(total)
+            peak = max(layer["peak_bytes"][part] for layer in result["layers"])
+            assert cost["peak_bytes"][part] == peak
+
+
 def test_all_modes_share_one_trace(demo):
     _, _, dense, lora = demo
     for layer in dense["layers"] + lora["layers"]:
