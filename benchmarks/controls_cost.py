@@ -126,8 +126,10 @@ def main(argv):
     for part, seconds in cost["seconds"].items():
         peak = cost["peak_bytes"].get(part)
         print(f"  {part:<8} {seconds:>7.2f} s {'' if peak is None else f'{peak / 2**20:>7.0f} MB'}")
-    routes = sorted({json.dumps(layer["holdout"].get("bases")) for layer in default["layers"]})
-    print(f"holdout bases: {', '.join(routes)}")
+    bases = [layer["holdout"].get("bases") or {} for layer in default["layers"]]
+    routes = sorted({b.get("from", "stack or factors") for b in bases})
+    residual = max((b["residual"] for b in bases if "residual" in b), default=None)
+    print(f"holdout bases from: {', '.join(routes)}; largest solver residual: {residual}")
     if _RESULTS.value:
         with open(_RESULTS.value, "w") as f:
             json.dump(

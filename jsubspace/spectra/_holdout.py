@@ -106,21 +106,59 @@ def masked_bases(
 ):
     """Top-k rows / cols eigenvectors `(f32[m, k], f32[n, k])` of the models with weight 1, by
     the plan's `solvers`, centred by their mean, or by `ref` (`f32[m, n]`) when given (see
-    `weighted_bases`)."""
+    `weighted_bases`).
+
+    On CPU an exact side's matrix is summed on the devices and its k pairs alone are solved on
+    the host (`top_eigenvectors`: Lanczos or `?syevr` for a subset), not by XLA's `eigh`, which
+    computes every eigenvector."""
     by_mean = ref is None
     if by_mean:
         ref = jnp.zeros(x.shape[1:], jnp.float32)
-    return _masked_bases(
-        x,
-        weights,
-        _solver_key(key, solvers),
-        jnp.asarray(ref, jnp.float32),
-        mesh=mesh,
-        kmax=kmax,
-        solvers=tuple(solvers),
-        iterations=iterations,
-        by_mean=by_mean,
-    )
+    ref = jnp.asarray(ref, jnp.float32)
+    solvers = tuple(solvers)
+    host = {
+        mode
+        for mode, solver in zip(("rows", "cols"), solvers)
+        if solver == "exact" and next(iter(x.devices())).platform == "cpu"
+    }
+    found = {}
+    if len(host) < 2:
+        u, v = _masked_bases(
+            x,
+            weights,
+            _solver_key(key, solvers),
+            ref,
+            mesh=mesh,
+            kmax=kmax,
+            solvers=tuple(
+                "skip" if mode in host else solver
+                for mode, solver in zip(("rows", "cols"), solvers)
+            ),
+            iterations=iterations,
+            by_mean=by_mean,
+        )
+        found = {"rows": u, "cols": v}
+    for mode in host:
+        matrix = _masked_matrix(x, weights, ref, mesh=mesh, mode=mode, by_mean=by_mean)
+        found[mode] = top_eigenvectors(matrix, kmax)
+    return found["rows"], found["cols"]
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "mode", "by_mean"))
+def _masked_matrix(x, weights, ref, *, mesh, mode, by_mean):
+    """The `rows` / `cols` matrix of the models with weight 1, centred as `weighted_bases`
+    centres them (replicated)."""
+
+    def body(xb, wb, rb):
+        xf = xb.astype(jnp.float32)
+        count = lax.psum(jnp.sum(wb), MODELS)
+        mu = lax.psum(jnp.einsum("i,imn->mn", wb, xf, precision=HIGHEST), MODELS) / count
+        xc = xf - (mu if by_mean else rb)
+        return lax.psum(kernels.mode_gram(xc, mode=mode, weights=wb), MODELS)
+
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=(P(MODELS), P(MODELS), P()), out_specs=P(), check_vma=False
+    )(x, weights, ref)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "kmax", "solvers", "iterations", "by_mean"))

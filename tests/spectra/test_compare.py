@@ -57,3 +57,21 @@ def test_compare_to_another_population(tmp_path):
     o = apart["layers"][0]["compare"]["other"]
     assert s["rows_cosines"][0] > 0.999 and s["rows_cosines"][1] > 0.99
     assert o["rows_overlap"] < 0.3
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_split_half_angles_equal_float64(d):
+    # Exact sides: on CPU each half's matrix is summed on the devices and its top k vectors come
+    # from host LAPACK / Lanczos (`_holdout.top_eigenvectors`), not XLA's full eigh.
+    mesh = models_mesh(d)
+    x = testing.planted_population(3, n_models=18, shape=(300, 40), rank=4, noise=0.3)
+    rec = _compare.split_half_compare(_place(x, mesh), 18, mesh=mesh, seed=0, k=6)
+    w1, w2 = _compare._halves(18, 18, 0)
+    x64 = x.astype(np.float64)
+    for mode, spec in (("rows", "imn,ikn->mk"), ("cols", "imn,imk->nk")):
+        bases = []
+        for w in (w1, w2):
+            half = x64[w > 0] - x64[w > 0].mean(0)
+            bases.append(np.linalg.eigh(np.einsum(spec, half, half))[1][:, ::-1][:, :6])
+        want = _compare.principal_cosines(*bases)
+        np.testing.assert_allclose(rec[f"{mode}_cosines"], want, atol=1e-4)
