@@ -1,5 +1,9 @@
-"""Shapes and the GEMM roofline shared by the benchmark scripts (no flags here, so any script
-may import it)."""
+"""Shapes, the LoRA population on disk and the GEMM roofline shared by the benchmark scripts (no
+flags here, so any script may import it)."""
+
+import os
+import subprocess
+import sys
 
 
 def lora_modules(layers: int, hidden: int = 4096, kv: int = 1024) -> dict[str, tuple[int, int]]:
@@ -26,3 +30,25 @@ def gemm_rate() -> float:
     for _ in range(5):
         f(a).block_until_ready()
     return 5 * 2 * 2048**3 / (time.perf_counter() - start)
+
+
+def lora_population(workdir: str, n: int, layers: int) -> str:
+    """The directory of N Mistral-shaped adapters (8 planted B directions, a quarter sharing
+    one A), written by `write_population.py` on first use and reused after."""
+    pop = os.path.join(workdir, f"lora_n{n}_l{layers}")
+    if not os.path.exists(os.path.join(pop, "done")):
+        here = os.path.dirname(os.path.abspath(__file__))
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(here, "write_population.py"),
+                f"--out={pop}",
+                f"--n={n}",
+                f"--layers={layers}",
+                "--planted=8",
+                "--shared_a_fraction=0.25",
+            ],
+            check=True,
+        )
+        open(os.path.join(pop, "done"), "w").close()
+    return pop

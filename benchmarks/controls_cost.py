@@ -30,6 +30,9 @@ import numpy as np
 from absl import app
 from absl import flags
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _shapes import lora_population  # noqa: E402
+
 _WORK = flags.DEFINE_string("workdir", "/tmp/jsubspace_bench", "Populations and outputs.")
 _N = flags.DEFINE_integer("n", 40, "Adapters.")
 _LAYERS = flags.DEFINE_integer("layers", 1, "Transformer layers (3 modules each).")
@@ -44,23 +47,7 @@ PATHS = {
 
 
 def _population(n: int, layers: int) -> str:
-    pop = os.path.join(_WORK.value, f"lora_n{n}_l{layers}")
-    if not os.path.exists(os.path.join(pop, "done")):
-        here = os.path.dirname(os.path.abspath(__file__))
-        subprocess.run(
-            [
-                sys.executable,
-                os.path.join(here, "write_population.py"),
-                f"--out={pop}",
-                f"--n={n}",
-                f"--layers={layers}",
-                "--planted=8",
-                "--shared_a_fraction=0.25",
-            ],
-            check=True,
-        )
-        open(os.path.join(pop, "done"), "w").close()
-    return pop
+    return lora_population(_WORK.value, n, layers)
 
 
 def _run(path: str, pop: str, cache: str) -> tuple[float, float]:

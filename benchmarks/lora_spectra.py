@@ -44,6 +44,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _shapes import gemm_rate  # noqa: E402
+from _shapes import lora_modules  # noqa: E402
+from _shapes import lora_population  # noqa: E402
+
 _WORK = flags.DEFINE_string("workdir", "/tmp/jsubspace_bench", "Populations and outputs.")
 _N = flags.DEFINE_integer("n", 100, "Adapters.")
 _LAYERS = flags.DEFINE_integer("layers", 2, "Transformer layers (3 modules each).")
@@ -226,23 +231,7 @@ def _timed(path: str, pop: str, *, cache: str | None = None) -> tuple[float, flo
 
 
 def _population(n: int, layers: int) -> str:
-    pop = os.path.join(_WORK.value, f"lora_n{n}_l{layers}")
-    if not os.path.exists(os.path.join(pop, "done")):
-        here = os.path.dirname(os.path.abspath(__file__))
-        subprocess.run(
-            [
-                sys.executable,
-                os.path.join(here, "write_population.py"),
-                f"--out={pop}",
-                f"--n={n}",
-                f"--layers={layers}",
-                "--planted=8",
-                "--shared_a_fraction=0.25",
-            ],
-            check=True,
-        )
-        open(os.path.join(pop, "done"), "w").close()
-    return pop
+    return lora_population(_WORK.value, n, layers)
 
 
 def _read_rate(pop: str) -> tuple[int, float]:
@@ -336,10 +325,6 @@ def main(argv):
         _scaling_plot(rows, os.path.join(_WORK.value, f"{name}.png"), layers, what)
         return 0
     pop = _population(n, layers)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _shapes import gemm_rate
-    from _shapes import lora_modules
-
     shapes = list(lora_modules(layers, 4096, 1024).values())
     n_modules = len(shapes)
     results = {}

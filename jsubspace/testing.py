@@ -284,6 +284,35 @@ def factor_pca64(a: np.ndarray, b: np.ndarray, ranks) -> dict[str, np.ndarray]:
     return out
 
 
+def assert_holdout64(record: dict, dw: np.ndarray, holdout, *, seed: int, tol: float) -> None:
+    """Asserts a mean-centred holdout record equals `holdout64`'s float64 one on the updates
+    `dw` (`f64[N, m, n]`), folds and centring models drawn from `seed`: every captured
+    fraction, per model and averaged, and the mean-only baseline within `tol` (relative and
+    absolute)."""
+    from jsubspace.spectra import _holdout
+
+    folds = _holdout.fold_assignment(len(dw), holdout, seed)
+    kmax = max(record["ks"])
+    want = _holdout._record(
+        *holdout64(dw, folds, kmax, seed),
+        m=dw.shape[1],
+        n=dw.shape[2],
+        kmax=kmax,
+        folds=int(folds.max()) + 1,
+        holdout=holdout,
+        center="mean",
+        note=None,
+    )
+    assert record["ks"] == want["ks"] and record["scheme"] == want["scheme"]
+    for field in ("two_sided", "rows_one_sided", "cols_one_sided", "mean_plus_basis"):
+        np.testing.assert_allclose(record[field], want[field], rtol=tol, atol=tol)
+    for field in ("two_sided", "rows_one_sided", "cols_one_sided"):
+        np.testing.assert_allclose(
+            record[f"per_model_{field}"], want[f"per_model_{field}"], atol=tol
+        )
+    assert abs(record["mean_only"] - want["mean_only"]) <= tol
+
+
 def reproducible_layers(result: dict) -> list[dict]:
     """The layer records of a `spectra.json` dict without what no rerun can repeat: the wall
     seconds and peak bytes of each part and the plan's estimate from the machine rates measured

@@ -1,6 +1,7 @@
 """The LoRA controls' bases from the spectra's factor Grams (`spectra._gram_bases`), against
 float64 on the materialised updates: the fold matrices taken out of the population's Grams, the
-Krylov bases, the held-out captures, the holdout record and the split-half angles."""
+Krylov bases, the held-out captures and the split-half angles (the holdout records from the Grams:
+`test_lora_holdout.py`)."""
 
 import jax
 import numpy as np
@@ -11,7 +12,6 @@ from jsubspace import testing
 from jsubspace.sharding import models_mesh
 from jsubspace.spectra import _compare
 from jsubspace.spectra import _gram_bases
-from jsubspace.spectra import _holdout
 
 # Sides longer than the 13 x 4 factor rows: the factor route, whose Grams the spectra keep (side
 # space has no factor Grams; its controls run through the factors).
@@ -95,74 +95,6 @@ def test_krylov_bases_are_the_exact_eigenvectors_and_captures_equal_float64(cent
     want_cols = np.cumsum(np.sum(np.einsum("imn,nk->imk", d, v) ** 2, 1), -1)
     for got, want in ((two, want_two), (rows, want_rows), (cols, want_cols)):
         np.testing.assert_allclose(got / scale[:, None], want / scale[:, None], atol=1e-5)
-
-
-def _holdout_record(placed, holdout, grams, iterations=4):
-    real, _ = _grams(placed)
-    return _holdout.lora_holdout_control(
-        placed[:3],
-        placed.n_models,
-        mesh=placed.a.sharding.mesh,
-        holdout=holdout,
-        seed=3,
-        models_gram=real.models_gram,
-        energies=np.diag(real.uncentred),
-        key=jax.random.key(1),
-        iterations=iterations,
-        grams=grams,
-    )
-
-
-def _assert_equal_to_float64(record, dw, holdout, *, atol):
-    folds = _holdout.fold_assignment(len(dw), holdout, 3)
-    kmax = max(record["ks"])
-    want = _holdout._record(
-        *testing.holdout64(dw, folds, kmax, 3),
-        m=dw.shape[1],
-        n=dw.shape[2],
-        kmax=kmax,
-        folds=int(folds.max()) + 1,
-        holdout=holdout,
-        center="mean",
-        note=None,
-    )
-    assert record["ks"] == want["ks"] and record["scheme"] == want["scheme"]
-    for field in ("two_sided", "rows_one_sided", "cols_one_sided", "mean_plus_basis"):
-        np.testing.assert_allclose(record[field], want[field], atol=atol)
-        np.testing.assert_allclose(
-            record[f"per_model_{field}"] if field != "mean_plus_basis" else record[field],
-            want[f"per_model_{field}"] if field != "mean_plus_basis" else want[field],
-            atol=atol,
-        )
-    assert record["mean_only"] == pytest.approx(want["mean_only"], abs=1e-6)
-
-
-@pytest.mark.parametrize("holdout", ["loo", 4])
-def test_holdout_from_the_grams_equals_float64(mesh, holdout):
-    placed = testing.place_lora(*testing.mixed_lora_population(0, **_FACTOR_ROUTE), mesh)
-    _, grams = _grams(placed)
-    record = _holdout_record(placed, holdout, grams)
-    assert record["bases"]["from"] == "grams" and record["bases"]["fold_iterations"] == 2
-    assert record["bases"]["residual"] < 1e-4  # the Krylov space spans these short sides
-    _assert_equal_to_float64(record, testing.lora_updates64(placed), holdout, atol=2e-5)
-
-
-def test_warm_started_folds_stay_close_to_the_exact_bases_where_krylov_does_not_span():
-    # 24 adapters of rank 8 (d = 8 x 12 = 96 coefficients per fold basis): the fold solves'
-    # 2 warm-started steps span 3 x 21 of them, not all; a planted shared B subspace.
-    rng = np.random.default_rng(7)
-    a, b = testing.lora_population(7, n_models=24, shape=(256, 200), rank=8)
-    b = b + 0.5 * (rng.standard_normal((256, 3)) @ rng.standard_normal((3, 8)))[None]
-    placed = testing.place_lora(a, b, np.ones(24, np.float32), models_mesh(2))
-    _, grams = _grams(placed)
-    record = _holdout_record(placed, 4, grams)
-    assert max(record["ks"]) == 8 and record["bases"]["residual"] < 0.02  # 4.5e-3 here
-    # Every captured fraction within 2e-4 of the exact bases' (7e-5 here, 2e-5 on the means).
-    _assert_equal_to_float64(record, testing.lora_updates64(placed), 4, atol=2e-4)
-    # Against the factors' own randomized route (4 cold steps per fold): the same numbers.
-    theirs = _holdout_record(placed, 4, None)
-    for field in ("two_sided", "rows_one_sided", "cols_one_sided"):
-        np.testing.assert_allclose(record[field], theirs[field], atol=1e-4)
 
 
 def test_split_half_angles_from_the_grams_equal_the_factor_route():
