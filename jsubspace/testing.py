@@ -322,7 +322,9 @@ def reproducible_layers(result: dict) -> list[dict]:
     for layer in result["layers"]:
         layer = {k: v for k, v in layer.items() if k not in ("seconds", "peak_bytes")}
         if "plan" in layer:
-            layer["plan"] = {k: v for k, v in layer["plan"].items() if k != "seconds"}
+            layer["plan"] = {
+                k: v for k, v in layer["plan"].items() if k not in ("seconds", "parts")
+            }
         layers.append(layer)
     return layers
 

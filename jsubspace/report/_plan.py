@@ -71,4 +71,7 @@ def plan_table(plans: list[dict], total: dict, *, width: int = 44) -> str:
         f"total: {total['layers']} layers, about {total['seconds']:.0f} s at the measured rates; "
         f"largest working set {total['working_set_bytes'] / 2**30:.2f} GiB"
     )
+    parts = sorted((total.get("parts") or {}).items(), key=lambda item: -item[1])
+    if parts:
+        lines.append("by part: " + ", ".join(f"{part} {s:.0f} s" for part, s in parts if s > 0))
     return "\n".join(lines)

@@ -120,6 +120,8 @@ class LayerPlan:
         working_set_bytes: estimated peak bytes of the layer's analysis.
         flops: estimated flops (matrix products and eigen-solves).
         seconds: estimated time at the measured `MachineRates`.
+        parts: the estimated seconds of each part (`PARTS`: the spectra and each control), as
+            the layer's record times them; they add up to `seconds`.
     """
 
     name: str
@@ -137,6 +139,7 @@ class LayerPlan:
     working_set_bytes: int
     flops: float
     seconds: float
+    parts: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def spectra_config(self, config: SpectraConfig) -> SpectraConfig:
         """`config` with the plan's LoRA space, for the kernels that read it."""
@@ -287,18 +290,30 @@ def plan_layer(
     config = dataclasses.replace(spectra, lora_space=space)
     used = [planned[c]["bases"] for c in ("holdout", "split_half") if "bases" in planned[c]]
     working = working_set(layer, n_pad, config, materialise=materialise, bases=used)
-    gemm, eigh = estimated_flops(
-        layer.kind, n_models, m, n, rank, config, solvers, planned, route=route
-    )
-    calls = 1 + len(solvers) * (1 + controls.null_draws)
-    calls += 2 * planned["holdout"].get("folds", 0) + 4 * ("bases" in planned["split_half"])
+    flops = estimated_flops(layer.kind, n_models, m, n, rank, config, solvers, planned, route=route)
+    calls = {
+        "spectra": 1 + len(solvers),
+        "lineage": 0,
+        "null": len(solvers) * controls.null_draws,
+        "holdout": 2 * planned["holdout"].get("folds", 0),
+        "compare": 4 * ("bases" in planned["split_half"]),
+    }
     read = n_models * m * n * dtype.itemsize if layer.kind == "dense" else 0
     if rank is not None:
         read = sum(r * (m + n) for r in layer.ranks) * dtype.itemsize
-    passes, draws = memory_passes(layer.kind, solvers, planned)
+    passes = memory_passes(layer.kind, solvers, planned)
     entries = n_models * m * n if layer.kind == "dense" else 0
-    seconds = gemm / rates.gemm + eigh / rates.eigh + read / rates.read + calls * rates.overhead
-    seconds += entries * (passes / rates.stream + draws / rates.draw)
+    parts = {}
+    for part in PARTS:
+        gemm, eigh = flops[part]
+        stream, draws = passes[part]
+        parts[part] = (
+            gemm / rates.gemm
+            + eigh / rates.eigh
+            + calls[part] * rates.overhead
+            + entries * (stream / rates.stream + draws / rates.draw)
+        )
+    parts["spectra"] += read / rates.read
     return LayerPlan(
         name=layer.name,
         kind=layer.kind,
@@ -313,8 +328,9 @@ def plan_layer(
         controls=planned,
         materialise=materialise,
         working_set_bytes=working,
-        flops=gemm + eigh,
-        seconds=float(seconds),
+        flops=float(sum(g + e for g, e in flops.values())),
+        seconds=float(sum(parts.values())),
+        parts={part: float(value) for part, value in parts.items()},
     )
 
 
@@ -428,14 +444,21 @@ def _gram_basis_flops(d: int, k: int, iterations: int, *, warm: bool = False) ->
     return 2.0 * flops
 
 
-def estimated_flops(kind, n_models, m, n, rank, config, solvers, controls, *, route):
-    """`(gemm, eigh)` flops of a layer's spectra and controls, by the plan's solvers."""
+PARTS = ("spectra", "lineage", "null", "holdout", "compare")
+"""The parts of a layer's analysis its plan estimates and its record times (`seconds`)."""
+
+
+def estimated_flops(kind, n_models, m, n, rank, config, solvers, controls, *, route) -> dict:
+    """`{part: (gemm, eigh)}` flops of a layer's spectra and each control (`PARTS`), by the
+    plan's solvers."""
     gemm = eigh = 0.0
+    lineage = 0.0
     sides = {"rows": m, "cols": n, "lora_A": n, "lora_B": m}
     width = config.rank + 10
     block = (config.iterations + 1) * width
     if kind == "dense":
-        gemm += 2.0 * n_models**2 * m * n * (1 + (controls["lineage"] == {}))
+        gemm += 2.0 * n_models**2 * m * n
+        lineage = 2.0 * n_models**2 * m * n * (controls["lineage"] == {})
         for mode in ("rows", "cols"):
             if mode not in solvers:
                 continue
@@ -463,80 +486,101 @@ def estimated_flops(kind, n_models, m, n, rank, config, solvers, controls, *, ro
             elif route == "lora-side":
                 gemm += 2.0 * nr * side**2
                 eigh += 9.0 * side**3
+            elif side < nr:
+                # The stacked factor itself sandwiches the middle matrix; eigenvalues alone.
+                gemm += 2.0 * side * nr * nr + 2.0 * side * side * nr
+                eigh += 4.0 / 3.0 * side**3
             else:
-                gemm += 2.0 * nr * nr * (m + n)
-                eigh += 9.0 * nr**3
-        gemm += 2.0 * nr * nr * (m + n)  # the models Gram through the factors
-    spectra_gemm, spectra_eigh = gemm, eigh
-    null = controls["null"].get("draws", 0)
-    gemm += null * spectra_gemm
-    eigh += null * spectra_eigh
-    holdout = controls["holdout"]
-    if "folds" in holdout:
-        stack = n_models * m * n
-        if kind != "dense" and holdout["from"] == "stack":
-            gemm += 2.0 * stack * rank  # the materialised updates
-        # Mean-centred exact sides: the population's matrix once, then a downdate per fold by
-        # the held-out and centring models (`_holdout.downdated_basis`).
-        removed = None
-        if config.center == "mean" and holdout["from"] == "stack":
-            removed = 2 * holdout.get("largest", 1)
-            for mode, side in (("rows", m), ("cols", n)):
-                if holdout["bases"][mode] == "exact":
-                    gemm += 2.0 * stack * side
-        held = holdout.get("largest", 1) * m * n
-        if holdout["from"] == "grams":
-            gemm += 2 * _gram_basis_flops(n_models * rank, holdout["kmax"], config.iterations)
-        for _ in range(holdout["folds"]):
-            if holdout["from"] == "grams":
-                train = (n_models - 2 * holdout.get("largest", 1)) * rank
-                steps = max(1, config.iterations // 2)
-                gemm += 2 * _gram_basis_flops(train, holdout["kmax"], steps, warm=True)
-                continue
-            if holdout["from"] == "factors":
-                g = 2 * (config.iterations + 1) * 4.0 * size * (holdout["kmax"] + 10)
-                gemm += g + 4.0 * size * holdout["kmax"]
-                continue
-            g, e = _basis_flops(
-                n_models, m, n, holdout["kmax"], holdout["bases"], config, removed=removed
-            )
-            gemm += g + 6.0 * held * holdout["kmax"]
-            eigh += e
-    half = controls["split_half"]
-    if "bases" in half:
-        if half["from"] == "grams":
-            gemm += 4 * _gram_basis_flops(n_models // 2 * rank, half["k"], config.iterations)
-        elif half["from"] == "factors":
-            gemm += 2 * 2 * (config.iterations + 1) * 4.0 * size / 2 * (COMPARE_K + 10)
-        else:
-            g, e = _basis_flops(n_models / 2, m, n, half["k"], half["bases"], config)
-            gemm += 2 * g
-            eigh += 2 * e
-    return float(gemm), float(eigh)
-
-
-def memory_passes(kind: str, solvers, controls) -> tuple[float, float]:
-    """`(passes, draws)`: how many memory-bound passes over a dense layer's stack its analysis
-    makes (conversion and the finite check at placement, each centring, the lineage pass, each
-    fold's and half's mean and centring, each null draw's normalisation and spectra) and how many
-    Gaussian stacks the null draws. Matrix products are counted in flops, not here. LoRA layers
-    (whose factors are small beside their products): none."""
-    if kind != "dense":
-        return 0.0, 0.0
-    spectra = 1 + sum(s == "randomized" for s in solvers.values())
-    passes = 2 + spectra + (controls["lineage"] == {})
-    passes += 4 * controls["holdout"].get("folds", 0) + 4 * ("bases" in controls["split_half"])
+                # Eigenvalues alone of the (Nr)^2 pencil: Cholesky (1/3), the congruence
+                # ?sygst (1) and the tridiagonalisation (4/3), not a full eigh's 9.
+                eigh += 8.0 / 3.0 * nr**3
+        # The two factor cross-Grams, once for every mode (symmetric: 10 of 16 blocks).
+        gemm += 2.0 * nr * nr * (m + n) * 10 / 16
     draws = controls["null"].get("draws", 0)
-    passes += draws * (2 + spectra)
-    return float(passes), float(draws)
+    parts = {
+        "spectra": (gemm, eigh),
+        "lineage": (lineage, 0.0),
+        "null": (draws * gemm, draws * eigh),
+        "holdout": _holdout_flops(kind, n_models, m, n, rank, config, controls["holdout"], size),
+        "compare": _compare_flops(n_models, m, n, rank, config, controls["split_half"], size),
+    }
+    return {part: (float(g), float(e)) for part, (g, e) in parts.items()}
+
+
+def _holdout_flops(kind, n_models, m, n, rank, config, holdout, size) -> tuple[float, float]:
+    gemm = eigh = 0.0
+    if "folds" not in holdout:
+        return gemm, eigh
+    stack = n_models * m * n
+    if kind != "dense" and holdout["from"] == "stack":
+        gemm += 2.0 * stack * rank  # the materialised updates
+    # Mean-centred exact sides: the population's matrix once, then a downdate per fold by
+    # the held-out and centring models (`_holdout.downdated_basis`).
+    removed = None
+    if config.center == "mean" and holdout["from"] == "stack":
+        removed = 2 * holdout.get("largest", 1)
+        for mode, side in (("rows", m), ("cols", n)):
+            if holdout["bases"][mode] == "exact":
+                gemm += 2.0 * stack * side
+    held = holdout.get("largest", 1) * m * n
+    if holdout["from"] == "grams":
+        gemm += 2 * _gram_basis_flops(n_models * rank, holdout["kmax"], config.iterations)
+    for _ in range(holdout["folds"]):
+        if holdout["from"] == "grams":
+            train = (n_models - 2 * holdout.get("largest", 1)) * rank
+            steps = max(1, config.iterations // 2)
+            gemm += 2 * _gram_basis_flops(train, holdout["kmax"], steps, warm=True)
+            continue
+        if holdout["from"] == "factors":
+            g = 2 * (config.iterations + 1) * 4.0 * size * (holdout["kmax"] + 10)
+            gemm += g + 4.0 * size * holdout["kmax"]
+            continue
+        g, e = _basis_flops(
+            n_models, m, n, holdout["kmax"], holdout["bases"], config, removed=removed
+        )
+        gemm += g + 6.0 * held * holdout["kmax"]
+        eigh += e
+    return gemm, eigh
+
+
+def _compare_flops(n_models, m, n, rank, config, half, size) -> tuple[float, float]:
+    if "bases" not in half:
+        return 0.0, 0.0
+    if half["from"] == "grams":
+        return 4 * _gram_basis_flops(n_models // 2 * rank, half["k"], config.iterations), 0.0
+    if half["from"] == "factors":
+        return 2 * 2 * (config.iterations + 1) * 4.0 * size / 2 * (COMPARE_K + 10), 0.0
+    g, e = _basis_flops(n_models / 2, m, n, half["k"], half["bases"], config)
+    return 2 * g, 2 * e
+
+
+def memory_passes(kind: str, solvers, controls) -> dict:
+    """`{part: (passes, draws)}`: how many memory-bound passes over a dense layer's stack each
+    part of its analysis makes (conversion and the finite check at placement, each centring, the
+    lineage pass, each fold's and half's mean and centring, each null draw's normalisation and
+    spectra) and how many Gaussian stacks the null draws. Matrix products are counted in flops,
+    not here. LoRA layers (whose factors are small beside their products): none."""
+    if kind != "dense":
+        return {part: (0.0, 0.0) for part in PARTS}
+    spectra = 1 + sum(s == "randomized" for s in solvers.values())
+    draws = controls["null"].get("draws", 0)
+    return {
+        "spectra": (2.0 + spectra, 0.0),
+        "lineage": (float(controls["lineage"] == {}), 0.0),
+        "null": (float(draws * (2 + spectra)), float(draws)),
+        "holdout": (4.0 * controls["holdout"].get("folds", 0), 0.0),
+        "compare": (4.0 * ("bases" in controls["split_half"]), 0.0),
+    }
 
 
 def plan_total(plans) -> dict:
-    """The run's total: estimated seconds and flops, and the largest working set."""
+    """The run's total: estimated seconds (and of each part) and flops, and the largest working
+    set."""
     plans = list(plans)
     return {
         "layers": len(plans),
         "seconds": float(sum(p.seconds for p in plans)),
+        "parts": {part: float(sum(p.parts.get(part, 0.0) for p in plans)) for part in PARTS},
         "flops": float(sum(p.flops for p in plans)),
         "working_set_bytes": max((p.working_set_bytes for p in plans), default=0),
     }

@@ -225,6 +225,46 @@ def test_estimated_seconds_scale_with_the_measured_rates():
     assert (b.seconds - read) == pytest.approx(100 * (a.seconds - read), rel=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["dense", "lora"])
+def test_the_plan_estimates_each_part_the_record_times(kind):
+    rates = _plan.MachineRates(gemm=1e11, eigh=1e10, overhead=1e-3, stream=1e10, draw=1e9)
+
+    class Layer:
+        name, shape, dtype = "w", (512, 256), np.float32
+        refs = a_refs = [None] * 16
+        rank, ranks = 4, [4] * 16
+
+    Layer.kind = kind
+
+    def plan(**controls):
+        return spectra.plan_layer(
+            Layer,
+            n_pad=16,
+            spectra=spectra.SpectraConfig(),
+            controls=spectra.ControlConfig(**controls),
+            rates=rates,
+            materialise_limit=0,
+        )
+
+    full = plan()
+    assert tuple(full.parts) == _plan.PARTS == ("spectra", "lineage", "null", "holdout", "compare")
+    assert sum(full.parts.values()) == pytest.approx(full.seconds)
+    assert all(full.parts[p] > 0 for p in ("spectra", "null", "holdout", "compare"))
+    if kind == "lora":
+        assert full.controls["holdout"]["from"] == "grams"  # 16 x 4 factor rows < 512
+    # Each control's estimate is its own: off, it costs nothing and leaves the others as they
+    # were; the null costs its draws times the spectra's solves.
+    bare = plan(null_draws=0, holdout=None, split_half=False, lineage=False)
+    assert bare.parts["spectra"] == pytest.approx(full.parts["spectra"])
+    assert all(bare.parts[p] == 0 for p in ("lineage", "null", "holdout", "compare"))
+    one, three = plan(null_draws=1), plan(null_draws=3)
+    assert three.parts["null"] == pytest.approx(3 * one.parts["null"])
+    assert three.parts["holdout"] == pytest.approx(one.parts["holdout"])
+    total = spectra.plan_total([full, bare])
+    assert total["parts"]["null"] == pytest.approx(full.parts["null"])
+    assert total["seconds"] == pytest.approx(sum(total["parts"].values()))
+
+
 @pytest.mark.parametrize("devices", [1, 4])
 @pytest.mark.parametrize("center", ["mean", "none"])
 def test_tall_side_from_its_dual_equals_float64(devices, center):
