@@ -105,21 +105,24 @@ def _weights(scales: np.ndarray, n_set: int, center: str) -> np.ndarray:
 def _orthonormal(y: np.ndarray, gram: np.ndarray, basis=None, image=None, *, passes: int = 2):
     """The columns of `y` made orthonormal in the inner product `gram`, and orthogonal to the
     orthonormal `basis` (whose `image = gram @ basis` is given), by two passes of projection and
-    an `l x l` eigen-solve. Directions left with less than `1e-12` of the block's largest
-    squared norm before the projection are dropped: once the Krylov space holds the operator's
-    whole range, what remains is rounding, and a rank-deficient block shrinks instead.
+    an `l x l` eigen-solve. One product by `gram` in all: the projections and normalisations
+    update `gram @ y` through `image`. Directions left with less than `1e-12` of the block's
+    largest squared norm before the projection are dropped: once the Krylov space holds the
+    operator's whole range, what remains is rounding, and a rank-deficient block shrinks
+    instead.
 
     Returns:
         `(q, gram @ q)`.
     """
+    gy = _mm(gram, y)
     scale = None
     for _ in range(passes):
         removed = 0.0
         if basis is not None:
             along = _mm(image, y, trans=True)
             y = y - _mm(basis, along)
+            gy = gy - _mm(image, along)
             removed = np.einsum("ik,ik->k", along, along)
-        gy = _mm(gram, y)
         small = _mm(y, gy, trans=True)
         if scale is None:  # the squared norms before the projection
             scale = float(np.max(np.diag(small) + removed, initial=0.0))
@@ -133,15 +136,17 @@ def _orthonormal(y: np.ndarray, gram: np.ndarray, basis=None, image=None, *, pas
     return y, gy
 
 
-def _krylov(apply, gram, start, k, *, iterations):
-    """Top-k eigenpairs of the operator `apply` (self-adjoint in `gram`'s inner product) by block
-    Krylov from `start` (`d x l`): Rayleigh-Ritz over `[Q_0, .., Q_iterations]`."""
+def _krylov(mid, gram, start, k, *, iterations):
+    """Top-k eigenpairs of `mid @ gram` (self-adjoint in `gram`'s inner product: the set's
+    matrix `F mid F^T` on coefficients) by block Krylov from `start` (`d x l`): Rayleigh-Ritz
+    over `[Q_0, .., Q_iterations]`. Each block costs two `d x d` products: the operator on its
+    Gram image (kept from its orthonormalisation), and the next block's Gram image."""
     basis, image = _orthonormal(start, gram)
-    block, applied = basis, []
+    seen, applied = image, []
     for step in range(iterations + 1):
-        # The operator's image of each block: the next block's start, and the Rayleigh-Ritz
-        # product of the whole space, column block by column block.
-        applied.append(apply(block))
+        # The operator's image of each block (`mid @ gram @ Q`): the next block's start, and
+        # the Rayleigh-Ritz product of the whole space, column block by column block.
+        applied.append(_mm(mid, seen))
         if step == iterations:
             break
         block, seen = _orthonormal(applied[-1], gram, basis, image)
@@ -211,11 +216,8 @@ def set_basis(
             [_mm(mid, np.asfortranarray(seen)), rng.standard_normal((d, oversample))], axis=1
         )
 
-    def apply(c):
-        return _mm(mid, _mm(gram, c))
-
     coef, values, residual = _krylov(
-        apply, gram, np.asfortranarray(start), min(k, d), iterations=iterations
+        mid, gram, np.asfortranarray(start), min(k, d), iterations=iterations
     )
     full = np.zeros((own.shape[0], k))
     full[idx, : coef.shape[1]] = coef
