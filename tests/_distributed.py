@@ -34,7 +34,9 @@ def launch_analyze(args, *, processes: int = 2, devices: int = 2, stderr=subproc
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
-            env=env,
+            # Unlike string hashing per process (seeds 0 and 1 order {"rows", "cols"} both
+            # ways): code that reaches collectives in a set's order deadlocks here every time.
+            env=dict(env, PYTHONHASHSEED=str(pid)),
         )
         for pid in range(processes)
     ]

@@ -116,11 +116,13 @@ def masked_bases(
         ref = jnp.zeros(x.shape[1:], jnp.float32)
     ref = jnp.asarray(ref, jnp.float32)
     solvers = tuple(solvers)
-    host = {
+    # A tuple, in mode order: every process must reach the collectives below in one order (a
+    # set's order follows each process's string hashing).
+    host = tuple(
         mode
         for mode, solver in zip(("rows", "cols"), solvers)
         if solver == "exact" and next(iter(x.devices())).platform == "cpu"
-    }
+    )
     found = {}
     if len(host) < 2:
         u, v = _masked_bases(
@@ -455,7 +457,8 @@ def holdout_control(
 
     # Exact sides of a mean-centred holdout: each fold's matrix is a downdate of the
     # population's (`downdated_basis`), instead of a pass over every model per fold.
-    exact = {mode for mode, solver in zip(("rows", "cols"), solvers) if solver == "exact"}
+    # In mode order (not a set): the downdates' collectives run in one order on every process.
+    exact = tuple(mode for mode, solver in zip(("rows", "cols"), solvers) if solver == "exact")
     downdate = by_mean and exact
     total = _population_sum(x)
     if downdate:

@@ -345,6 +345,33 @@ def test_cli_under_two_distributed_processes_equals_one(demo, tmp_path):
         assert a["verdict"]["label"] == b["verdict"]["label"]
 
 
+@pytest.mark.multiprocess
+def test_lora_controls_from_the_grams_under_two_processes_equal_one(tmp_path):
+    # 12 adapters of 4096 x 1024 (rank 4; 48 factor rows: the factor route) whose 201 MB of
+    # updates exceed a quarter of the memory budget: the holdout and split halves come from the
+    # factor Grams, gathered to every process and solved alike there.
+    a, b = testing.lora_population(4, n_models=12, shape=(4096, 1024), rank=4)
+    for i in range(12):
+        testing.write_peft_adapter(
+            tmp_path / "pop" / f"a{i:02d}", {"model.q_proj": (a[i], b[i])}, r=4, lora_alpha=8
+        )
+    common = [f"--models={tmp_path / 'pop'}", "--quiet", "--noplots", "--null_draws=1"]
+    common += ["--memory_budget=0.5"]  # GiB
+    single = _cli(["analyze", f"--out={tmp_path / 'one'}", "--num_cpu_devices=4", *common])
+    assert single.returncode == 0, single.stderr[-2000:]
+    out = tmp_path / "two"
+    wait_all(launch_analyze([f"--out={out}", *common]), timeout=300, what="distributed analyze")
+    (one,), (two,) = _numbers(tmp_path / "one" / "spectra.json"), _numbers(out / "spectra.json")
+    assert one["plan"]["controls"]["holdout"]["from"] == "grams"
+    assert one["holdout"]["bases"]["from"] == two["holdout"]["bases"]["from"] == "grams"
+    for field in ("two_sided", "rows_one_sided", "cols_one_sided", "mean_plus_basis"):
+        np.testing.assert_allclose(two["holdout"][field], one["holdout"][field], atol=1e-5)
+    for field in ("rows_cosines", "cols_cosines"):
+        np.testing.assert_allclose(
+            two["compare"]["split_half"][field], one["compare"]["split_half"][field], atol=1e-4
+        )
+
+
 def test_center_base_uses_task_vectors(tmp_path):
     rng = np.random.default_rng(11)
     base = rng.standard_normal((10, 8)).astype(np.float32)
