@@ -179,6 +179,7 @@ def analyze_layer(
             **bases("holdout"),
         )
         spectra.grams = None  # device memory back before the other controls and the null
+        spectra.factor_grams = None  # (a materialised LoRA layer's: not needed)
         clock.lap("holdout")
         record.compare = {}
         if control_config.split_half:

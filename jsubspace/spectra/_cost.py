@@ -44,9 +44,13 @@ class _Sampler:
             with self._lock:
                 self._peak = max(self._peak, now)
 
-    def take(self) -> int:
-        """The peak since the previous call (and now), then starts a new interval."""
-        now = self.current()
+    def take(self) -> int | None:
+        """The peak since the previous call (and now), then starts a new interval; None when
+        the resident set cannot be read now (the part then records no bytes)."""
+        try:
+            now = self.current()
+        except (OSError, ValueError, IndexError):
+            return None
         with self._lock:
             peak, self._peak = max(self._peak, now), now
         return peak
@@ -63,7 +67,7 @@ def sampler() -> _Sampler | None:
         _STARTED = True
         try:
             _SAMPLER = _Sampler()
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, IndexError, RuntimeError):
             _SAMPLER = None
     return _SAMPLER
 
@@ -84,8 +88,9 @@ class Clock:
     def lap(self, part: str) -> None:
         now = time.perf_counter()
         self.laps[part] = self.laps.get(part, 0.0) + now - self._last
-        if self._sampler is not None:
-            self.peaks[part] = max(self.peaks.get(part, 0), self._sampler.take())
+        peak = self._sampler.take() if self._sampler is not None else None
+        if peak is not None:
+            self.peaks[part] = max(self.peaks.get(part, 0), peak)
         self._last = time.perf_counter()
 
 

@@ -162,7 +162,8 @@ def _krylov(mid, gram, start, k, *, iterations):
     coef = _mm(basis, top)
     # Residuals ||S u - lambda u|| = ||Bs (T c - lambda c)||, in the Gram's norm.
     diff = _mm(applied, top) - coef * values
-    norms = np.sqrt(np.clip(np.einsum("ik,ik->k", diff, _mm(gram, diff)), 0.0, None))
+    # abs: a Gram singular to rounding can give a tiny negative squared norm.
+    norms = np.sqrt(np.abs(np.einsum("ik,ik->k", diff, _mm(gram, diff))))
     residual = float(norms.max() / values[0]) if len(values) and values[0] > 0 else 0.0
     return coef, values, residual
 
@@ -178,9 +179,10 @@ def pencil(grams: FactorGrams, chosen: np.ndarray, *, mode: str, center: str):
     models = np.flatnonzero(chosen)
     idx = (models[:, None] * r + np.arange(r)).ravel()
     weights = _weights(grams.scales[models], len(models), center)
-    mid = other[np.ix_(idx, idx)]  # C order; the weights keep it symmetric
-    mid.reshape(len(models), r, len(models), r)[...] *= weights[:, None, :, None]
-    return idx, _square(own, idx), mid.T
+    p, d = len(models), len(idx)
+    mid = other[np.ix_(idx, idx)].reshape(p, r, p, r) * weights[:, None, :, None]
+    # Symmetric: its transpose is the Fortran-ordered matrix itself.
+    return idx, _square(own, idx), mid.reshape(d, d).T
 
 
 def set_basis(
@@ -211,9 +213,10 @@ def set_basis(
     else:
         # The superset's directions in this set's coefficients, `S u` for `u = Bs c` (one power
         # step, which also maps them into the set's span), and `oversample` random ones.
-        seen = _mm(own[idx], warm.coef[:, : width - oversample])
+        extra = min(oversample, width)
+        seen = _mm(own[idx], warm.coef[:, : width - extra])
         start = np.concatenate(
-            [_mm(mid, np.asfortranarray(seen)), rng.standard_normal((d, oversample))], axis=1
+            [_mm(mid, np.asfortranarray(seen)), rng.standard_normal((d, extra))], axis=1
         )
 
     coef, values, residual = _krylov(
