@@ -71,17 +71,23 @@ from absl import app
 from absl import flags
 from absl import logging
 
-_POPULATION = flags.DEFINE_enum("population", "minilm", ["minilm", "gpt2"], "Population.")
+_POPULATION = flags.DEFINE_enum(
+    "population", "minilm", ["minilm", "gpt2", "llama_mlp"], "Population."
+)
 _WORK = flags.DEFINE_string("workdir", "/tmp/jsubspace_real_shapes", "Populations and outputs.")
-_N = flags.DEFINE_integer("n", None, "Models (default: 8 for minilm, 16 for gpt2).")
-_BLOCKS = flags.DEFINE_integer("blocks", 12, "gpt2: transformer blocks.")
+_N = flags.DEFINE_integer(
+    "n", None, "Models (default: 8 for minilm, 16 for gpt2, 32 for llama_mlp)."
+)
+_BLOCKS = flags.DEFINE_integer(
+    "blocks", None, "gpt2 / llama_mlp: transformer blocks (default: 12 for gpt2, 1 for llama_mlp)."
+)
 _DTYPE = flags.DEFINE_enum(
-    "dtype", "float32", ["float32", "float16", "bfloat16"], "gpt2: stored dtype."
+    "dtype", "float32", ["float32", "float16", "bfloat16"], "gpt2 / llama_mlp: stored dtype."
 )
 _NOISE = flags.DEFINE_float(
-    "noise", 0.1, "gpt2: per-model noise, relative to the shared component's scale."
+    "noise", 0.1, "gpt2 / llama_mlp: per-model noise, relative to the shared component's scale."
 )
-_SEED = flags.DEFINE_integer("seed", 0, "gpt2 / minilm: seed of the written population.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the written population.")
 _PATHS = flags.DEFINE_list(
     "paths", ["analyze", "compress_reconstruct", "plan", "numpy"], "Paths to time."
 )
@@ -126,6 +132,11 @@ def _gpt2_shapes(blocks: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _llama_mlp_shapes(blocks: int) -> dict[str, tuple[int, ...]]:
+    """LLaMA-3-8B's MLP up-projection, HF names (stored out x in): 14336 x 4096 per block."""
+    return {f"model.layers.{i}.mlp.up_proj.weight": (14336, 4096) for i in range(blocks)}
+
+
 def _np_dtype(name: str):
     if name == "bfloat16":
         import ml_dtypes
@@ -134,10 +145,12 @@ def _np_dtype(name: str):
     return np.dtype(name)
 
 
-def _write_gpt2(directory: str, n: int, blocks: int, dtype: str, noise: float, seed: int):
+def _write_synthetic(
+    directory: str, population: str, n: int, blocks: int, dtype: str, noise: float, seed: int
+):
     from safetensors.numpy import save_file
 
-    shapes = _gpt2_shapes(blocks)
+    shapes = _gpt2_shapes(blocks) if population == "gpt2" else _llama_mlp_shapes(blocks)
     rng = np.random.default_rng(seed)
     # The shared component: GPT-2's initialisation scale (0.02) for matrices, ones for norms.
     shared = {}
@@ -153,8 +166,14 @@ def _write_gpt2(directory: str, n: int, blocks: int, dtype: str, noise: float, s
             scale = noise * (0.02 if base.ndim > 1 else 0.01)
             value = base + scale * model_rng.standard_normal(base.shape, dtype=np.float32)
             tensors[name] = np.ascontiguousarray(value.astype(_np_dtype(dtype)))
-        save_file(tensors, os.path.join(directory, f"gpt2_{i:03d}.safetensors"))
+        save_file(tensors, os.path.join(directory, f"{population}_{i:03d}.safetensors"))
         del tensors
+
+
+def _blocks(population: str) -> int:
+    if _BLOCKS.value is not None:
+        return _BLOCKS.value
+    return 12 if population == "gpt2" else 1
 
 
 def _population(name: str, n: int) -> tuple[str, dict]:
@@ -164,15 +183,15 @@ def _population(name: str, n: int) -> tuple[str, dict]:
         directory = os.path.join(_WORK.value, f"minilm_n{n}_s{_SEED.value}")
     else:
         params = {
-            "population": "gpt2",
+            "population": name,
             "n": n,
-            "blocks": _BLOCKS.value,
+            "blocks": _blocks(name),
             "dtype": _DTYPE.value,
             "noise": _NOISE.value,
             "seed": _SEED.value,
         }
         directory = os.path.join(
-            _WORK.value, f"gpt2_n{n}_b{_BLOCKS.value}_{_DTYPE.value}_s{_SEED.value}"
+            _WORK.value, f"{name}_n{n}_b{_blocks(name)}_{_DTYPE.value}_s{_SEED.value}"
         )
     marker = os.path.join(directory, "population.json")
     if os.path.exists(marker):
@@ -193,7 +212,7 @@ def _population(name: str, n: int) -> tuple[str, dict]:
             f"--_write_population={directory}",
             f"--population={name}",
             f"--n={n}",
-            f"--blocks={_BLOCKS.value}",
+            f"--blocks={_blocks(name)}",
             f"--dtype={_DTYPE.value}",
             f"--noise={_NOISE.value}",
             f"--seed={_SEED.value}",
@@ -514,12 +533,18 @@ def main(argv):
 
             testing.minilm_population(_WRITE_CHILD.value, n_models=_N.value, seed=_SEED.value)
         else:
-            _write_gpt2(
-                _WRITE_CHILD.value, _N.value, _BLOCKS.value, _DTYPE.value, _NOISE.value, _SEED.value
+            _write_synthetic(
+                _WRITE_CHILD.value,
+                _POPULATION.value,
+                _N.value,
+                _blocks(_POPULATION.value),
+                _DTYPE.value,
+                _NOISE.value,
+                _SEED.value,
             )
         return 0
     population = _POPULATION.value
-    n = _N.value or (8 if population == "minilm" else 16)
+    n = _N.value or {"minilm": 8, "gpt2": 16, "llama_mlp": 32}[population]
     os.makedirs(_WORK.value, exist_ok=True)
     directory, params = _population(population, n)
     files = _model_files(directory)
@@ -644,8 +669,8 @@ def main(argv):
         "numpy": "numpy (spectra only, no controls)",
     }
     what = f"{population}, N = {len(files)}"
-    if population == "gpt2":
-        what += f", {_BLOCKS.value} blocks, {_DTYPE.value}"
+    if population != "minilm":
+        what += f", {_blocks(population)} blocks, {_DTYPE.value}"
     if extra:
         what += f"; analyze flags: {' '.join(extra)}"
     print(f"\n{what}; {len(layers)} layers, {cores} cores")
@@ -725,9 +750,9 @@ def main(argv):
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     name = f"real_shapes_{population}_n{len(files)}"
-    if population == "gpt2":
-        if _BLOCKS.value != 12:
-            name += f"_b{_BLOCKS.value}"
+    if population != "minilm":
+        if _blocks(population) != (12 if population == "gpt2" else 1):
+            name += f"_b{_blocks(population)}"
         if _DTYPE.value != "float32":
             name += f"_{_DTYPE.value}"
     results_dir = _RESULTS.value or os.path.join(_HERE, "results")

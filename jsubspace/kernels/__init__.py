@@ -10,12 +10,14 @@ from jsubspace.kernels._gram import ModeGrams
 from jsubspace.kernels._gram import centered_block
 from jsubspace.kernels._gram import cross_gram
 from jsubspace.kernels._gram import dual_mode_gram
+from jsubspace.kernels._gram import exchanged_cross_gram
 from jsubspace.kernels._gram import mode_gram
 from jsubspace.kernels._gram import mode_grams
 from jsubspace.kernels._gram import mode_product
 from jsubspace.kernels._gram import model_mask
 from jsubspace.kernels._gram import ring_cross_gram
 from jsubspace.kernels._gram import self_gram
+from jsubspace.kernels._gram import sharded_cross_gram
 from jsubspace.kernels._gram import stack_t_times
 from jsubspace.kernels._gram import stack_times
 from jsubspace.kernels._gram import streaming_mode_grams
@@ -82,6 +84,8 @@ __all__ = [
     "randomized_factor_pca",
     "randomized_lora_eigh",
     "ring_cross_gram",
+    "sharded_cross_gram",
+    "exchanged_cross_gram",
     "self_gram",
     "BLOCK_ROWS",
     "FACTORS",

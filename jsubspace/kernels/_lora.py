@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jsubspace.kernels._gram import HIGHEST
-from jsubspace.kernels._gram import ring_cross_gram
+from jsubspace.kernels._gram import sharded_cross_gram
 from jsubspace.sharding._mesh import MODELS
 
 
@@ -166,8 +166,8 @@ def lora_grams(
 
     def body(ab, bb):
         # ab: dtype[N/d, r, n]; bb: dtype[N/d, m, r]
-        ga = ring_cross_gram(jnp.swapaxes(ab.astype(jnp.float32), 1, 2), num_devices=d)
-        gb = ring_cross_gram(bb.astype(jnp.float32), num_devices=d)
+        ga = sharded_cross_gram(jnp.swapaxes(ab.astype(jnp.float32), 1, 2), num_devices=d)
+        gb = sharded_cross_gram(bb.astype(jnp.float32), num_devices=d)
         return ga, gb  # f32[N/d, r, N, r] each
 
     ga, gb = jax.shard_map(

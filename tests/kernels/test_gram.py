@@ -95,6 +95,54 @@ def test_ring_cross_gram_blocks():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("devices, b, p, q", [(4, 2, 5, 3), (2, 3, 8, 1), (8, 1, 13, 2)])
+def test_exchanged_cross_gram_equals_the_ring_and_float64(devices, b, p, q):
+    # p = 5 and 13 are not multiples of the device count: the contraction is zero-padded.
+    mesh = sharding.models_mesh(devices)
+    rng = np.random.default_rng(p)
+    x = rng.standard_normal((devices * b, p, q)).astype(np.float32)
+    placed = jax.device_put(x, sharding.stacked_sharding(mesh))
+    found = {}
+    for name in ("ring_cross_gram", "exchanged_cross_gram"):
+        kernel = getattr(kernels, name)
+        found[name] = np.asarray(
+            jax.shard_map(
+                lambda xb, kernel=kernel: kernel(xb, num_devices=devices),
+                mesh=mesh,
+                in_specs=jax.P("models"),
+                out_specs=jax.P("models"),
+            )(placed)
+        )
+    want = np.einsum("ipa,jpb->iajb", x.astype(np.float64), x)
+    for got in found.values():
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_models_gram_takes_the_exchange_and_lora_factors_the_ring():
+    # The chooser compares bytes moved per device; the program shows which collective ran.
+    mesh = sharding.models_mesh(4)
+
+    def program(shape):
+        x = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding.stacked_sharding(mesh))
+        return (
+            jax.jit(
+                jax.shard_map(
+                    lambda xb: kernels.sharded_cross_gram(xb, num_devices=4),
+                    mesh=mesh,
+                    in_specs=jax.P("models"),
+                    out_specs=jax.P("models"),
+                )
+            )
+            .lower(x)
+            .as_text()
+        )
+
+    dense = program((8, 4096, 1))  # flattened models: N q = 8 against p = 4096
+    assert "all_to_all" in dense and "collective_permute" not in dense
+    factor = program((8, 64, 16))  # B factors, rank 16: N r = 128 above p = 64
+    assert "collective_permute" in factor and "all_to_all" not in factor
+
+
 @pytest.mark.parametrize("b, q, min_rows", [(7, 3, 4), (10, 16, 32), (3, 5, 256), (9, 1, 2)])
 def test_self_gram_computes_the_symmetric_blocks_once(b, q, min_rows):
     rng = np.random.default_rng(b)
