@@ -12,7 +12,7 @@ does not know, the mesh, is added here:
   read         the host's `N_pad / H` models' bytes of the layer, at the host's read rate
   collectives  per host, crossing its network link:
                - the models Gram (`kernels.sharded_cross_gram`): an all-to-all of the host's
-                 models and a reduce-scatter of the N x N Gram (a ring would pass D - 1 shards
+                 models and an all-reduce of the N x N Gram (a ring would pass D - 1 shards
                  through every host's link: the whole stack, per Gram);
                - the means (`m x n`), side Grams (`side^2`) and randomized products
                  (`side x l` per Krylov step) by all-reduce: 2 (H - 1) / H of their bytes;
@@ -205,10 +205,10 @@ def predict_layer(name, shape, n_models, dtype, mesh: Mesh, rates, spectra_confi
         if d_total == 1 or mesh.hosts == 1:
             return 0.0
         ring = (d_total - 1) * per_device * p * q
-        exchange = (d_total - 1) / d_total * (per_device * p * q + (n_pad * q) ** 2)
-        if exchange < ring:  # all_to_all of the host's models, reduce-scatter of the Gram
+        exchange = (d_total - 1) / d_total * (per_device * p * q + 2 * (n_pad * q) ** 2)
+        if exchange < ring:  # all_to_all of the host's models, all-reduce of the Gram
             share = (mesh.hosts - 1) / mesh.hosts
-            return 4.0 * share * (n_pad // mesh.hosts * p * q + (n_pad * q) ** 2)
+            return 4.0 * share * (n_pad // mesh.hosts * p * q + 2 * (n_pad * q) ** 2)
         return 4.0 * ring  # one shard crosses the host's link per ring step
 
     duals = [mo for mo, s in solvers.items() if s == "exact-dual"]
@@ -473,6 +473,60 @@ if jax.process_index() == 0:
     }
 
 
+_CONTENDED = r"""
+import json, sys, time
+import jax, jax.numpy as jnp
+from jsubspace import kernels
+start, seconds = float(sys.argv[1]), float(sys.argv[2])
+a = jnp.ones((1024, 1024), jnp.float32) / 1024
+gram = a + jnp.eye(1024, dtype=jnp.float32)
+big = jnp.ones((16, 2**20), jnp.float32)
+work = {  # name: (function, argument, units per call), `spectra.measure_rates`' kernels
+    "gemm": (jax.jit(lambda x: jnp.matmul(x, x, precision=kernels.HIGHEST)), a, 2 * 1024**3),
+    "eigh": (jax.jit(lambda g: jnp.linalg.eigh(g[:512, :512])[0]), gram, 9 * 512**3),
+    "stream": (jax.jit(lambda x: x - jnp.mean(x, axis=0)), big, big.size),
+    "draw": (jax.jit(lambda k: jax.random.normal(k, (2**22,), jnp.float32)), jax.random.key(0),
+             2**22),
+}
+for fn, arg, _ in work.values():
+    fn(arg).block_until_ready()
+out = {}
+for i, (name, (fn, arg, units)) in enumerate(work.items()):
+    begin = start + i * (seconds + 0.5)
+    while time.time() < begin:
+        time.sleep(0.005)
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn(arg).block_until_ready()
+        count += 1
+    out[name] = units * count / (time.perf_counter() - t0)
+print(json.dumps(out))
+"""
+
+
+def contended_rates(processes: int, seconds: float = 2.0):
+    """`spectra.measure_rates`' kernels timed in `processes` processes at once (each kernel run
+    for `seconds` in every process from a common start): the rate one process gets while the
+    others compete for the same cores, the median over the processes."""
+    from jsubspace import spectra
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    start = time.time() + 8.0  # after every process has started and compiled
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CONTENDED, str(start), str(seconds)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        for _ in range(processes)
+    ]
+    found = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
+    median = {k: float(np.median([f[k] for f in found])) for k in found[0]}
+    return spectra.MachineRates(**median)
+
+
 def validate() -> dict:
     from jsubspace import spectra
 
@@ -497,13 +551,16 @@ def validate() -> dict:
     )
     record = {"n": n, "blocks": _BLOCKS.value, "rates": rates.__dict__, "loopback": net}
     for p in (1, processes):
-        share = dataclasses.replace(
-            rates,
-            gemm=rates.gemm / p,
-            eigh=rates.eigh / p,
-            stream=rates.stream / p,
-            draw=rates.draw / p,
+        # The rates each of the p processes gets while all of them compute on these cores.
+        share = contended_rates(p) if p > 1 else rates
+        print(
+            f"rates per process with {p} competing: gemm {share.gemm / 1e9:.0f} GFLOP/s, eigh "
+            f"{share.eigh / 1e9:.0f}, stream {share.stream / 1e6:.0f} M/s, draw "
+            f"{share.draw / 1e6:.0f} M/s (1/{p} of one process: "
+            f"{rates.gemm / p / 1e9:.0f}, {rates.eigh / p / 1e9:.0f}, "
+            f"{rates.stream / p / 1e6:.0f}, {rates.draw / p / 1e6:.0f})"
         )
+        record[f"rates_p{p}"] = share.__dict__
         mesh = Mesh(
             hosts=p,
             devices_per_host=1,

@@ -218,8 +218,8 @@ def exchanged_cross_gram(x: jax.Array, *, num_devices: int) -> jax.Array:
 
     Runs inside shard_map. One `all_to_all` hands every device a `1/d` slice of the contraction
     axis `p` of every model (`f32[N, p/d, q]`, the size of a shard), each device forms the full
-    `N q x N q` Gram of its slice, and a `psum_scatter` adds the slices' Grams, leaving each
-    device its own rows. Per device it moves `(d-1)/d` of a shard and of the Gram, where the
+    `N q x N q` Gram of its slice, and a `psum` adds the slices' Grams (each device keeps its
+    own rows). Per device it moves `(d-1)/d` of a shard and `2 (d-1)/d` of the Gram, where the
     ring moves `d - 1` shards; for a dense layer's models Gram (`q = 1`, the Gram N x N beside
     a shard of `N/d` whole models) that is about `d` times fewer bytes, and one collective
     instead of `d - 1` (the ring's unrolled steps also grow the program with `d`).
@@ -238,13 +238,18 @@ def exchanged_cross_gram(x: jax.Array, *, num_devices: int) -> jax.Array:
     # Received in the order of the sending devices: global model order.
     sliced = lax.all_to_all(x, MODELS, split_axis=1, concat_axis=0, tiled=True)
     gram = self_gram(sliced)  # f32[N, q, N, q], this slice's terms
-    return lax.psum_scatter(gram, MODELS, scatter_dimension=0, tiled=True)
+    # A psum and this device's rows, not `psum_scatter`: across processes on CPU (gloo) a
+    # reduce-scatter here stalled the collectives after it (a 768 x 768 layer of 16 models,
+    # 2 processes x 2 devices: the holdout run took 236 s instead of 40 s; 4 x 1 over 3 minutes
+    # for one layer); the Gram is small beside the shards.
+    full = lax.psum(gram, MODELS)
+    return lax.dynamic_slice_in_dim(full, lax.axis_index(MODELS) * b, b, axis=0)
 
 
 def sharded_cross_gram(x: jax.Array, *, num_devices: int) -> jax.Array:
     """The cross-Gram of a models-sharded stack (inside shard_map) by whichever of the ring
     (`ring_cross_gram`) and the exchange (`exchanged_cross_gram`) moves fewer bytes per device:
-    the ring `(d-1) b p q` floats, the exchange `(d-1)/d (b p q + (N q)^2)`. Dense models
+    the ring `(d-1) b p q` floats, the exchange `(d-1)/d (b p q + 2 (N q)^2)`. Dense models
     Grams take the exchange; LoRA factors, whose `N r` Gram outgrows their short sides,
     mostly the ring. Same values either way (a sum in another order)."""
     b, p, q = x.shape
@@ -252,7 +257,7 @@ def sharded_cross_gram(x: jax.Array, *, num_devices: int) -> jax.Array:
     if d == 1:
         return ring_cross_gram(x, num_devices=1)
     ring = (d - 1) * b * p * q
-    exchange = (d - 1) / d * (b * p * q + (d * b * q) ** 2)
+    exchange = (d - 1) / d * (b * p * q + 2 * (d * b * q) ** 2)
     if exchange < ring:
         return exchanged_cross_gram(x, num_devices=d)
     return ring_cross_gram(x, num_devices=d)

@@ -372,6 +372,31 @@ def test_lora_controls_from_the_grams_under_two_processes_equal_one(tmp_path):
         )
 
 
+@pytest.mark.multiprocess
+def test_dense_holdout_under_two_processes_after_the_exchanged_models_gram(tmp_path):
+    # 16 models of 768 x 768: the models Gram takes the exchange (all_to_all) across the two
+    # processes, and the holdout runs after it; the numbers equal one process. (A reduce-scatter
+    # closing the exchange stalled gloo's later collectives at this size: 236 s instead of 40 s;
+    # `test_dense_models_gram_takes_the_exchange_and_lora_factors_the_ring` keeps it out.)
+    rng = np.random.default_rng(5)
+    shared = rng.standard_normal((768, 768)).astype(np.float32)
+    for i in range(16):
+        noise = 0.1 * rng.standard_normal((768, 768)).astype(np.float32)
+        testing.write_safetensors(tmp_path / "pop" / f"m{i:02d}.safetensors", {"w": shared + noise})
+    common = [f"--models={tmp_path / 'pop'}", "--quiet", "--noplots", "--null_draws=0"]
+    common += ["--nosplit_half"]
+    single = _cli(["analyze", f"--out={tmp_path / 'one'}", "--num_cpu_devices=4", *common])
+    assert single.returncode == 0, single.stderr[-2000:]
+    out = tmp_path / "two"
+    wait_all(launch_analyze([f"--out={out}", *common]), timeout=240, what="distributed analyze")
+    (one,), (two,) = _numbers(tmp_path / "one" / "spectra.json"), _numbers(out / "spectra.json")
+    top = one["modes"]["models"]["eigenvalues"][0]
+    models = [r["modes"]["models"]["eigenvalues"] for r in (one, two)]
+    np.testing.assert_allclose(models[1], models[0], atol=2e-6 * top)
+    for field in ("two_sided", "rows_one_sided", "cols_one_sided", "mean_plus_basis"):
+        np.testing.assert_allclose(two["holdout"][field], one["holdout"][field], atol=1e-5)
+
+
 def test_center_base_uses_task_vectors(tmp_path):
     rng = np.random.default_rng(11)
     base = rng.standard_normal((10, 8)).astype(np.float32)
