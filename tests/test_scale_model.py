@@ -54,7 +54,7 @@ def test_the_scale_model_is_the_plan_on_one_device_and_divides_over_hosts():
                 name,
                 part,
             )
-    for name, by_hosts in out["hosts"].items():
+    for by_hosts in out["hosts"].values():
         (r1, c1, w1), (r2, c2, w2), (r4, c4, w4) = (by_hosts[h] for h in ("1", "2", "4"))
         assert r2 == r1 / 2 and r4 == r1 / 4  # each host reads its own models' bytes
         assert c1 == 0 < c2  # one host moves nothing over its link
