@@ -10,6 +10,9 @@ does not know, the mesh, is added here:
   sharded      matrix products over the stack and memory-bound passes: divided by D
   replicated   eigen-solves of the `side x side` / `N x N` matrices: every device solves them
   read         the host's `N_pad / H` models' bytes of the layer, at the host's read rate
+  holdout      the held-out models and their centring models, gathered by every device for
+               the captures (`held_captures`' `jnp.take`: an all-reduce of 2 x the largest fold's
+               models in float32 per fold), in the working set and the collectives
   collectives  per host, crossing its network link:
                - the models Gram (`kernels.sharded_cross_gram`): an all-to-all of the host's
                  models and an all-reduce of the N x N Gram (a ring would pass D - 1 shards
@@ -166,6 +169,13 @@ def predict_layer(name, shape, n_models, dtype, mesh: Mesh, rates, spectra_confi
     whole = _plan.working_set(layer, n_pad, spectra_config, bases=used)
     stack_factor = 2 * itemsize + 12  # `working_set`'s bytes per stack entry
     working = whole - n_pad * m * n * stack_factor + per_device * m * n * stack_factor
+    # The holdout's captures (`spectra._holdout.held_captures`) take the held-out models and
+    # their centring models out of the sharded stack with `jnp.take`: a masked local gather and
+    # an all-reduce, leaving both float32 sets on every device. Not in the single-host plan's
+    # working set (where they are a fifth of the stack's float32 copies).
+    held = planned["holdout"].get("largest", 0) if "folds" in planned["holdout"] else 0
+    gathered = 2 * held * m * n * 4
+    working += gathered if d_total > 1 else 0
 
     # Collectives: (bytes, count) per part, of the all-reduced results and the models ring.
     side = {"rows": m, "cols": n}
@@ -222,7 +232,8 @@ def predict_layer(name, shape, n_models, dtype, mesh: Mesh, rates, spectra_confi
     reduce["null"] = (draws * b, draws * c)
     if "bases" in planned["holdout"]:
         h = planned["holdout"]
-        reduce["holdout"] = bases_bytes(h["bases"], h["kmax"], h["folds"])
+        b, c = bases_bytes(h["bases"], h["kmax"], h["folds"])
+        reduce["holdout"] = (b + h["folds"] * gathered, c + h["folds"])
     if "bases" in planned["split_half"]:
         s = planned["split_half"]
         reduce["compare"] = bases_bytes(s["bases"], s["k"], 2)
