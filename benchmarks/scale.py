@@ -10,9 +10,10 @@ does not know, the mesh, is added here:
   sharded      matrix products over the stack and memory-bound passes: divided by D
   replicated   eigen-solves of the `side x side` / `N x N` matrices: every device solves them
   read         the host's `N_pad / H` models' bytes of the layer, at the host's read rate
-  holdout      the held-out models and their centring models, gathered by every device for
-               the captures (`held_captures`' `jnp.take`: an all-reduce of 2 x the largest fold's
-               models in float32 per fold), in the working set and the collectives
+  holdout      the held-out models and their centring models, routed in blocks of p / D to
+               one device each for the captures (`held_captures` on a mesh: a psum per block,
+               2 x the largest fold's models in float32 all-reduced per fold), in the working
+               set and the collectives
   collectives  per host, crossing its network link:
                - the models Gram (`kernels.sharded_cross_gram`): an all-to-all of the host's
                  models and an all-reduce of the N x N Gram (a ring would pass D - 1 shards
@@ -169,13 +170,13 @@ def predict_layer(name, shape, n_models, dtype, mesh: Mesh, rates, spectra_confi
     whole = _plan.working_set(layer, n_pad, spectra_config, bases=used)
     stack_factor = 2 * itemsize + 12  # `working_set`'s bytes per stack entry
     working = whole - n_pad * m * n * stack_factor + per_device * m * n * stack_factor
-    # The holdout's captures (`spectra._holdout.held_captures`) take the held-out models and
-    # their centring models out of the sharded stack with `jnp.take`: a masked local gather and
-    # an all-reduce, leaving both float32 sets on every device. Not in the single-host plan's
-    # working set (where they are a fifth of the stack's float32 copies).
+    # The holdout's captures (`spectra._holdout.held_captures`): on a mesh, blocks of
+    # `s = ceil(p / D)` held-out models and their centring models go to one device each, by a
+    # psum per block (`_spread_captures`: about six s-model float32 buffers per device); the
+    # psums carry both sets once over: `2 p m n` floats all-reduced per fold.
     held = planned["holdout"].get("largest", 0) if "folds" in planned["holdout"] else 0
     gathered = 2 * held * m * n * 4
-    working += gathered if d_total > 1 else 0
+    working += 6 * -(-held // d_total) * m * n * 4 if d_total > 1 else 0
 
     # Collectives: (bytes, count) per part, of the all-reduced results and the models ring.
     side = {"rows": m, "cols": n}

@@ -197,6 +197,7 @@ def group_control(
             float(sizes[a] + len(held)),
             u,
             v,
+            mesh=mesh,
         )
         two, rows, cols, centred, resid, raw = (host_array(f).astype(np.float64) for f in found)
         safe = np.maximum(centred, 1e-30)[:, None]
@@ -269,7 +270,15 @@ def group_control(
                 iterations=iterations,
             )
             found = held_captures(
-                x, jnp.asarray(held), jnp.asarray(partner[held]), ref, total, float(n_models), u, v
+                x,
+                jnp.asarray(held),
+                jnp.asarray(partner[held]),
+                ref,
+                total,
+                float(n_models),
+                u,
+                v,
+                mesh=mesh,
             )
             for j, f in enumerate(found):
                 f = host_array(f).astype(np.float64)

@@ -337,10 +337,101 @@ def centre_models(folds: np.ndarray, seed: int) -> np.ndarray:
     return centre
 
 
-@functools.partial(jax.jit, static_argnames=("by_mean",))
-def held_captures(x, held, centre, ref, total, n_models, u, v, *, by_mean: bool = True):
+def held_captures(x, held, centre, ref, total, n_models, u, v, *, by_mean=True, mesh=None):
     """Captured energies of the held-out models under the bases `u` (`f32[m, k]`), `v`
     (`f32[n, k]`).
+
+    On one device, the held-out (and centring) models are taken out of the stack at once. On a
+    mesh of several (`mesh`), they are not gathered to every device: blocks of `p/d` of them go
+    to one device each (`_spread_captures`), so a device holds a `d`-th of them, not `2p`
+    float32 models (at N = 500 a fold of 100 embedding copies would be 429 GB per device).
+    Same arithmetic either way; the padded block rows are dropped.
+
+    Returns:
+        `(two_sided f32[p, k], rows f32[p, k], cols f32[p, k], centred f32[p], resid f32[p],
+        raw f32[p])`: cumulative captured energies of the centred held-out models, and the
+        energies of the centred models, of `W - mu_train` and of `W - ref`.
+    """
+    if mesh is None or mesh.devices.size == 1:
+        return _gathered_captures(x, held, centre, ref, total, n_models, u, v, by_mean=by_mean)
+    found = _spread_captures(
+        x, held, centre, ref, total, n_models, u, v, mesh=mesh, by_mean=by_mean
+    )
+    p = held.shape[0]
+    return tuple(f[:p] for f in found)
+
+
+def _captures(w, d, ref, total, n_models, count, u, v):
+    """The captures of held-out models `w f32[p, m, n]` centred as `d`, the training mean being
+    `(total - sum of all held) / (n_models - count)` (`total` here already less that sum)."""
+    xv = jnp.einsum("imn,nk->imk", d, v, precision=HIGHEST)  # D_i V
+    core = jnp.einsum("mk,iml->ikl", u, xv, precision=HIGHEST) ** 2  # (U^T D_i V)^2
+    two = jnp.diagonal(jnp.cumsum(jnp.cumsum(core, axis=1), axis=2), axis1=1, axis2=2)
+    cols = jnp.cumsum(jnp.sum(xv * xv, axis=1), axis=-1)
+    ux = jnp.einsum("imn,mk->ink", d, u, precision=HIGHEST)  # D_i^T U
+    rows = jnp.cumsum(jnp.sum(ux * ux, axis=1), axis=-1)
+    mu = total / (n_models - count)
+    resid = jnp.sum((w - mu) ** 2, axis=(1, 2))
+    raw = jnp.sum((w - ref) ** 2, axis=(1, 2))
+    return two, rows, cols, jnp.sum(d * d, axis=(1, 2)), resid, raw
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "by_mean"))
+def _spread_captures(x, held, centre, ref, total, n_models, u, v, *, mesh, by_mean):
+    """`held_captures` on a mesh: step t of d sends the t-th block of `s = ceil(p / d)` held-out
+    models (and their centring models) to device t, by a `psum` to which only their owners add
+    anything; each device keeps its own block and computes its rows. Memory per device: a few
+    `s`-model blocks. Returns `f32[d s, ...]` (rows past p are padding)."""
+    d = mesh.devices.size
+    p = held.shape[0]
+    s = -(-p // d)
+    pad = jnp.full((d * s - p,), -1, held.dtype)
+    held_p = jnp.concatenate([held, pad])
+    centre_p = jnp.concatenate([centre.astype(held.dtype), pad])
+    m, n = x.shape[1:]
+
+    def body(xb, held_p, centre_p, ref, total, u, v):
+        b = xb.shape[0]
+        me = lax.axis_index(MODELS)
+        first = me * b
+
+        def owned(index):
+            # f32[s, m, n]: the rows of this device's models among `index`, zeros elsewhere.
+            inside = (index >= first) & (index < first + b)
+            rows = jnp.take(xb, jnp.clip(index - first, 0, b - 1), axis=0).astype(jnp.float32)
+            return rows * inside.astype(jnp.float32)[:, None, None]
+
+        def step(t, carry):
+            block = lax.dynamic_slice_in_dim(held_p, t * s, s)
+            w = lax.psum(owned(block), MODELS)
+            c = carry[1]
+            if by_mean:
+                c = lax.psum(owned(lax.dynamic_slice_in_dim(centre_p, t * s, s)), MODELS)
+            keep = t == me
+            return jnp.where(keep, w, carry[0]), jnp.where(keep, c, carry[1])
+
+        # The carry is per device (varying over the models axis), as the blocks it keeps.
+        zeros = lax.pcast(jnp.zeros((s, m, n), jnp.float32), MODELS, to="varying")
+        w, c = lax.fori_loop(0, d, step, (zeros, zeros))
+        # The sum of every held-out model, for the training mean.
+        mine = jnp.isin(first + jnp.arange(b), held_p).astype(xb.dtype)
+        local = jnp.einsum("i,imn->mn", mine, xb, preferred_element_type=jnp.float32)
+        held_sum = lax.psum(local, MODELS)
+        dev = w - (c if by_mean else ref)
+        return _captures(w, dev, ref, total - held_sum, n_models, p, u, v)
+
+    spec = P(MODELS)
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(spec, P(), P(), P(), P(), P(), P()),
+        out_specs=(spec,) * 6,
+    )(x, held_p, centre_p, ref, total, u, v)
+
+
+@functools.partial(jax.jit, static_argnames=("by_mean",))
+def _gathered_captures(x, held, centre, ref, total, n_models, u, v, *, by_mean: bool = True):
+    """`held_captures` with the held-out models taken out of the stack at once (one device).
 
     Args:
         x: `dtype[N_pad, m, n]`, the layer (sharded over models).
@@ -359,16 +450,7 @@ def held_captures(x, held, centre, ref, total, n_models, u, v, *, by_mean: bool 
     """
     w = jnp.take(x, held, axis=0).astype(jnp.float32)
     d = w - (jnp.take(x, centre, axis=0).astype(jnp.float32) if by_mean else ref)
-    xv = jnp.einsum("imn,nk->imk", d, v, precision=HIGHEST)  # D_i V
-    core = jnp.einsum("mk,iml->ikl", u, xv, precision=HIGHEST) ** 2  # (U^T D_i V)^2
-    two = jnp.diagonal(jnp.cumsum(jnp.cumsum(core, axis=1), axis=2), axis1=1, axis2=2)
-    cols = jnp.cumsum(jnp.sum(xv * xv, axis=1), axis=-1)
-    ux = jnp.einsum("imn,mk->ink", d, u, precision=HIGHEST)  # D_i^T U
-    rows = jnp.cumsum(jnp.sum(ux * ux, axis=1), axis=-1)
-    mu = (total - jnp.sum(w, axis=0)) / (n_models - w.shape[0])
-    resid = jnp.sum((w - mu) ** 2, axis=(1, 2))
-    raw = jnp.sum((w - ref) ** 2, axis=(1, 2))
-    return two, rows, cols, jnp.sum(d * d, axis=(1, 2)), resid, raw
+    return _captures(w, d, ref, total - jnp.sum(w, axis=0), n_models, w.shape[0], u, v)
 
 
 MIN_MODELS = 4
@@ -506,6 +588,7 @@ def holdout_control(
             u,
             v,
             by_mean=by_mean,
+            mesh=mesh,
         )
         for j, o in enumerate(found):
             out[j][held] = host_array(o).astype(np.float64)

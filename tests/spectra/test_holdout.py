@@ -106,3 +106,42 @@ def test_a_layer_equal_in_every_model_gets_a_basis_not_a_crash():
         _placed(w.astype(np.float32), mesh), 8, mesh=mesh, holdout=4, seed=0
     )
     assert record["mean_only"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("by_mean", [True, False])
+def test_held_captures_on_a_mesh_keep_a_block_per_device_and_equal_the_gather(by_mean):
+    # 16 models of 96 x 80 on 4 devices, 11 held out (blocks of 3, one padding row): the spread
+    # captures equal the single-device gather, and no device holds the 11 held-out and 11
+    # centring models (the gather's all-reduce of both sets): XLA's temporary bytes drop.
+    mesh = sharding.models_mesh(4)
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((16, 96, 80)).astype(np.float32)
+    x = _placed(w, mesh)
+    held = jax.numpy.asarray([0, 1, 3, 4, 5, 8, 9, 11, 12, 14, 15])
+    centre = jax.numpy.asarray([2, 6, 7, 10, 13, 0, 1, 3, 4, 5, 8])
+    ref = jax.numpy.zeros((96, 80), np.float32)
+    total = jax.numpy.asarray(w.sum(0))
+    u = jax.numpy.asarray(np.linalg.qr(rng.standard_normal((96, 6)))[0].astype(np.float32))
+    v = jax.numpy.asarray(np.linalg.qr(rng.standard_normal((80, 6)))[0].astype(np.float32))
+    args = (x, held, centre, ref, total, 16.0, u, v)
+    spread = _holdout.held_captures(*args, by_mean=by_mean, mesh=mesh)
+    gathered = _holdout._gathered_captures(*args, by_mean=by_mean)
+    for a, b in zip(spread, gathered, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+    # The energies against float64: W_i - W_c (or - ref), and W_i about the training mean.
+    w64 = w.astype(np.float64)
+    d64 = w64[np.asarray(held)] - (w64[np.asarray(centre)] if by_mean else 0.0)
+    np.testing.assert_allclose(np.asarray(spread[3]), np.sum(d64**2, axis=(1, 2)), rtol=1e-5)
+    mu = (w64.sum(0) - w64[np.asarray(held)].sum(0)) / (16 - 11)
+    resid = np.sum((w64[np.asarray(held)] - mu) ** 2, axis=(1, 2))
+    np.testing.assert_allclose(np.asarray(spread[4]), resid, rtol=1e-5)
+
+    def temp_bytes(fn, **kw):
+        return fn.lower(*args, by_mean=by_mean, **kw).compile().memory_analysis().temp_size_in_bytes
+
+    spread_bytes = temp_bytes(_holdout._spread_captures, mesh=mesh)
+    gathered_bytes = temp_bytes(_holdout._gathered_captures)
+    model = 96 * 80 * 4
+    assert gathered_bytes >= 22 * model  # both sets of 11, on the device
+    assert spread_bytes <= gathered_bytes / 2  # a few blocks of 3
