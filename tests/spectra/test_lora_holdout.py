@@ -145,3 +145,42 @@ def test_analyze_layer_takes_the_controls_from_the_factors_for_layers_too_large_
             np.testing.assert_allclose(ours[field], theirs[field], atol=1e-4)
     assert factored["verdict"]["label"] == materialised["verdict"]["label"]
     assert list(record(split_half=False)["compare"]) == ["other"]  # --nosplit_half
+
+
+def test_adapters_close_to_their_mean_take_their_controls_from_the_shifted_factors(
+    tmp_path, monkeypatch
+):
+    # 12 fine-tunes of one rank-3 adapter (1% spread: the mean holds ~5000x the centred energy)
+    # with sides of 100 / 96 beside 36 factor rows: the factor route, mean-dominated, so the
+    # spectra and the controls are taken of the shifted population and the factor Grams (which
+    # cancel in float32 here) are not used for the holdout. Too large to materialise (limit 0):
+    # the holdout runs through the shifted factors, and equals float64 on the updates.
+    from jsubspace import io
+
+    a, b, _ = testing.near_one_update(4, 12, 100, 96, 3, 0.01)
+    for i in range(12):
+        testing.write_peft_adapter(
+            tmp_path / "pop" / f"a{i:02d}", {"model.q_proj": (a[i], b[i])}, r=3, lora_alpha=6
+        )
+    population = io.open_population([str(tmp_path / "pop")])
+    (layer,) = population.layers
+    mesh = models_mesh(2)
+    monkeypatch.setattr(_plan, "MATERIALISE_LIMIT", 0)
+    record = spectra.analyze_layer(
+        layer,
+        io.place_layer(layer, mesh),
+        population.names,
+        mesh=mesh,
+        spectra_config=spectra.SpectraConfig(),
+        control_config=spectra.ControlConfig(null_draws=0, holdout=4, split_half=False),
+        key=jax.random.key(0),
+    ).to_json()
+    assert record["plan"]["route"] == "lora-factor"
+    assert "bases" not in record["holdout"]  # not from the factor Grams
+    dw = 2.0 * np.einsum("imr,irn->imn", b.astype(np.float64), a.astype(np.float64))
+    testing.assert_holdout64(record["holdout"], dw, 4, seed=0, tol=5e-6)
+    centred = dw - dw.mean(0)
+    want = testing.mode_spectra64(centred)
+    for mode in ("rows", "cols", "models"):
+        got = np.asarray(record["modes"][mode]["eigenvalues"][:5])
+        np.testing.assert_allclose(got, want[mode][:5], atol=1e-5 * want[mode][0])
