@@ -178,7 +178,7 @@ def predict_layer(name, shape, n_models, dtype, mesh: Mesh, rates, spectra_confi
     gathered = 2 * held * m * n * 4
     working += 6 * -(-held // d_total) * m * n * 4 if d_total > 1 else 0
 
-    # Collectives: (bytes, count) per part, of the all-reduced results and the models ring.
+    # Collectives: (bytes, count) per part, of the all-reduced results and the cross-Grams.
     side = {"rows": m, "cols": n}
     width = spectra_config.rank + 10
     steps = spectra_config.iterations + 1
@@ -195,8 +195,7 @@ def predict_layer(name, shape, n_models, dtype, mesh: Mesh, rates, spectra_confi
             elif solver == "exact":
                 total += 4.0 * side[mode] ** 2
                 count += 1
-            else:  # exact-dual: the cross-Gram is a ring like the models Gram
-                total += 0.0
+            # exact-dual: a cross-Gram, counted with the models Gram (`cross_gram_bytes`)
         return total, count
 
     def bases_bytes(bases, k, sets):
@@ -417,7 +416,6 @@ def _analyze(population: str, out: str, processes: int) -> dict:
         subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for c in commands
     ]
-    logs = []
     for p in procs:
         try:
             out_text, _ = p.communicate(timeout=_TIMEOUT.value)
@@ -425,7 +423,6 @@ def _analyze(population: str, out: str, processes: int) -> dict:
             for q in procs:
                 q.kill()
             raise RuntimeError(f"analyze with {processes} processes timed out") from None
-        logs.append(out_text)
         if p.returncode != 0:
             raise RuntimeError(f"analyze with {processes} processes failed:\n{out_text[-3000:]}")
     wall = time.perf_counter() - start
@@ -487,19 +484,9 @@ if jax.process_index() == 0:
 
 _CONTENDED = r"""
 import json, sys, time
-import jax, jax.numpy as jnp
-from jsubspace import kernels
+from jsubspace.spectra._plan import rate_kernels
 start, seconds = float(sys.argv[1]), float(sys.argv[2])
-a = jnp.ones((1024, 1024), jnp.float32) / 1024
-gram = a + jnp.eye(1024, dtype=jnp.float32)
-big = jnp.ones((16, 2**20), jnp.float32)
-work = {  # name: (function, argument, units per call), `spectra.measure_rates`' kernels
-    "gemm": (jax.jit(lambda x: jnp.matmul(x, x, precision=kernels.HIGHEST)), a, 2 * 1024**3),
-    "eigh": (jax.jit(lambda g: jnp.linalg.eigh(g[:512, :512])[0]), gram, 9 * 512**3),
-    "stream": (jax.jit(lambda x: x - jnp.mean(x, axis=0)), big, big.size),
-    "draw": (jax.jit(lambda k: jax.random.normal(k, (2**22,), jnp.float32)), jax.random.key(0),
-             2**22),
-}
+work = rate_kernels()  # `spectra.measure_rates`' kernels
 for fn, arg, _ in work.values():
     fn(arg).block_until_ready()
 out = {}

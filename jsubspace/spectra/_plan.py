@@ -68,16 +68,31 @@ class MachineRates:
     draw: float = 1.0e8
 
 
-@functools.cache
-def measure_rates() -> MachineRates:
-    """The default device's GEMM and eigh rates, measured once per process (about 0.5 s)."""
+def rate_kernels() -> dict:
+    """`{rate: (jitted kernel, argument, units per call)}`: the kernels whose speed gives
+    `MachineRates` (units: flops for 'gemm' and 'eigh', counting `9 d^3` per solve; float32
+    entries for 'stream' and 'draw')."""
     import jax
     import jax.numpy as jnp
 
     a = jnp.ones((1024, 1024), jnp.float32) / 1024
-    matmul = jax.jit(lambda x: jnp.matmul(x, x, precision=kernels.HIGHEST))
     gram = a + jnp.eye(512 * 2, dtype=jnp.float32)
-    eigh = jax.jit(lambda g: jnp.linalg.eigh(g[:512, :512])[0])
+    big = jnp.ones((16, 2**20), jnp.float32)
+    return {
+        "gemm": (jax.jit(lambda x: jnp.matmul(x, x, precision=kernels.HIGHEST)), a, 2 * 1024**3),
+        "eigh": (jax.jit(lambda g: jnp.linalg.eigh(g[:512, :512])[0]), gram, 9 * 512**3),
+        "stream": (jax.jit(lambda x: x - jnp.mean(x, axis=0)), big, big.size),
+        "draw": (
+            jax.jit(lambda k: jax.random.normal(k, (2**22,), jnp.float32)),
+            jax.random.key(0),
+            2**22,
+        ),
+    }
+
+
+@functools.cache
+def measure_rates() -> MachineRates:
+    """The default device's GEMM and eigh rates, measured once per process (about 0.5 s)."""
 
     def best(fn, arg, repeats=3):
         fn(arg).block_until_ready()
@@ -88,15 +103,8 @@ def measure_rates() -> MachineRates:
             times.append(time.perf_counter() - start)
         return min(times)
 
-    big = jnp.ones((16, 2**20), jnp.float32)
-    centre = jax.jit(lambda x: x - jnp.mean(x, axis=0))
-    draw = jax.jit(lambda k: jax.random.normal(k, (2**22,), jnp.float32))
-    return MachineRates(
-        gemm=2 * 1024**3 / best(matmul, a),
-        eigh=9 * 512**3 / best(eigh, gram),
-        stream=big.size / best(centre, big),
-        draw=2**22 / best(draw, jax.random.key(0)),
-    )
+    found = {name: units / best(fn, arg) for name, (fn, arg, units) in rate_kernels().items()}
+    return MachineRates(**found)
 
 
 @dataclasses.dataclass(frozen=True)
