@@ -5,19 +5,25 @@ sharded over the `models` mesh axis; reductions over models are `psum`s inside `
 """
 
 from jsubspace.kernels._gram import CENTERS
+from jsubspace.kernels._gram import CHUNKED_COMPILE
 from jsubspace.kernels._gram import HIGHEST
 from jsubspace.kernels._gram import ModeGrams
 from jsubspace.kernels._gram import centered_block
+from jsubspace.kernels._gram import centred_chunk
+from jsubspace.kernels._gram import chunkable_jit
 from jsubspace.kernels._gram import cross_gram
 from jsubspace.kernels._gram import dual_mode_gram
 from jsubspace.kernels._gram import exchanged_cross_gram
 from jsubspace.kernels._gram import mode_gram
 from jsubspace.kernels._gram import mode_grams
 from jsubspace.kernels._gram import mode_product
+from jsubspace.kernels._gram import model_chunks
 from jsubspace.kernels._gram import model_mask
 from jsubspace.kernels._gram import ring_cross_gram
 from jsubspace.kernels._gram import self_gram
+from jsubspace.kernels._gram import shard_centre
 from jsubspace.kernels._gram import sharded_cross_gram
+from jsubspace.kernels._gram import sliced_models_gram
 from jsubspace.kernels._gram import stack_t_times
 from jsubspace.kernels._gram import stack_times
 from jsubspace.kernels._gram import streaming_mode_grams
@@ -55,12 +61,15 @@ from jsubspace.kernels._rsvd import randomized_mode_eigh
 
 __all__ = [
     "CENTERS",
+    "CHUNKED_COMPILE",
     "HIGHEST",
     "Eig",
     "LoraGrams",
     "ModeGrams",
     "Tucker",
     "centered_block",
+    "centred_chunk",
+    "chunkable_jit",
     "centering_matrix",
     "exact_eigh",
     "hosvd",
@@ -76,6 +85,7 @@ __all__ = [
     "mode_product",
     "stack_t_times",
     "stack_times",
+    "model_chunks",
     "model_mask",
     "orthonormalize",
     "psd_root",
@@ -84,7 +94,9 @@ __all__ = [
     "randomized_factor_pca",
     "randomized_lora_eigh",
     "ring_cross_gram",
+    "shard_centre",
     "sharded_cross_gram",
+    "sliced_models_gram",
     "exchanged_cross_gram",
     "self_gram",
     "BLOCK_ROWS",

@@ -82,6 +82,98 @@ def centered_block(
     return x - mask * c
 
 
+def shard_centre(
+    x: jax.Array, base, *, n_models: int, center: str, chunk: int | None = None
+) -> jax.Array:
+    """`f32[m, n]`, the centre `centered_block` subtracts (inside shard_map; zeros for 'none'),
+    the mean summed `chunk` models at a time (`model_chunks`)."""
+    if center not in CENTERS:
+        raise ValueError(f"center must be one of {CENTERS}, got {center!r}")
+    if center == "mean":
+        total = model_chunks(lambda _, xs: jnp.sum(xs.astype(jnp.float32), axis=0), x, chunk=chunk)
+        return lax.psum(total, MODELS) / n_models
+    if center == "base":
+        return base.astype(jnp.float32)
+    return jnp.zeros(x.shape[1:], jnp.float32)
+
+
+def centred_chunk(xs: jax.Array, c: jax.Array, first, n_local: int, n_models: int) -> jax.Array:
+    """`f32[chunk, m, n]`: the models `first ..` of this shard (`xs`, of `n_local`) less the
+    centre `c`, padding models left at zero (inside shard_map)."""
+    start = lax.axis_index(MODELS) * n_local + first
+    mask = (start + jnp.arange(xs.shape[0]) < n_models).astype(jnp.float32)
+    return xs.astype(jnp.float32) - mask[:, None, None] * c
+
+
+CHUNKED_COMPILE = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+"""XLA options of the chunked route's kernels. XLA's CPU backend computes a dynamic slice of a
+16-bit float stack as a slice of the stack converted to float32, and, in a loop, hoists that
+conversion out: a float32 copy of the whole stack, the one the chunks exist to avoid. Without
+loop-invariant code motion the conversion stays fused with the slice (only the chunk is read)."""
+
+
+def chunkable_jit(fn=None, *, static_argnames=(), flag: str = "chunk"):
+    """`jax.jit`, compiled with `CHUNKED_COMPILE` when called with a true `flag` keyword."""
+    if fn is None:
+        return functools.partial(chunkable_jit, static_argnames=static_argnames, flag=flag)
+    plain = jax.jit(fn, static_argnames=static_argnames)
+    chunked = jax.jit(fn, static_argnames=static_argnames, compiler_options=CHUNKED_COMPILE)
+
+    def pick(kwargs):
+        return chunked if kwargs.get(flag) else plain
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return pick(kwargs)(*args, **kwargs)
+
+    call.lower = lambda *args, **kwargs: pick(kwargs).lower(*args, **kwargs)
+    return call
+
+
+def model_chunks(fn, x: jax.Array, *rest: jax.Array, chunk: int | None):
+    """Inside shard_map: `sum_j fn(first_j, x[first_j : first_j + chunk], *rest sliced alike)`
+    over consecutive chunks of `chunk` of this shard's models; a single `fn(0, x, *rest)` when
+    `chunk` is None or covers the shard.
+
+    The chunked layers' route (`spectra.LayerPlan.chunk`): a float32 copy of `chunk` models per
+    device at a time, never of the whole stack, for layers whose float32 stack would not fit
+    (in kernels compiled by `chunkable_jit`).
+    """
+    b = x.shape[0]
+    if chunk is None or chunk >= b:
+        return fn(0, x, *rest)
+    # Equal chunks: the largest divisor of the shard's size up to `chunk`.
+    chunk = max(c for c in range(1, chunk + 1) if b % c == 0)
+
+    def part(j):
+        first = j * chunk
+        return fn(first, *(lax.dynamic_slice_in_dim(a, first, chunk, 0) for a in (x, *rest)))
+
+    # The first chunk starts the sum (inside shard_map it carries the stack's varying type).
+    return lax.fori_loop(1, b // chunk, lambda j, acc: jax.tree.map(jnp.add, acc, part(j)), part(0))
+
+
+def sliced_models_gram(x: jax.Array, c: jax.Array, *, n_models: int, chunk: int, d: int):
+    """Inside shard_map: this shard's rows of the models Gram of `x - c` (`f32[N/d, N_pad]`),
+    summed over slices of the rows holding as many entries as `chunk` models, each slice
+    converted and centred on its own: the chunked route's models Gram, which pairs every model
+    with every other and so is not a sum over chunks of models."""
+    b, m, n = x.shape
+    size = max(1, min(m, chunk * m // b))
+    full, rest = divmod(m, size)
+    mask = model_mask(b, n_models)[:, None, None]
+
+    def piece(start, rows):
+        xs = lax.dynamic_slice_in_dim(x, start, rows, 1).astype(jnp.float32)
+        xc = xs - mask * lax.dynamic_slice_in_dim(c, start, rows, 0)
+        return sharded_cross_gram(xc.reshape(b, -1, 1), num_devices=d)[:, 0, :, 0]
+
+    gram = lax.fori_loop(1, full, lambda s, acc: acc + piece(s * size, size), piece(0, size))
+    if rest:
+        gram = gram + piece(full * size, rest)
+    return gram
+
+
 # The products below are written as `lax.dot_general` on layouts XLA can hand to GEMM as they
 # are: `jnp.einsum` over a stacked `[N, m, n]` with the contraction across two axes (or over the
 # middle one) first copies the whole stack into a transposed layout, a 375 MB temporary per
@@ -263,7 +355,7 @@ def sharded_cross_gram(x: jax.Array, *, num_devices: int) -> jax.Array:
     return ring_cross_gram(x, num_devices=d)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "n_models", "center", "modes"))
+@chunkable_jit(static_argnames=("mesh", "n_models", "center", "modes", "chunk"))
 def mode_grams(
     x: jax.Array,
     base: jax.Array | None = None,
@@ -272,6 +364,7 @@ def mode_grams(
     n_models: int,
     center: str = "mean",
     modes: tuple[str, ...] = ("models", "rows", "cols"),
+    chunk: int | None = None,
 ) -> ModeGrams:
     """Gram matrices of the requested modes of a stacked layer.
 
@@ -282,6 +375,8 @@ def mode_grams(
         n_models: the true N.
         center: 'mean', 'none' or 'base'.
         modes: any of 'models', 'rows', 'cols'.
+        chunk: models per device converted and centred at a time (`model_chunks`; the models
+            Gram by row slices, `sliced_models_gram`); None: the whole shard at once.
 
     Returns:
         ModeGrams; the models Gram has padding removed.
@@ -301,6 +396,8 @@ def mode_grams(
 
     def body(xb, cb):
         # xb: dtype[N/d, m, n]; cb: dtype[m, n]
+        if chunk is not None and chunk < xb.shape[0]:
+            return chunked(xb, cb)
         xc = centered_block(xb, cb, n_models=n_models, center=center)
         energy = lax.psum(jnp.sum(xc * xc), MODELS)
         out = {}
@@ -311,6 +408,20 @@ def mode_grams(
             if mode in modes:
                 out[mode] = lax.psum(mode_gram(xc, mode=mode), MODELS)
         return out, energy
+
+    def chunked(xb, cb):
+        c = shard_centre(xb, cb, n_models=n_models, center=center, chunk=chunk)
+        wanted = [mode for mode in ("rows", "cols") if mode in modes]
+
+        def part(first, xs):
+            xc = centred_chunk(xs, c, first, xb.shape[0], n_models)
+            return {"energy": jnp.sum(xc * xc), **{mo: mode_gram(xc, mode=mo) for mo in wanted}}
+
+        sums = model_chunks(part, xb, chunk=chunk)
+        out = {mode: lax.psum(sums[mode], MODELS) for mode in wanted}
+        if "models" in modes:
+            out["models"] = sliced_models_gram(xb, c, n_models=n_models, chunk=chunk, d=d)
+        return out, lax.psum(sums["energy"], MODELS)
 
     out_specs = (
         {k: (P(MODELS, None) if k == "models" else P()) for k in modes},

@@ -20,7 +20,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -32,7 +31,11 @@ from jax.sharding import PartitionSpec as P
 
 from jsubspace.kernels._gram import HIGHEST
 from jsubspace.kernels._gram import centered_block
+from jsubspace.kernels._gram import centred_chunk
+from jsubspace.kernels._gram import chunkable_jit
 from jsubspace.kernels._gram import mode_product
+from jsubspace.kernels._gram import model_chunks
+from jsubspace.kernels._gram import shard_centre
 from jsubspace.sharding._mesh import MODELS
 
 METHODS = ("subspace", "krylov")
@@ -159,8 +162,7 @@ def randomized_eigh(
     return Eig(jnp.clip(evals, 0.0), vectors, resid)
 
 
-@functools.partial(
-    jax.jit,
+@chunkable_jit(
     static_argnames=(
         "mesh",
         "n_models",
@@ -170,6 +172,7 @@ def randomized_eigh(
         "oversample",
         "iterations",
         "method",
+        "chunk",
     ),
 )
 def randomized_mode_eigh(
@@ -185,6 +188,7 @@ def randomized_mode_eigh(
     oversample: int = 10,
     iterations: int = 3,
     method: str = "krylov",
+    chunk: int | None = None,
 ) -> Eig:
     """Top-`rank` eigenpairs of the `rows` or `cols` Gram of a stacked layer, never forming it.
 
@@ -198,6 +202,8 @@ def randomized_mode_eigh(
         mesh, n_models, center: as in `mode_grams`.
         mode: 'rows' or 'cols'.
         rank, oversample, iterations, method: as in `randomized_eigh`.
+        chunk: models per device converted and centred at a time in each product
+            (`kernels.model_chunks`); None: the whole shard, centred once.
     """
     if mode not in ("rows", "cols"):
         raise ValueError(f"mode must be 'rows' or 'cols', got {mode!r}")
@@ -207,10 +213,21 @@ def randomized_mode_eigh(
 
     def body(xb, cb, k):
         # xb: dtype[N/d, m, n]; cb: dtype[m, n]; k: replicated key
-        xc = centered_block(xb, cb, n_models=n_models, center=center)
+        if chunk is not None and chunk < xb.shape[0]:
+            c = shard_centre(xb, cb, n_models=n_models, center=center, chunk=chunk)
 
-        def matmat(q):
-            return lax.psum(mode_product(xc, q, mode=mode), MODELS)
+            def matmat(q):
+                def part(first, xs):
+                    xc = centred_chunk(xs, c, first, xb.shape[0], n_models)
+                    return mode_product(xc, q, mode=mode)
+
+                return lax.psum(model_chunks(part, xb, chunk=chunk), MODELS)
+
+        else:
+            xc = centered_block(xb, cb, n_models=n_models, center=center)
+
+            def matmat(q):
+                return lax.psum(mode_product(xc, q, mode=mode), MODELS)
 
         return randomized_eigh(
             matmat,

@@ -161,7 +161,12 @@ def prepare(
     for layer in population.layers:
         n_pad = sharding.padded_count(spectra.layer_models(layer), mesh)
         plan = spectra.plan_layer(
-            layer, n_pad=n_pad, spectra=spectra_config, controls=control_config, budget=budget
+            layer,
+            n_pad=n_pad,
+            spectra=spectra_config,
+            controls=control_config,
+            budget=budget,
+            devices=mesh.devices.size,
         )
         plan.check_budget(budget)
         plans.append(plan)

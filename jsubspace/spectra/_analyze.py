@@ -133,7 +133,11 @@ def analyze_layer(
         chosen = plan.controls[control].get("bases")
         if chosen is None:  # compare_to without the split-half: the same rule at k = 16
             chosen = basis_solvers(placed.n_models, *plan.shape, COMPARE_K, spectra_config)
-        return dict(solvers=(chosen["rows"], chosen["cols"]), iterations=spectra_config.iterations)
+        return dict(
+            solvers=(chosen["rows"], chosen["cols"]),
+            iterations=spectra_config.iterations,
+            chunk=plan.chunk,
+        )
 
     if x is None:
         # A LoRA layer too large to materialise: its controls come from the factors.
@@ -243,7 +247,8 @@ def analyze_layer(
     if control_config.lineage and spectra.uncentred is not None:
         prints = factor_prints = None
         if isinstance(placed, PlacedDense):
-            prints = host_array(_lineage.fingerprints(placed.x, mesh=mesh))[: placed.n_models]
+            prints = _lineage.fingerprints(placed.x, mesh=mesh, one_at_a_time=bool(plan.chunk))
+            prints = host_array(prints)[: placed.n_models]
         else:
             factor_prints = host_array(_lineage.fingerprints(placed.a, mesh=mesh))
             factor_prints = factor_prints[: placed.n_models]

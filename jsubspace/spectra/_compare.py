@@ -70,10 +70,18 @@ def _gram_cosines(grams: _gram_bases.FactorGrams, mode: str):
     return cosines
 
 
-def _bases(x, weights, mesh, k, solvers=EXACT, key=None, iterations=4, ref=None):
+def _bases(x, weights, mesh, k, solvers=EXACT, key=None, iterations=4, ref=None, chunk=None):
     w = jax.device_put(weights.astype(np.float32), stacked_sharding(mesh))
     u, v = masked_bases(
-        x, w, key, ref, mesh=mesh, kmax=k, solvers=tuple(solvers), iterations=iterations
+        x,
+        w,
+        key,
+        ref,
+        mesh=mesh,
+        kmax=k,
+        solvers=tuple(solvers),
+        iterations=iterations,
+        chunk=chunk,
     )
     return host_array(u), host_array(v)
 
@@ -105,10 +113,12 @@ def split_half_compare(
     key=None,
     iterations=4,
     ref=None,
+    chunk=None,
 ) -> dict:
     """Principal angles between the bases of two seeded random halves of the population (bases
     by the plan's `solvers`, `(rows, cols)`; `key` for the randomized one), each half centred by
-    its mean, or by `ref` (`f32[m, n]`: zeros or the base, as the spectra were) when given."""
+    its mean, or by `ref` (`f32[m, n]`: zeros or the base, as the spectra were) when given.
+    `chunk`: the layer plan's models converted at a time (`LayerPlan.chunk`)."""
     _, m, n = x.shape
     half = n_models // 2
     k = max(1, min(k, m, n, half - 1))
@@ -116,7 +126,7 @@ def split_half_compare(
         return {"skipped": f"{n_models} models are too few to split in halves"}
     w1, w2 = _halves(n_models, x.shape[0], seed)
     keys = jax.random.split(key) if key is not None else (None, None)
-    common = dict(solvers=solvers, iterations=iterations, ref=ref)
+    common = dict(solvers=solvers, iterations=iterations, ref=ref, chunk=chunk)
     return _angles_record(
         _bases(x, w1, mesh, k, key=keys[0], **common),
         _bases(x, w2, mesh, k, key=keys[1], **common),
@@ -214,7 +224,17 @@ def lora_population_compare(
 
 
 def population_compare(
-    x, n_models: int, other, other_models: int, *, mesh, k=16, solvers=EXACT, key=None, iterations=4
+    x,
+    n_models: int,
+    other,
+    other_models: int,
+    *,
+    mesh,
+    k=16,
+    solvers=EXACT,
+    key=None,
+    iterations=4,
+    chunk=None,
 ):
     """Principal angles between the bases of two populations of the same layer (bases by the
     plan's `solvers`; `key` for the randomized one)."""
@@ -225,7 +245,7 @@ def population_compare(
     w2 = np.zeros(other.shape[0])
     w2[:other_models] = 1
     keys = jax.random.split(key) if key is not None else (None, None)
-    common = dict(solvers=solvers, iterations=iterations)
+    common = dict(solvers=solvers, iterations=iterations, chunk=chunk)
     return _angles_record(
         _bases(x, w1, mesh, k, key=keys[0], **common),
         _bases(other, w2, mesh, k, key=keys[1], **common),

@@ -136,6 +136,7 @@ def group_control(
     solvers=EXACT,
     key: jax.Array | None = None,
     iterations: int = 4,
+    chunk: int | None = None,
 ) -> dict:
     """The groups record of one layer for one grouping (see the module docstring).
 
@@ -148,6 +149,7 @@ def group_control(
             base model for `center='base'`).
         uncentred: `f64[N, N]`, the models' inner products, for the per-group spectra.
         solvers, key, iterations: the plan's `(rows, cols)` solvers of control bases.
+        chunk: the plan's models converted to float32 at a time (`LayerPlan.chunk`).
     """
     n_pad, m, n = x.shape
     index = np.asarray(grouping.index)
@@ -181,6 +183,7 @@ def group_control(
             kmax=ka,
             solvers=solvers,
             iterations=iterations,
+            chunk=chunk,
         )
         held = np.flatnonzero(~in_a & (partner >= 0))
         if not len(held):
@@ -198,6 +201,7 @@ def group_control(
             u,
             v,
             mesh=mesh,
+            chunk=chunk,
         )
         two, rows, cols, centred, resid, raw = (host_array(f).astype(np.float64) for f in found)
         safe = np.maximum(centred, 1e-30)[:, None]
@@ -229,6 +233,7 @@ def group_control(
             solvers=solvers,
             key=jax.random.fold_in(key, n_groups + b),
             iterations=iterations,
+            chunk=chunk,
         )
         own[b] = record
         reach.append(record["ks"][-1])
@@ -268,6 +273,7 @@ def group_control(
                 kmax=kmax,
                 solvers=solvers,
                 iterations=iterations,
+                chunk=chunk,
             )
             found = held_captures(
                 x,
@@ -279,6 +285,7 @@ def group_control(
                 u,
                 v,
                 mesh=mesh,
+                chunk=chunk,
             )
             for j, f in enumerate(found):
                 f = host_array(f).astype(np.float64)

@@ -15,6 +15,7 @@ One fold is one jit call with a traced training mask, so all folds compile once.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,25 +34,63 @@ from jsubspace.spectra import _gram_bases
 from jsubspace.spectra._null import EXCESS_KS
 
 
-def side_basis(xc, weights, *, mode: str, solver: str, k: int, key, iterations: int):
+def side_basis(xc, weights, *, mode: str, solver: str, k: int, key, iterations: int, terms=None):
     """Inside shard_map: the top-k eigenvectors (`f32[side, k]`, replicated) of the `rows`
     (`sum_i w_i X_i X_i^T`) or `cols` (`sum_i w_i X_i^T X_i`) matrix of this shard's models
     `xc` (`f32[N/d, m, n]`, weights `f32[N/d]`, summed over devices): by `eigh` of the
     `side x side` matrix (`solver` 'exact'), or by the randomized block-Krylov solver through
     `X_i (w_i X_i^T Q)` products, which never forms it ('randomized'). No weighted or
-    transposed copy of the stack is made (`kernels.mode_gram`, `kernels.mode_product`)."""
-    side = xc.shape[1] if mode == "rows" else xc.shape[2]
+    transposed copy of the stack is made (`kernels.mode_gram`, `kernels.mode_product`).
+    `terms` (`_ChunkedTerms`), when given, stands for `xc`: the chunked route's sums."""
+    terms = terms or _ChunkedTerms(xc, None, weights, None)
+    side = terms.x.shape[1] if mode == "rows" else terms.x.shape[2]
     if solver == "skip":  # solved elsewhere (`downdated_basis`)
         return jnp.zeros((side, k), jnp.float32)
     if solver == "exact":
-        matrix = lax.psum(kernels.mode_gram(xc, mode=mode, weights=weights), MODELS)
+        matrix = lax.psum(terms.gram(mode), MODELS)
         return jnp.linalg.eigh(matrix)[1][:, ::-1][:, :k]
 
     def matmat(q):
-        return lax.psum(kernels.mode_product(xc, q, mode=mode, weights=weights), MODELS)
+        return lax.psum(terms.product(q, mode), MODELS)
 
     eig = kernels.randomized_eigh(matmat, side, rank=k, key=key, iterations=iterations)
     return eig.vectors
+
+
+class _ChunkedTerms(NamedTuple):
+    """Weighted sums over this shard's models (inside shard_map) of `X_i = x_i - centre`:
+    `x` float32 and already centred when `chunk` is None (`centre` unused), else the stored
+    models, converted and centred `chunk` at a time (`kernels.model_chunks`)."""
+
+    x: jax.Array
+    centre: jax.Array | None
+    weights: jax.Array
+    chunk: int | None
+
+    def _sum(self, fn):
+        def part(first, xs, ws):
+            xc = xs if self.chunk is None else xs.astype(jnp.float32) - self.centre
+            return fn(xc, ws)
+
+        return kernels.model_chunks(part, self.x, self.weights, chunk=self.chunk)
+
+    def gram(self, mode):
+        return self._sum(lambda xc, ws: kernels.mode_gram(xc, mode=mode, weights=ws))
+
+    def product(self, q, mode):
+        return self._sum(lambda xc, ws: kernels.mode_product(xc, q, mode=mode, weights=ws))
+
+
+def _weighted_mean(x, weights, chunk):
+    """Inside shard_map: the mean of the models with weight 1 (`f32[m, n]`, replicated)."""
+    count = lax.psum(jnp.sum(weights), MODELS)
+    total = kernels.model_chunks(
+        lambda _, xs, ws: jnp.einsum("i,imn->mn", ws, xs.astype(jnp.float32), precision=HIGHEST),
+        x,
+        weights,
+        chunk=chunk,
+    )
+    return lax.psum(total, MODELS) / count
 
 
 def weighted_bases(
@@ -63,11 +102,12 @@ def weighted_bases(
     key=None,
     iterations: int = 4,
     ref: jax.Array | None = None,
+    chunk: int | None = None,
 ):
     """Inside shard_map: the chosen models' mean, and their top-k rows / cols eigenvectors.
 
     Args:
-        xf: `f32[N/d, m, n]`, this shard's models.
+        xf: `f32[N/d, m, n]`, this shard's models (the stored dtype when `chunk` is given).
         weights: `f32[N/d]`, 1 for the models that define the basis, 0 for the others.
         kmax: how many eigenvectors.
         solvers: `(rows, cols)`, each 'exact' or 'randomized' (`side_basis`): the layer plan's
@@ -76,18 +116,34 @@ def weighted_bases(
         iterations: block-Krylov steps of the randomized solver.
         ref: `f32[m, n]`, the centre of the spectra when they are not mean-centred (zeros for
             `center='none'`, the base for 'base'); None centres by the chosen models' mean.
+        chunk: models per device converted and centred at a time (the chunked route; then no
+            centred stack is formed and None is returned in its place).
 
     Returns:
-        `(xc f32[N/d, m, n], u f32[m, kmax], v f32[n, kmax], mu f32[m, n])`: every model of the
-        shard centred (by the chosen models' mean, or by `ref`), the bases (replicated), and the
-        chosen models' mean.
+        `(xc f32[N/d, m, n] | None, u f32[m, kmax], v f32[n, kmax], mu f32[m, n])`: every model
+        of the shard centred (by the chosen models' mean, or by `ref`), the bases (replicated),
+        and the chosen models' mean.
     """
-    count = lax.psum(jnp.sum(weights), MODELS)
-    mu = lax.psum(jnp.einsum("i,imn->mn", weights, xf, precision=HIGHEST), MODELS) / count
-    xc = xf - (mu if ref is None else ref)
+    mu = _weighted_mean(xf, weights, chunk)
+    centre = mu if ref is None else ref
+    if chunk is None:
+        xc = xf - centre
+        terms = _ChunkedTerms(xc, None, weights, None)
+    else:
+        xc = None
+        terms = _ChunkedTerms(xf, centre, weights, chunk)
     keys = jax.random.split(key) if key is not None else (None, None)
     u, v = (
-        side_basis(xc, weights, mode=mode, solver=solver, k=kmax, key=sub, iterations=iterations)
+        side_basis(
+            xc,
+            weights,
+            mode=mode,
+            solver=solver,
+            k=kmax,
+            key=sub,
+            iterations=iterations,
+            terms=terms,
+        )
         for mode, solver, sub in zip(("rows", "cols"), solvers, keys)
     )
     return xc, u, v, mu
@@ -103,10 +159,11 @@ def masked_bases(
     kmax: int,
     solvers=EXACT,
     iterations: int = 4,
+    chunk: int | None = None,
 ):
     """Top-k rows / cols eigenvectors `(f32[m, k], f32[n, k])` of the models with weight 1, by
     the plan's `solvers`, centred by their mean, or by `ref` (`f32[m, n]`) when given (see
-    `weighted_bases`).
+    `weighted_bases`; `chunk` as there).
 
     On CPU an exact side's matrix is summed on the devices and its k pairs alone are solved on
     the host (`top_eigenvectors`: Lanczos or `?syevr` for a subset), not by XLA's `eigh`, which
@@ -138,42 +195,50 @@ def masked_bases(
             ),
             iterations=iterations,
             by_mean=by_mean,
+            chunk=chunk,
         )
         found = {"rows": u, "cols": v}
     for mode in host:
-        matrix = _masked_matrix(x, weights, ref, mesh=mesh, mode=mode, by_mean=by_mean)
+        matrix = _masked_matrix(x, weights, ref, mesh=mesh, mode=mode, by_mean=by_mean, chunk=chunk)
         found[mode] = top_eigenvectors(matrix, kmax)
     return found["rows"], found["cols"]
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "mode", "by_mean"))
-def _masked_matrix(x, weights, ref, *, mesh, mode, by_mean):
+@kernels.chunkable_jit(static_argnames=("mesh", "mode", "by_mean", "chunk"))
+def _masked_matrix(x, weights, ref, *, mesh, mode, by_mean, chunk=None):
     """The `rows` / `cols` matrix of the models with weight 1, centred as `weighted_bases`
     centres them (replicated)."""
 
     def body(xb, wb, rb):
-        xf = xb.astype(jnp.float32)
-        count = lax.psum(jnp.sum(wb), MODELS)
-        mu = lax.psum(jnp.einsum("i,imn->mn", wb, xf, precision=HIGHEST), MODELS) / count
-        xc = xf - (mu if by_mean else rb)
-        return lax.psum(kernels.mode_gram(xc, mode=mode, weights=wb), MODELS)
+        if chunk is not None:
+            centre = _weighted_mean(xb, wb, chunk) if by_mean else rb
+            terms = _ChunkedTerms(xb, centre, wb, chunk)
+        else:
+            xf = xb.astype(jnp.float32)
+            count = lax.psum(jnp.sum(wb), MODELS)
+            mu = lax.psum(jnp.einsum("i,imn->mn", wb, xf, precision=HIGHEST), MODELS) / count
+            terms = _ChunkedTerms(xf - (mu if by_mean else rb), None, wb, None)
+        return lax.psum(terms.gram(mode), MODELS)
 
     return jax.shard_map(
         body, mesh=mesh, in_specs=(P(MODELS), P(MODELS), P()), out_specs=P(), check_vma=False
     )(x, weights, ref)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "kmax", "solvers", "iterations", "by_mean"))
-def _masked_bases(x, weights, key, ref, *, mesh, kmax, solvers, iterations, by_mean):
+@kernels.chunkable_jit(
+    static_argnames=("mesh", "kmax", "solvers", "iterations", "by_mean", "chunk")
+)
+def _masked_bases(x, weights, key, ref, *, mesh, kmax, solvers, iterations, by_mean, chunk=None):
     def body(xb, wb, kb, rb):
         _, u, v, _ = weighted_bases(
-            xb.astype(jnp.float32),
+            xb.astype(jnp.float32) if chunk is None else xb,
             wb,
             kmax=kmax,
             solvers=solvers,
             key=kb,
             iterations=iterations,
             ref=None if by_mean else rb,
+            chunk=chunk,
         )
         return u, v
 
@@ -227,7 +292,7 @@ def lora_bases(
     return tuple(bases)
 
 
-def downdated_basis(gram, x, removed, mu, count, *, mode: str, k: int):
+def downdated_basis(gram, x, removed, mu, count, *, mode: str, k: int, chunk=None):
     """The top-k eigenvectors (`f32[side, k]`) of one fold's `rows` / `cols` matrix, as a
     downdate of the whole population's: with `G = sum_i (W_i - mu)(W_i - mu)^T` over all models
     (`gram`, the mean-centred matrix the spectra's kernel gives), the fold's basis models `A`
@@ -241,20 +306,38 @@ def downdated_basis(gram, x, removed, mu, count, *, mode: str, k: int):
         gram: `f32[side, side]`, the population's centred matrix of `mode`.
         x: `dtype[N_pad, m, n]`, the layer; removed: `int[q]`; mu: `f32[m, n]` the population
             mean; count: `|A|`.
+        chunk: not None on the chunked route: the removed models are taken one at a time.
     """
-    return top_eigenvectors(_fold_matrix(gram, x, removed, mu, count, mode=mode), k)
+    matrix = _fold_matrix(gram, x, removed, mu, count, mode=mode, one_at_a_time=chunk is not None)
+    return top_eigenvectors(matrix, k)
 
 
-@functools.partial(jax.jit, static_argnames=("mode",))
-def _fold_matrix(gram, x, removed, mu, count, *, mode: str):
+@kernels.chunkable_jit(static_argnames=("mode", "one_at_a_time"), flag="one_at_a_time")
+def _fold_matrix(gram, x, removed, mu, count, *, mode: str, one_at_a_time: bool = False):
     """`downdated_basis`' matrix: the population's less the removed models and the mean shift."""
-    r = jnp.take(x, removed, axis=0).astype(jnp.float32) - mu
-    d = -jnp.sum(r, axis=0) / count
+    contract = ((1,), (1,)) if mode == "rows" else ((0,), (0,))
+    if one_at_a_time:
+
+        def step(i, carry):
+            minus, total = carry
+            r = lax.dynamic_index_in_dim(x, removed[i], keepdims=False).astype(jnp.float32) - mu
+            product = lax.dot_general(r, r, (contract, ((), ())), precision=HIGHEST)
+            return minus + product, total + r
+
+        side = x.shape[1] if mode == "rows" else x.shape[2]
+        zeros = (jnp.zeros((side, side), jnp.float32), jnp.zeros(x.shape[1:], jnp.float32))
+        minus, total = lax.fori_loop(0, removed.shape[0], step, zeros)
+        d = -total / count
+    else:
+        r = jnp.take(x, removed, axis=0).astype(jnp.float32) - mu
+        d = -jnp.sum(r, axis=0) / count
+        if mode == "rows":
+            minus = jnp.einsum("imn,ikn->mk", r, r, precision=HIGHEST)
+        else:
+            minus = jnp.einsum("imn,imk->nk", r, r, precision=HIGHEST)
     if mode == "rows":
-        minus = jnp.einsum("imn,ikn->mk", r, r, precision=HIGHEST)
         outer = jnp.dot(d, d.T, precision=HIGHEST)
     else:
-        minus = jnp.einsum("imn,imk->nk", r, r, precision=HIGHEST)
         outer = jnp.dot(d.T, d, precision=HIGHEST)
     return gram - minus - count * outer
 
@@ -337,7 +420,9 @@ def centre_models(folds: np.ndarray, seed: int) -> np.ndarray:
     return centre
 
 
-def held_captures(x, held, centre, ref, total, n_models, u, v, *, by_mean=True, mesh=None):
+def held_captures(
+    x, held, centre, ref, total, n_models, u, v, *, by_mean=True, mesh=None, chunk=None
+):
     """Captured energies of the held-out models under the bases `u` (`f32[m, k]`), `v`
     (`f32[n, k]`).
 
@@ -345,13 +430,16 @@ def held_captures(x, held, centre, ref, total, n_models, u, v, *, by_mean=True, 
     mesh of several (`mesh`), they are not gathered to every device: blocks of `p/d` of them go
     to one device each (`_spread_captures`), so a device holds a `d`-th of them, not `2p`
     float32 models (at N = 500 a fold of 100 embedding copies would be 429 GB per device).
-    Same arithmetic either way; the padded block rows are dropped.
+    Same arithmetic either way; the padded block rows are dropped. On the chunked route
+    (`chunk` not None) they are taken one model at a time (`_one_by_one_captures`).
 
     Returns:
         `(two_sided f32[p, k], rows f32[p, k], cols f32[p, k], centred f32[p], resid f32[p],
         raw f32[p])`: cumulative captured energies of the centred held-out models, and the
         energies of the centred models, of `W - mu_train` and of `W - ref`.
     """
+    if chunk is not None:
+        return _one_by_one_captures(x, held, centre, ref, total, n_models, u, v, by_mean=by_mean)
     if mesh is None or mesh.devices.size == 1:
         return _gathered_captures(x, held, centre, ref, total, n_models, u, v, by_mean=by_mean)
     found = _spread_captures(
@@ -453,6 +541,27 @@ def _gathered_captures(x, held, centre, ref, total, n_models, u, v, *, by_mean: 
     return _captures(w, d, ref, total - jnp.sum(w, axis=0), n_models, w.shape[0], u, v)
 
 
+@functools.partial(jax.jit, static_argnames=("by_mean",), compiler_options=kernels.CHUNKED_COMPILE)
+def _one_by_one_captures(x, held, centre, ref, total, n_models, u, v, *, by_mean: bool = True):
+    """`_gathered_captures` holding one held-out model (and its centring model) in float32 at
+    a time: the chunked route's, for layers whose float32 models do not fit many at once."""
+
+    def model(i):
+        return lax.dynamic_index_in_dim(x, i, keepdims=False).astype(jnp.float32)
+
+    held_sum = lax.fori_loop(1, held.shape[0], lambda j, acc: acc + model(held[j]), model(held[0]))
+    rest = total - held_sum
+    p = held.shape[0]
+
+    def one(pair):
+        h, c = pair
+        w = model(h)[None]
+        d = w - (model(c)[None] if by_mean else ref)
+        return tuple(o[0] for o in _captures(w, d, ref, rest, n_models, p, u, v))
+
+    return lax.map(one, (held, centre))
+
+
 MIN_MODELS = 4
 """The fewest models a holdout judges from: leave-one-out then fits each basis on three models
 (two independent directions once centred) and has four held-out captures to bootstrap."""
@@ -508,6 +617,7 @@ def holdout_control(
     key: jax.Array | None = None,
     iterations: int = 4,
     grams=None,
+    chunk: int | None = None,
 ) -> dict:
     """The holdout record of one layer (dense stack; LoRA callers pass materialised updates).
 
@@ -520,7 +630,8 @@ def holdout_control(
     `key` seeds the randomized one, folded with the fold index), so a long side is never formed
     as a `side x side` matrix; then each held-out model's captures (`held_captures`). With
     `center` 'none' / 'base' the models are centred by `ref` (zeros / the base), as the spectra
-    were, and every training model fits the basis.
+    were, and every training model fits the basis. `chunk`: the layer plan's (`LayerPlan.chunk`),
+    models converted to float32 at a time.
     """
     n_pad, m, n = x.shape
     holdout, note = fold_scheme(n_models, holdout)
@@ -545,7 +656,9 @@ def holdout_control(
     total = _population_sum(x)
     if downdate:
         if grams is None or any(getattr(grams, mode) is None for mode in exact):
-            grams = kernels.mode_grams(x, mesh=mesh, n_models=n_models, modes=tuple(sorted(exact)))
+            grams = kernels.mode_grams(
+                x, mesh=mesh, n_models=n_models, modes=tuple(sorted(exact)), chunk=chunk
+            )
         mu = total / n_models
     skip = tuple(
         "skip" if downdate and mode in exact else solver
@@ -568,12 +681,20 @@ def holdout_control(
                 kmax=kmax,
                 solvers=skip,
                 iterations=iterations,
+                chunk=chunk,
             )
         if downdate:
             removed = jnp.asarray(np.flatnonzero(~basis[:n_models]))
             found = {
                 mode: downdated_basis(
-                    getattr(grams, mode), x, removed, mu, float(basis.sum()), mode=mode, k=kmax
+                    getattr(grams, mode),
+                    x,
+                    removed,
+                    mu,
+                    float(basis.sum()),
+                    mode=mode,
+                    k=kmax,
+                    chunk=chunk,
                 )
                 for mode in exact
             }
@@ -589,6 +710,7 @@ def holdout_control(
             v,
             by_mean=by_mean,
             mesh=mesh,
+            chunk=chunk,
         )
         for j, o in enumerate(found):
             out[j][held] = host_array(o).astype(np.float64)

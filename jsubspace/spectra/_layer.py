@@ -143,7 +143,15 @@ def dense_mode_solvers(n_models: int, m: int, n: int, config: SpectraConfig) -> 
 
 
 def _dense_spectra(
-    placed: PlacedDense, base, *, mesh, config: SpectraConfig, key, lineage: bool, solvers=None
+    placed: PlacedDense,
+    base,
+    *,
+    mesh,
+    config: SpectraConfig,
+    key,
+    lineage: bool,
+    solvers=None,
+    chunk: int | None = None,
 ) -> LayerSpectra:
     n_pad, m, n = placed.x.shape
     sides = {"models": placed.n_models, "rows": m, "cols": n}
@@ -169,6 +177,7 @@ def _dense_spectra(
         n_models=placed.n_models,
         center=config.center,
         modes=tuple(sorted(set(exact_modes) | {"models"}, key=MODES.index)),
+        chunk=chunk,
     )
     out = {}
     for mode in exact_modes:
@@ -197,6 +206,7 @@ def _dense_spectra(
             rank=min(config.rank, sides[mode]),
             center=config.center,
             iterations=config.iterations,
+            chunk=chunk,
         )
         out[mode] = randomized_result(
             eig, "randomized", sides[mode], config, flops=costs[mode]["randomized"]
@@ -210,7 +220,12 @@ def _dense_spectra(
     else:
         uncentred = host_array(
             kernels.mode_grams(
-                placed.x, mesh=mesh, n_models=placed.n_models, center="none", modes=("models",)
+                placed.x,
+                mesh=mesh,
+                n_models=placed.n_models,
+                center="none",
+                modes=("models",),
+                chunk=chunk,
             ).models
         ).astype(np.float64)
     kept = None
@@ -693,5 +708,12 @@ def layer_spectra(
         )
     solvers = plan.solvers if plan is not None else None
     return _dense_spectra(
-        placed, base, mesh=mesh, config=config, key=key, lineage=lineage, solvers=solvers
+        placed,
+        base,
+        mesh=mesh,
+        config=config,
+        key=key,
+        lineage=lineage,
+        solvers=solvers,
+        chunk=None if plan is None else plan.chunk,
     )

@@ -9,27 +9,32 @@ differences below float32 rounding of `K0`.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jsubspace import kernels
 from jsubspace.kernels import HIGHEST
 from jsubspace.sharding._mesh import MODELS
 
 NEAR_IDENTICAL = 0.1  # relative distance; independent random tensors sit near sqrt(2)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh",))
-def fingerprints(x: jax.Array, *, mesh: Mesh) -> jax.Array:
-    """`f32[N_pad, 4]`: projections of each model on 4 fixed pseudo-random directions."""
+@kernels.chunkable_jit(static_argnames=("mesh", "one_at_a_time"), flag="one_at_a_time")
+def fingerprints(x: jax.Array, *, mesh: Mesh, one_at_a_time: bool = False) -> jax.Array:
+    """`f32[N_pad, 4]`: projections of each model on 4 fixed pseudo-random directions
+    (`one_at_a_time`: each model converted to float32 alone, for the chunked route)."""
     feat = int(np.prod(x.shape[1:]))
     probe = jax.random.normal(jax.random.key(20251205), (feat, 4), jnp.float32)
 
     def body(xb, pr):
+        if one_at_a_time:
+            return jax.lax.map(
+                lambda xi: jnp.matmul(xi.reshape(-1).astype(jnp.float32), pr, precision=HIGHEST),
+                xb,
+            )
         return jnp.matmul(xb.reshape(xb.shape[0], -1).astype(jnp.float32), pr, precision=HIGHEST)
 
     return jax.shard_map(body, mesh=mesh, in_specs=(P(MODELS), P()), out_specs=P(MODELS))(x, probe)

@@ -35,8 +35,12 @@ def _model_keys(key, n_local):
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(n_local))
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "shape"))
-def gaussian_stack(key: jax.Array, norms: jax.Array, *, mesh: Mesh, shape) -> jax.Array:
+@kernels.chunkable_jit(
+    static_argnames=("mesh", "shape", "dtype", "one_at_a_time"), flag="one_at_a_time"
+)
+def gaussian_stack(
+    key: jax.Array, norms: jax.Array, *, mesh: Mesh, shape, dtype=jnp.float32, one_at_a_time=False
+) -> jax.Array:
     """`f32[N_pad, *shape]` iid Gaussian models, model i scaled to Frobenius norm `norms[i]`.
 
     Args:
@@ -44,11 +48,23 @@ def gaussian_stack(key: jax.Array, norms: jax.Array, *, mesh: Mesh, shape) -> ja
         norms: `f32[N_pad]` sharded over `models` (zero for padding).
         mesh: the mesh.
         shape: per-model shape.
+        dtype: the stored dtype of the draws (bfloat16 for the chunked route's null of a
+            2-byte layer, which takes the real stack's place in memory).
+        one_at_a_time: each model drawn and scaled in float32 alone, then stored (the chunked
+            route: no float32 temporary of the whole stack). The same values.
     """
 
     def body(k, nb):
         # nb: f32[N/d]
         keys = _model_keys(k, nb.shape[0])
+        if one_at_a_time:
+
+            def one(pair):
+                kk, norm = pair
+                z = jax.random.normal(kk, shape, jnp.float32)
+                return (z * (norm / jnp.sqrt(jnp.sum(z * z)))).astype(dtype)
+
+            return lax.map(one, (keys, nb))
         z = jax.vmap(lambda kk: jax.random.normal(kk, shape, jnp.float32))(keys)
         size = jnp.sqrt(jnp.sum(z * z, axis=tuple(range(1, z.ndim))))
         return z * (nb / size).reshape((-1,) + (1,) * len(shape))
@@ -302,11 +318,17 @@ def _null_spectra(placed, spectra, *, key, mesh, config, ranks, pending, energie
         n_pad = placed.x.shape[0]
         norms = np.zeros(n_pad, np.float32)
         norms[: placed.n_models] = np.sqrt(np.clip(spectra.norms, 0, None))
+        chunked = plan is not None and plan.chunk is not None
         z = gaussian_stack(
             key,
             jax.device_put(norms, stacked_sharding(mesh)),
             mesh=mesh,
             shape=tuple(placed.x.shape[1:]),
+            # The chunked route's draws take the real stack's place, in as many bytes: a
+            # 2-byte layer's in bfloat16 (float32's range: a float16 draw of a population's
+            # small centred norms would lose its smallest entries to underflow).
+            dtype=jnp.bfloat16 if chunked and placed.x.dtype.itemsize < 4 else jnp.float32,
+            one_at_a_time=chunked,
         )
         null = PlacedDense(z, placed.n_models)
         return _layer.layer_spectra(

@@ -130,6 +130,11 @@ class LayerPlan:
         seconds: estimated time at the measured `MachineRates`.
         parts: the estimated seconds of each part (`PARTS`: the spectra and each control), as
             the layer's record times them; they add up to `seconds`.
+        chunk: for a dense layer whose float32 stack does not fit the budget, the models per
+            device converted to float32 and centred at a time (`kernels.model_chunks`): the
+            chunked route, whose kernels never hold a float32 copy of the whole stack and whose
+            null is drawn one model at a time, in bfloat16 for a 2-byte layer; None: the whole
+            stack at once.
     """
 
     name: str
@@ -148,6 +153,7 @@ class LayerPlan:
     flops: float
     seconds: float
     parts: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    chunk: int | None = None
 
     def spectra_config(self, config: SpectraConfig) -> SpectraConfig:
         """`config` with the plan's LoRA space, for the kernels that read it."""
@@ -258,6 +264,7 @@ def plan_layer(
     budget: int | None = None,
     rates: MachineRates | None = None,
     materialise_limit: int | None = None,
+    devices: int = 1,
 ) -> LayerPlan:
     """The plan of one layer (an `io.Layer`, headers only).
 
@@ -271,6 +278,8 @@ def plan_layer(
         rates: measured rates for the estimated seconds (`measure_rates()` by default).
         materialise_limit: LoRA controls use materialised updates up to this many bytes
             (default `MATERIALISE_LIMIT`, and never more than a quarter of the budget).
+        devices: the devices the models are sharded over; a dense layer over the budget goes
+            by chunks of models (`LayerPlan.chunk`), the largest that fits on each device.
     """
     rates = rates or measure_rates()
     n_models = layer_models(layer)
@@ -298,6 +307,15 @@ def plan_layer(
     config = dataclasses.replace(spectra, lora_space=space)
     used = [planned[c]["bases"] for c in ("holdout", "split_half") if "bases" in planned[c]]
     working = working_set(layer, n_pad, config, materialise=materialise, bases=used)
+    chunk = None
+    if layer.kind == "dense" and budget is not None and working > budget:
+        local = max(1, n_pad // max(1, devices))
+        sizes = [c for c in range(local - 1, 0, -1) if local % c == 0] or [1]
+        for chunk in sizes:
+            chunked = working_set(layer, n_pad, config, bases=used, chunk=chunk * devices)
+            if chunked <= budget:
+                break
+        working = min(working, chunked)
     flops = estimated_flops(layer.kind, n_models, m, n, rank, config, solvers, planned, route=route)
     calls = {
         "spectra": 1 + len(solvers),
@@ -339,6 +357,7 @@ def plan_layer(
         flops=float(sum(g + e for g, e in flops.values())),
         seconds=float(sum(parts.values())),
         parts={part: float(value) for part, value in parts.items()},
+        chunk=chunk,
     )
 
 
@@ -361,12 +380,17 @@ def _krylov_bytes(side: int, k: int, config: SpectraConfig) -> int:
     return 4 * 2 * side * (config.iterations + 1) * (k + 10)
 
 
-def working_set(layer, n_pad: int, config: SpectraConfig, *, materialise=False, bases=()) -> int:
+def working_set(
+    layer, n_pad: int, config: SpectraConfig, *, materialise=False, bases=(), chunk=None
+) -> int:
     """Estimated peak bytes of one layer's analysis.
 
     Dense: the stored stack, its float32 centred copies and temporaries (x3), the prefetched next
     layer, the `side x side` matrices of the modes and control `bases` (their solvers) solved
-    exactly, the models Grams, and the randomized solver's Krylov basis where it runs. LoRA:
+    exactly, the models Grams, and the randomized solver's Krylov basis where it runs. On the
+    chunked route (`chunk` models converted at a time over all devices) the float32 copies are
+    of `chunk` models, beside a few float32 models (the centre, the population sum, a fold's
+    mean, one held-out model and its centring model, the lineage probe's four). LoRA:
     the factors and the
     matrices of `config.lora_space` (with the randomized solver's float32 factors and Krylov
     basis where it runs), plus the materialised updates of the controls where they are formed.
@@ -386,6 +410,8 @@ def working_set(layer, n_pad: int, config: SpectraConfig, *, materialise=False, 
         grams += sum(
             (n_pad * (m + n - sides[s])) ** 2 for s in sides if spectra.get(s) == "exact-dual"
         )
+        if chunk is not None:
+            return int(2 * itemsize * stack + 4 * m * n * (8 + 3 * chunk) + 4 * grams + krylov)
         return int(stack * (2 * itemsize + 3 * 4) + 4 * grams + krylov)
     found = _lora_working_set(layer, n_pad, config)
     if materialise:
