@@ -30,8 +30,9 @@ problems when the cores are busy).
                         centred in --numpy_dtype, and the three spectra taken with numpy: models
                         (N x N Gram), cols (sum_i X_i^T X_i), rows (sum_i X_i X_i^T). A side over
                         4096 uses the smaller equivalent Gram (of the N n stacked columns, or the
-                        N m stacked rows) when that one is at most 4096, else the singular values
-                        of the concatenation squared (`np.linalg.svd(..., compute_uv=False)`)
+                        N m stacked rows) when that one is at most 4096, else (rows up to 16384
+                        long: the m^2 Gram model by model) the singular values of the
+                        concatenation squared (`np.linalg.svd(..., compute_uv=False)`)
 The top-5 eigenvalues of every mode of every layer are compared between numpy and analyze.
 --analyze_flags are appended to the analyze and plan command lines; an --include / --exclude among
 them also selects the layers of compress and of the numpy path, so every path sees the same layers.
@@ -112,6 +113,9 @@ _NUMPY_CHILD = flags.DEFINE_string("_numpy_path", None, "Internal: run the numpy
 _WRITE_CHILD = flags.DEFINE_string("_write_population", None, "Internal: write into DIR.")
 
 _BIG = 4096  # sides above this use the smaller equivalent problem in the numpy path
+# ... except a rows side up to this long (LLaMA's 14336), whose m^2 Gram is formed model by model
+# (the SVD of the m x N n concatenation would take far longer).
+_SIDE_GRAM = 16384
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -334,7 +338,7 @@ def numpy_path(directory: str, selection: dict[str, str], dtype: str) -> dict:
         # cols: sum_i X_i^T X_i = V^T V with V the N m x k vertical stack.
         cols, cols_how = _side_spectrum(x.reshape(n * m, k), side_first=False)
         # rows: sum_i X_i X_i^T = H H^T with H = [X_1 ... X_N], m x N k.
-        if m <= _BIG:
+        if m <= _SIDE_GRAM:
             rows = _eigvalsh_desc(sum(x[i] @ x[i].T for i in range(n)))
             rows_how = f"{m}^2 gram"
         else:

@@ -127,6 +127,8 @@ def chunkable_jit(fn=None, *, static_argnames=(), flag: str = "chunk"):
         return pick(kwargs)(*args, **kwargs)
 
     call.lower = lambda *args, **kwargs: pick(kwargs).lower(*args, **kwargs)
+    call._cache_size = lambda: plain._cache_size() + chunked._cache_size()
+    call._clear_cache = lambda: (plain._clear_cache(), chunked._clear_cache())
     return call
 
 

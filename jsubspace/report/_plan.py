@@ -51,7 +51,8 @@ def _control(entry: dict) -> str:
 def plan_table(plans: list[dict], total: dict, *, width: int = 44) -> str:
     """The plan of a run as a terminal table (`plans`: `LayerPlan.to_json()` records).
 
-    Columns: layer, shape, N, route, the solver of each mode, the holdout and split-half bases
+    Columns: layer, shape, N, route ('dense c2': the chunked route, two models per device
+    converted to float32 at a time), the solver of each mode, the holdout and split-half bases
     (exact / randomized / factored), working-set memory and estimated seconds.
     """
     head = (
@@ -61,9 +62,10 @@ def plan_table(plans: list[dict], total: dict, *, width: int = 44) -> str:
     lines = [head, "-" * len(head)]
     for p in plans:
         shape = "x".join(str(s) for s in p["shape"])
+        route = p["route"] + (f" c{p['chunk']}" if p.get("chunk") else "")
         lines.append(
             f"{middle_ellipsis(p['name'], width):<{width}} {shape:>12} {p['n_models']:>4} "
-            f"{p['route']:<11} {_control(p['controls']['holdout']):<14} "
+            f"{route:<11} {_control(p['controls']['holdout']):<14} "
             f"{_control(p['controls']['split_half']):<12} "
             f"{p['working_set_bytes'] / 2**20:>7,.0f}MB {p['seconds']:>7.1f}  {_solvers(p)}"
         )

@@ -207,8 +207,12 @@ def test_budget_refusal_comes_from_the_plan(tmp_path):
         testing.write_safetensors(pop / f"m{i}.safetensors", {"w": np.ones((64, 64), np.float32)})
     plans = jsubspace.run.plan([str(pop)], num_devices=1, quiet=True)
     need = plans[0].working_set_bytes
+    assert plans[0].chunk is None
+    # Just under: the chunked route (one model converted at a time) fits.
+    (chunked,) = jsubspace.run.plan([str(pop)], num_devices=1, quiet=True, memory_budget=need - 1)
+    assert chunked.chunk == 1 and chunked.working_set_bytes < need
     with pytest.raises(jsubspace.PopulationError, match="over the memory budget"):
-        jsubspace.run.plan([str(pop)], num_devices=1, quiet=True, memory_budget=need - 1)
+        jsubspace.run.plan([str(pop)], num_devices=1, quiet=True, memory_budget=need // 2)
     total = spectra.plan_total(plans)
     assert total["working_set_bytes"] == need and total["seconds"] > 0
 
