@@ -327,7 +327,9 @@ def plan_layer(
     read = n_models * m * n * dtype.itemsize if layer.kind == "dense" else 0
     if rank is not None:
         read = sum(r * (m + n) for r in layer.ranks) * dtype.itemsize
-    passes = memory_passes(layer.kind, solvers, planned)
+    passes = memory_passes(
+        layer.kind, solvers, planned, krylov_steps=config.iterations + 1 if chunk else 0
+    )
     entries = n_models * m * n if layer.kind == "dense" else 0
     parts = {}
     for part in PARTS:
@@ -588,22 +590,33 @@ def _compare_flops(n_models, m, n, rank, config, half, size) -> tuple[float, flo
     return 2 * g, 2 * e
 
 
-def memory_passes(kind: str, solvers, controls) -> dict:
+def memory_passes(kind: str, solvers, controls, *, krylov_steps: int = 0) -> dict:
     """`{part: (passes, draws)}`: how many memory-bound passes over a dense layer's stack each
     part of its analysis makes (conversion and the finite check at placement, each centring, the
     lineage pass, each fold's and half's mean and centring, each null draw's normalisation and
     spectra) and how many Gaussian stacks the null draws. Matrix products are counted in flops,
-    not here. LoRA layers (whose factors are small beside their products): none."""
+    not here. LoRA layers (whose factors are small beside their products): none.
+
+    `krylov_steps`: on the chunked route (`LayerPlan.chunk`) every operator product of a
+    randomized solve converts and centres the stack again, chunk by chunk: that many passes per
+    randomized solve (0: the whole-stack route, which centres once per solve)."""
     if kind != "dense":
         return {part: (0.0, 0.0) for part in PARTS}
-    spectra = 1 + sum(s == "randomized" for s in solvers.values())
+    fast = sum(s == "randomized" for s in solvers.values())
+    spectra = 1 + fast * max(1, krylov_steps)
     draws = controls["null"].get("draws", 0)
+    folds = controls["holdout"].get("folds", 0)
+
+    def solves(control):
+        bases = controls[control].get("bases", {})
+        return sum(b == "randomized" for b in bases.values()) * krylov_steps
+
     return {
         "spectra": (2.0 + spectra, 0.0),
         "lineage": (float(controls["lineage"] == {}), 0.0),
         "null": (float(draws * (2 + spectra)), float(draws)),
-        "holdout": (4.0 * controls["holdout"].get("folds", 0), 0.0),
-        "compare": (4.0 * ("bases" in controls["split_half"]), 0.0),
+        "holdout": (folds * (4.0 + solves("holdout")), 0.0),
+        "compare": (2.0 * (2.0 + solves("split_half")) * ("bases" in controls["split_half"]), 0.0),
     }
 
 

@@ -151,6 +151,14 @@ def test_the_plan_chunks_only_a_layer_over_the_budget(tmp_path):
     assert chunked.to_json()["chunk"] == chunked.chunk
     smaller = spectra.plan_layer(layer, **common, budget=chunked.working_set_bytes - 1, devices=2)
     assert smaller.chunk is not None and smaller.chunk < chunked.chunk or chunked.chunk == 1
+    # A randomized side converts the stack again at every Krylov product on this route: the
+    # estimate counts those passes (spectra, null draws, holdout folds).
+    common["spectra"] = spectra.SpectraConfig(exact_limit=32, rank=4)
+    whole = spectra.plan_layer(layer, **common, budget=2**30)
+    chunked = spectra.plan_layer(layer, **common, budget=whole.working_set_bytes - 1)
+    assert whole.solvers["rows"] == "randomized" and chunked.chunk is not None
+    for part in ("spectra", "null", "holdout"):
+        assert chunked.parts[part] > whole.parts[part], part
 
 
 def test_a_chunked_2_byte_layer_draws_its_null_in_bfloat16(tmp_path):
