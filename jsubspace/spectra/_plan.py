@@ -413,7 +413,10 @@ def working_set(
             (n_pad * (m + n - sides[s])) ** 2 for s in sides if spectra.get(s) == "exact-dual"
         )
         if chunk is not None:
-            return int(2 * itemsize * stack + 4 * m * n * (8 + 3 * chunk) + 4 * grams + krylov)
+            # Four chunk-sized float32 buffers live at once in the holdout's and split
+            # halves' randomized bases (XLA's buffer assignment: the converted chunk, the
+            # centred chunk for each side's product and its flat copy).
+            return int(2 * itemsize * stack + 4 * m * n * (8 + 4 * chunk) + 4 * grams + krylov)
         return int(stack * (2 * itemsize + 3 * 4) + 4 * grams + krylov)
     found = _lora_working_set(layer, n_pad, config)
     if materialise:

@@ -203,14 +203,14 @@ def test_every_consumer_follows_the_plan(tmp_path):
 
 def test_budget_refusal_comes_from_the_plan(tmp_path):
     pop = tmp_path / "pop"
-    for i in range(4):
+    for i in range(16):
         testing.write_safetensors(pop / f"m{i}.safetensors", {"w": np.ones((64, 64), np.float32)})
     plans = jsubspace.run.plan([str(pop)], num_devices=1, quiet=True)
     need = plans[0].working_set_bytes
     assert plans[0].chunk is None
-    # Just under: the chunked route (one model converted at a time) fits.
+    # Just under: the chunked route (a few models converted at a time) fits.
     (chunked,) = jsubspace.run.plan([str(pop)], num_devices=1, quiet=True, memory_budget=need - 1)
-    assert chunked.chunk == 1 and chunked.working_set_bytes < need
+    assert chunked.chunk is not None and chunked.working_set_bytes < need
     with pytest.raises(jsubspace.PopulationError, match="over the memory budget"):
         jsubspace.run.plan([str(pop)], num_devices=1, quiet=True, memory_budget=need // 2)
     total = spectra.plan_total(plans)
