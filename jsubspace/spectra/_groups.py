@@ -157,7 +157,7 @@ def group_control(
     n_groups = len(sizes)
     key = jax.random.key(seed) if key is None else key
     ref = jnp.zeros((m, n), jnp.float32) if ref is None else jnp.asarray(ref, jnp.float32)
-    total = _population_sum(x)
+    total = _population_sum(x, one_at_a_time=chunk is not None)
     partner = within_pairs(index, seed)
     sharded = stacked_sharding(mesh)
     nan = np.full((n_groups, n_groups), np.nan)

@@ -385,9 +385,17 @@ LANCZOS_SIDE = 256
 """From this side length on (with k at most an eighth of it), CPU fold bases come from Lanczos."""
 
 
-@jax.jit
-def _population_sum(x):
-    """`f32[m, n]`: the sum of the models (padding rows of `x` are zeros)."""
+@kernels.chunkable_jit(static_argnames=("one_at_a_time",), flag="one_at_a_time")
+def _population_sum(x, *, one_at_a_time: bool = False):
+    """`f32[m, n]`: the sum of the models (padding rows of `x` are zeros); `one_at_a_time` (the
+    chunked route) adds them one by one: XLA's CPU backend otherwise converts the whole 16-bit
+    stack to float32 first at run time (7.5 GB for 32 LLaMA-8B MLP projections)."""
+    if one_at_a_time:
+
+        def model(i):
+            return lax.dynamic_index_in_dim(x, i, keepdims=False).astype(jnp.float32)
+
+        return lax.fori_loop(1, x.shape[0], lambda i, acc: acc + model(i), model(0))
     return jnp.sum(x.astype(jnp.float32), axis=0)
 
 
@@ -653,7 +661,7 @@ def holdout_control(
     # In mode order (not a set): the downdates' collectives run in one order on every process.
     exact = tuple(mode for mode, solver in zip(("rows", "cols"), solvers) if solver == "exact")
     downdate = by_mean and exact
-    total = _population_sum(x)
+    total = _population_sum(x, one_at_a_time=chunk is not None)
     if downdate:
         if grams is None or any(getattr(grams, mode) is None for mode in exact):
             grams = kernels.mode_grams(

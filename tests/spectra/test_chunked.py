@@ -178,3 +178,15 @@ def test_a_chunked_2_byte_layer_draws_its_null_in_bfloat16(tmp_path):
     got = np.sqrt(np.sum(np.asarray(half, np.float64) ** 2, axis=(1, 2)))
     np.testing.assert_allclose(got, [1.0, 2.0, 0.5, 0.0], rtol=5e-3)
     np.testing.assert_allclose(np.asarray(half, np.float32), np.asarray(whole), atol=4e-3)
+
+
+def test_the_chunked_population_sum_adds_one_model_at_a_time():
+    from jsubspace.spectra import _holdout
+
+    mesh = sharding.models_mesh(2)
+    w = testing.planted_population(6, n_models=7, shape=(12, 10), rank=2, mean_scale=3.0)
+    x = _placed(w, mesh, dtype=jnp.bfloat16)
+    want = np.asarray(x, np.float64).sum(0)
+    got = np.asarray(_holdout._population_sum(x, one_at_a_time=True), np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(got, np.asarray(_holdout._population_sum(x)), rtol=1e-6, atol=1e-5)
