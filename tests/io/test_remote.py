@@ -2,6 +2,7 @@
 on 127.0.0.1 honouring `Range` that counts the bytes it sends, and moto's S3 server read through
 s3fs. No client library is mocked."""
 
+import contextlib
 import hashlib
 import http.server
 import json
@@ -44,10 +45,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         super().setup()
         self.wfile = _CountingWriter(self.wfile)
+        self.counted = 0
+
+    def _count_wire(self):
+        with self.server.owner.lock:
+            self.server.owner.wire += self.wfile.n - self.counted
+            self.counted = self.wfile.n
 
     def finish(self):
-        with self.server.owner.lock:
-            self.server.owner.wire_bytes += self.wfile.n
+        self._count_wire()
         try:
             super().finish()
         except OSError:
@@ -57,16 +63,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def do_HEAD(self):
-        self._serve(head=True)
+        with self.server.owner.serving():
+            self._serve(head=True)
+            self._count_wire()
 
     def do_GET(self):
-        self._serve(head=False)
+        with self.server.owner.serving():
+            self._serve(head=False)
+            self._count_wire()
 
     def _status(self, status: int):
         self.send_response(status)
         self.send_header("Content-Length", "0")
         self.end_headers()
-        self.server.owner.log.append((self.command, self.path, status, 0))
+        self.server.owner.entries.append((self.command, self.path, status, 0))
 
     def _serve(self, head: bool):
         owner = self.server.owner
@@ -99,7 +109,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         self.end_headers()
         if head:
-            owner.log.append(("HEAD", self.path, status, 0))
+            owner.entries.append(("HEAD", self.path, status, 0))
             return
         self.wfile.flush()
         if owner.stall:
@@ -109,7 +119,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(sent)
         except OSError:  # the client gave up (it timed out)
             sent = b""
-        owner.log.append(("GET", self.path, status, len(sent)))
+        owner.entries.append(("GET", self.path, status, len(sent)))
 
 
 class RangeServer:
@@ -123,6 +133,8 @@ class RangeServer:
     def __init__(self, root):
         self.root = root
         self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+        self.busy = 0
         self.stopping = threading.Event()
         self.reset()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -135,16 +147,45 @@ class RangeServer:
         self.thread.start()
 
     def reset(self):
-        self.log = []
-        self.wire_bytes = 0
+        self.entries = []
+        self.wire = 0
         self.gets = 0
         self.fail_after = None
         self.truncate = False
         self.stall = 0.0
 
+    @contextlib.contextmanager
+    def serving(self):
+        """Marks a request in flight; the counters below wait for it to be logged."""
+        with self.lock:
+            self.busy += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.busy -= 1
+                self.idle.notify_all()
+
+    def settle(self, timeout: float = 10.0):
+        """Waits until no request is in flight. The client has its answer once the last byte is
+        written, which can be before the handler thread logs it."""
+        with self.lock:
+            self.idle.wait_for(lambda: self.busy == 0, timeout)
+
+    @property
+    def log(self) -> list:
+        self.settle()
+        return self.entries
+
+    @property
+    def wire_bytes(self) -> int:
+        self.settle()
+        return self.wire
+
     @property
     def body_bytes(self) -> int:
-        return sum(n for _, _, status, n in self.log if status in (200, 206))
+        self.settle()
+        return sum(n for _, _, status, n in self.entries if status in (200, 206))
 
     def close(self):
         self.stopping.set()
