@@ -42,6 +42,14 @@ HOLDOUT_MODELS = 4
 """The fewest models a holdout runs on: each fold's basis then comes from at least two models,
 and one more model centres each held-out one."""
 
+CHUNK_PASS = 0.15
+"""What one chunked re-conversion of a dense stack (one per Krylov product on the chunked route)
+costs, as a fraction of a whole-stack centring pass at `MachineRates.stream`: the bf16 -> float32
+conversion and centring of a chunk are fused into the product that reads it. Fitted to the
+LLaMA-8B MLP run (`benchmarks/README.md`, the chunked route: 0.13-0.16 per product in the
+spectra, null and split halves, less in the holdout; counting whole passes made the plan 2.4x too
+slow)."""
+
 # Basis sizes the controls fit: holdout up to 64 directions, split-half and compare 16.
 HOLDOUT_KMAX = 64
 COMPARE_K = 16
@@ -601,18 +609,20 @@ def memory_passes(kind: str, solvers, controls, *, krylov_steps: int = 0) -> dic
     not here. LoRA layers (whose factors are small beside their products): none.
 
     `krylov_steps`: on the chunked route (`LayerPlan.chunk`) every operator product of a
-    randomized solve converts and centres the stack again, chunk by chunk: that many passes per
-    randomized solve (0: the whole-stack route, which centres once per solve)."""
+    randomized solve converts and centres the stack again, chunk by chunk (0: the whole-stack
+    route, which centres once per solve). Those conversions ride in the product's own pass over
+    the stack, which the flops already time: each counts `CHUNK_PASS` of a centring pass."""
     if kind != "dense":
         return {part: (0.0, 0.0) for part in PARTS}
     fast = sum(s == "randomized" for s in solvers.values())
-    spectra = 1 + fast * max(1, krylov_steps)
+    krylov = CHUNK_PASS * krylov_steps
+    spectra = 1 + fast * (1 + krylov)
     draws = controls["null"].get("draws", 0)
     folds = controls["holdout"].get("folds", 0)
 
     def solves(control):
         bases = controls[control].get("bases", {})
-        return sum(b == "randomized" for b in bases.values()) * krylov_steps
+        return sum(b == "randomized" for b in bases.values()) * krylov
 
     return {
         "spectra": (2.0 + spectra, 0.0),
