@@ -496,3 +496,27 @@ def holdout64(dw: np.ndarray, folds: np.ndarray, kmax: int, seed: int) -> tuple:
             resid[i] = np.sum((dw[i] - mu) ** 2)
     raw = np.sum(dw * dw, axis=(1, 2))
     return two, rows, cols, centred, resid, raw
+
+
+def analyze_only_layer(population, mesh, *, spectra_config, control_config, seed=0, **kwargs):
+    """`(placed, record)`: a one-layer population's layer placed on `mesh` and analysed by
+    `spectra.analyze_layer` with a `jax.random.key(seed)` (`kwargs`: its `plan`, `release`,
+    `other`, ...); `placed` to check what the analysis released."""
+    import jax
+
+    from jsubspace import io
+    from jsubspace import spectra
+
+    (layer,) = population.layers
+    placed = io.place_layer(layer, mesh)
+    record = spectra.analyze_layer(
+        layer,
+        placed,
+        population.names,
+        mesh=mesh,
+        spectra_config=spectra_config,
+        control_config=control_config,
+        key=jax.random.key(seed),
+        **kwargs,
+    )
+    return placed, record

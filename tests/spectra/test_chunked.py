@@ -90,19 +90,10 @@ def _population(tmp_path, w, dtype=np.float32):
 
 
 def _record(population, plan, mesh, config, controls):
-    (layer,) = population.layers
-    (placed,) = [p for _, p in io.stream_layers(population, mesh)]
-    return spectra.analyze_layer(
-        layer,
-        placed,
-        population.names,
-        mesh=mesh,
-        spectra_config=config,
-        control_config=controls,
-        key=jax.random.key(0),
-        plan=plan,
-        release=True,
-    ).to_json()
+    _, record = testing.analyze_only_layer(
+        population, mesh, spectra_config=config, control_config=controls, plan=plan, release=True
+    )
+    return record.to_json()
 
 
 def test_chunked_layer_record_equals_whole_stack(tmp_path):

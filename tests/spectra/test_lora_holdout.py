@@ -163,18 +163,15 @@ def test_adapters_close_to_their_mean_take_their_controls_from_the_shifted_facto
             tmp_path / "pop" / f"a{i:02d}", {"model.q_proj": (a[i], b[i])}, r=3, lora_alpha=6
         )
     population = io.open_population([str(tmp_path / "pop")])
-    (layer,) = population.layers
     mesh = models_mesh(2)
     monkeypatch.setattr(_plan, "MATERIALISE_LIMIT", 0)
-    record = spectra.analyze_layer(
-        layer,
-        io.place_layer(layer, mesh),
-        population.names,
-        mesh=mesh,
+    _, record = testing.analyze_only_layer(
+        population,
+        mesh,
         spectra_config=spectra.SpectraConfig(),
         control_config=spectra.ControlConfig(null_draws=0, holdout=4, split_half=False),
-        key=jax.random.key(0),
-    ).to_json()
+    )
+    record = record.to_json()
     assert record["plan"]["route"] == "lora-factor"
     assert "bases" not in record["holdout"]  # not from the factor Grams
     dw = 2.0 * np.einsum("imr,irn->imn", b.astype(np.float64), a.astype(np.float64))

@@ -177,17 +177,8 @@ def test_every_consumer_follows_the_plan(tmp_path):
     plan = spectra.plan_layer(layer, n_pad=10, spectra=config, controls=controls)
     assert plan.solvers["rows"] == "randomized" and plan.solvers["cols"] == "exact"
     assert plan.controls["holdout"]["bases"]["rows"] == "randomized"
-    (placed,) = [p for _, p in io.stream_layers(population, mesh)]
-    record = spectra.analyze_layer(
-        layer,
-        placed,
-        population.names,
-        mesh=mesh,
-        spectra_config=config,
-        control_config=controls,
-        key=jax.random.key(0),
-        plan=plan,
-        release=True,
+    placed, record = testing.analyze_only_layer(
+        population, mesh, spectra_config=config, control_config=controls, plan=plan, release=True
     )
     # The real stack is freed before the null draws its own (memory: one stack at a time).
     assert placed.x.is_deleted()
