@@ -203,16 +203,19 @@ def test_analyze_layer_releases_side_space_factors_before_the_null(tmp_path, rel
     population = io.open_population([str(tmp_path)])
     layer = population.layers[0]
     mesh = models_mesh(2)
+    placed = io.place_layer(layer, mesh)
     config = spectra.SpectraConfig()
-    assert _layer.side_space(io.place_layer(layer, mesh), config)
-    placed, record = testing.analyze_only_layer(
-        population,
-        mesh,
+    assert _layer.side_space(placed, config)
+    record = spectra.analyze_layer(
+        layer,
+        placed,
+        population.names,
+        mesh=mesh,
         spectra_config=config,
         control_config=spectra.ControlConfig(null_draws=2, holdout=None),
+        key=jax.random.key(0),
         release=release,
-    )
-    record = record.to_json()
+    ).to_json()
     assert placed.a.is_deleted() == placed.b.is_deleted() == release
     assert record["null"]["draws"] == 2 and record["lineage"]["lora_A"]["fraction_shared"] > 0
     assert list(record).index("null") < list(record).index("holdout")  # its place in the file
