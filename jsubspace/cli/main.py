@@ -94,6 +94,16 @@ def _setup_jax():
         sharding.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
 
 
+def _memory_budget() -> int | None:
+    """`--memory_budget` in bytes (None: the default); a value <= 0 is a usage error."""
+    gib = _CONFIG["memory_budget"].value
+    if gib is None:
+        return None
+    if gib <= 0:
+        raise app.UsageError(f"--memory_budget must be > 0 GiB, got {gib}")
+    return int(float(gib) * 2**30)
+
+
 def _options() -> dict:
     """The analysis options of the flags (`config=` the typed configuration), and the run's own
     flags. An invalid value is a usage error naming it."""
@@ -212,6 +222,7 @@ def _compress(argv):
             kmax=_KMAX.value,
             include=_CONFIG["include"].value,
             exclude=_CONFIG["exclude"].value,
+            memory_budget=_memory_budget(),
             progress=fitting,
         )
     from jsubspace.report import middle_ellipsis
@@ -413,7 +424,18 @@ HELP = {
     ),
     "compress": (
         "Fits a per-layer basis and per-model coefficients: a subspace store in --out.",
-        ["models", "out", "k", "tau", "budget_bytes", "kmax", "include", "exclude", *_RUNTIME],
+        [
+            "models",
+            "out",
+            "k",
+            "tau",
+            "budget_bytes",
+            "kmax",
+            "include",
+            "exclude",
+            "memory_budget",
+            *_RUNTIME,
+        ],
     ),
     "reconstruct": (
         "Rebuilds models (safetensors) or adapters (PEFT) from a subspace store.",

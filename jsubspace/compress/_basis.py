@@ -50,8 +50,8 @@ def _top_vectors(gram: jax.Array, k: int) -> jax.Array:
     return jnp.linalg.eigh(gram)[1][:, ::-1][:, :k]
 
 
-@functools.partial(
-    jax.jit, static_argnames=("mesh", "n_models", "center", "k", "solvers", "iterations")
+@kernels.chunkable_jit(
+    static_argnames=("mesh", "n_models", "center", "k", "solvers", "iterations", "chunk")
 )
 def dense_basis(
     x: jax.Array,
@@ -64,11 +64,13 @@ def dense_basis(
     k: int,
     solvers: tuple[str, str] = ("exact", "exact"),
     iterations: int = 4,
+    chunk: int | None = None,
 ) -> LayerBasis:
     """Basis of a dense stack `dtype[N_pad, m, n]`: per side, by the layer plan's solver
     (`spectra.basis_solvers`): eigh of the `rows` / `cols` Gram ('exact'), or the top-k
     eigenvectors from the randomized block-Krylov solver, which never forms the Gram
-    ('randomized', `key` seeds it)."""
+    ('randomized', `key` seeds it). `chunk`: the layer plan's models per device converted to
+    float32 at a time (`spectra.LayerPlan.chunk`), for a stack whose float32 copy does not fit."""
     if base is None:
         base = jnp.zeros(x.shape[1:], x.dtype)
     u, v = kernels.mode_bases(
@@ -81,29 +83,30 @@ def dense_basis(
         ranks=(k, k),
         solvers=solvers,
         iterations=iterations,
+        chunk=chunk,
     )
-    return project_dense(x, base, u, v, mesh=mesh, n_models=n_models, center=center)
+    return project_dense(x, base, u, v, mesh=mesh, n_models=n_models, center=center, chunk=chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "n_models", "center"))
-def project_dense(x, base, u, v, *, mesh: Mesh, n_models: int, center: str) -> LayerBasis:
-    """Coefficients of every model of a dense stack in a given basis `(u, v)`."""
+@kernels.chunkable_jit(static_argnames=("mesh", "n_models", "center", "chunk"))
+def project_dense(
+    x, base, u, v, *, mesh: Mesh, n_models: int, center: str, chunk: int | None = None
+) -> LayerBasis:
+    """Coefficients of every model of a dense stack in a given basis `(u, v)` (`chunk` models
+    per device centred at a time, as in `dense_basis`)."""
     if base is None:
         base = jnp.zeros(x.shape[1:], x.dtype)
 
     def body(xb, cb, ub, vb):
         # xb: dtype[N/d, m, n]
-        xc = kernels.centered_block(xb, cb, n_models=n_models, center=center)
-        coeff = jnp.einsum("mk,iml->ikl", ub, kernels.stack_times(xc, vb), precision=HIGHEST)
-        energy = jnp.sum(xc * xc, axis=(1, 2))
-        xf = xb.astype(jnp.float32)
-        mask = kernels.model_mask(xb.shape[0], n_models)[:, None, None]
-        if center == "mean":
-            c = lax.psum(jnp.sum(xf * mask, axis=0), MODELS) / n_models
-        elif center == "base":
-            c = cb.astype(jnp.float32)
-        else:
-            c = jnp.zeros(xb.shape[1:], jnp.float32)
+        c = kernels.shard_centre(xb, cb, n_models=n_models, center=center, chunk=chunk)
+
+        def part(first, xs):
+            xc = kernels.centred_chunk(xs, c, first, xb.shape[0], n_models)
+            coeff = jnp.einsum("mk,iml->ikl", ub, kernels.stack_times(xc, vb), precision=HIGHEST)
+            return coeff, jnp.sum(xc * xc, axis=(1, 2))
+
+        coeff, energy = kernels.model_chunk_map(part, xb, chunk=chunk)
         return c, coeff, energy
 
     c, coeff, energy = jax.shard_map(

@@ -313,6 +313,7 @@ def fit_store(
     exclude: str | None = None,
     num_devices: int | None = None,
     seed: int = 0,
+    memory_budget: int | None = None,
     progress=lambda stream, total, population: stream,
 ) -> SubspaceStore:
     """Fits the universal basis of every layer and writes a self-contained store to `out`.
@@ -335,6 +336,10 @@ def fit_store(
         include, exclude: layer-name regexes.
         num_devices: devices of the `models` mesh.
         seed: seeds the randomized solver of long sides.
+        memory_budget: bytes one layer's fit may use (default: `spectra.default_memory_budget`,
+            as for the analysis). A dense layer whose float32 stack does not fit is fitted by
+            the analysis's chunked route (`spectra.dense_chunk`: a few models converted at a
+            time); one that does not fit even so is refused before anything is fitted.
         progress: wraps the stream of `(layer, placed)` pairs (`(stream, total, population)`),
             e.g. to show which layer is being fitted.
     """
@@ -352,16 +357,42 @@ def fit_store(
     inventory = _inventory(population)
     mesh = sharding.models_mesh(num_devices)
     n = len(population.models)
+    # Each dense layer's solvers and chunk, before anything is read: a layer that cannot fit
+    # the budget fails here, not after the layers before it were fitted.
+    budget = spectra.default_memory_budget(mesh) if memory_budget is None else memory_budget
+    n_pad = sharding.padded_count(n, mesh)
+    routes = {}
+    for layer in population.layers:
+        if layer.kind != "dense":
+            continue
+        m, nn = layer.shape
+        kk = min(kmax, m, nn)
+        # The same rule as the analysis's control bases: no side x side Gram past the exact
+        # limit, the randomized solver where it is cheaper.
+        bases = spectra.basis_solvers(n, m, nn, kk, spectra.SpectraConfig())
+        chunk, working = spectra.dense_chunk(
+            layer,
+            n_pad,
+            spectra.SpectraConfig(),
+            budget=budget,
+            devices=mesh.devices.size,
+            bases=[bases],
+        )
+        if working > budget:
+            raise StoreError(
+                f"layer {layer.name!r} ({layer.shape[0]} x {layer.shape[1]}, {n} models): its "
+                f"fit needs about {working / 2**30:.1f} GiB even a model at a time, over the "
+                f"memory budget of {budget / 2**30:.1f} GiB: use more devices, fewer models, "
+                "--exclude this layer, or raise --memory_budget"
+            )
+        routes[layer.name] = (kk, (bases["rows"], bases["cols"]), chunk)
     fitted: list[_Fitted] = []
     key = jax.random.key(seed)
     stream = io.stream_layers(population, mesh)
     for i, (layer, placed) in enumerate(progress(stream, len(population.layers), population)):
         m, nn = layer.shape
         if layer.kind == "dense":
-            kk = min(kmax, m, nn)
-            # The same rule as the analysis's control bases: no side x side Gram past the
-            # exact limit, the randomized solver where it is cheaper.
-            bases = spectra.basis_solvers(n, m, nn, kk, spectra.SpectraConfig())
+            kk, solvers, chunk = routes[layer.name]
             basis = dense_basis(
                 placed.x,
                 None,
@@ -370,7 +401,8 @@ def fit_store(
                 n_models=n,
                 center=center,
                 k=kk,
-                solvers=(bases["rows"], bases["cols"]),
+                solvers=solvers,
+                chunk=chunk,
             )
         else:
             kk = min(kmax, m, nn, n * layer.rank)

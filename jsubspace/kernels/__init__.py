@@ -17,6 +17,7 @@ from jsubspace.kernels._gram import exchanged_cross_gram
 from jsubspace.kernels._gram import mode_gram
 from jsubspace.kernels._gram import mode_grams
 from jsubspace.kernels._gram import mode_product
+from jsubspace.kernels._gram import model_chunk_map
 from jsubspace.kernels._gram import model_chunks
 from jsubspace.kernels._gram import model_mask
 from jsubspace.kernels._gram import ring_cross_gram
@@ -85,6 +86,7 @@ __all__ = [
     "mode_product",
     "stack_t_times",
     "stack_times",
+    "model_chunk_map",
     "model_chunks",
     "model_mask",
     "orthonormalize",

@@ -106,20 +106,23 @@ loop-invariant code motion the conversion stays fused with the slice (only the c
 
 
 def chunkable_jit(fn=None, *, static_argnames=(), flag: str = "chunk"):
-    """`jax.jit`, compiled with `CHUNKED_COMPILE` when called with a true `flag` keyword."""
+    """`jax.jit`, compiled with `CHUNKED_COMPILE` when called with a true `flag` keyword. Called
+    inside another jit (traced arguments), it is the plain one: compiler options belong to the
+    outermost compilation, which must then be a chunkable one itself."""
     if fn is None:
         return functools.partial(chunkable_jit, static_argnames=static_argnames, flag=flag)
     plain = jax.jit(fn, static_argnames=static_argnames)
     chunked = jax.jit(fn, static_argnames=static_argnames, compiler_options=CHUNKED_COMPILE)
 
-    def pick(kwargs):
-        return chunked if kwargs.get(flag) else plain
+    def pick(args, kwargs):
+        nested = any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((args, kwargs)))
+        return chunked if kwargs.get(flag) and not nested else plain
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        return pick(kwargs)(*args, **kwargs)
+        return pick(args, kwargs)(*args, **kwargs)
 
-    call.lower = lambda *args, **kwargs: pick(kwargs).lower(*args, **kwargs)
+    call.lower = lambda *args, **kwargs: pick(args, kwargs).lower(*args, **kwargs)
     call._cache_size = lambda: plain._cache_size() + chunked._cache_size()
     call._clear_cache = lambda: (plain._clear_cache(), chunked._clear_cache())
     return call
@@ -146,6 +149,24 @@ def model_chunks(fn, x: jax.Array, *rest: jax.Array, chunk: int | None):
 
     # The first chunk starts the sum (inside shard_map it carries the stack's varying type).
     return lax.fori_loop(1, b // chunk, lambda j, acc: jax.tree.map(jnp.add, acc, part(j)), part(0))
+
+
+def model_chunk_map(fn, x: jax.Array, *rest: jax.Array, chunk: int | None):
+    """Inside shard_map: `fn(first_j, x[first_j : first_j + chunk], *rest sliced alike)` over
+    consecutive chunks of this shard's models, its per-model outputs (each leaf's leading axis
+    of `chunk`) put back in model order; a single `fn(0, x, *rest)` when `chunk` is None or
+    covers the shard. `model_chunks` for outputs that are per model, not summed."""
+    b = x.shape[0]
+    if chunk is None or chunk >= b:
+        return fn(0, x, *rest)
+    chunk = max(c for c in range(1, chunk + 1) if b % c == 0)
+
+    def part(j):
+        first = j * chunk
+        return fn(first, *(lax.dynamic_slice_in_dim(a, first, chunk, 0) for a in (x, *rest)))
+
+    out = lax.map(part, jnp.arange(b // chunk))
+    return jax.tree.map(lambda a: a.reshape(b, *a.shape[2:]), out)
 
 
 def sliced_models_gram(x: jax.Array, c: jax.Array, *, n_models: int, chunk: int, d: int):

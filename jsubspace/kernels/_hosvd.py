@@ -37,6 +37,7 @@ def mode_bases(
     ranks: tuple[int, int],
     solvers: tuple[str, str] = EXACT,
     iterations: int = 4,
+    chunk: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Top eigenvectors `(U f32[m, k_rows], V f32[n, k_cols])` of the `rows` and `cols` modes of
     a models-sharded stack (the HOSVD factors; the universal basis).
@@ -44,12 +45,17 @@ def mode_bases(
     Each side by its solver (a layer plan's choice, `spectra.basis_solvers`): 'exact' takes the
     eigenvectors of the mode's Gram; 'randomized' takes them from the block-Krylov solver
     (`randomized_mode_eigh`, seeded by `key`), which never forms the `side x side` Gram.
-    Call inside jit (static `mesh`, `n_models`, `center`, `ranks`, `solvers`, `iterations`).
+    `chunk`: models per device converted and centred at a time (`model_chunks`; the chunked
+    route of layers whose float32 stack does not fit). Call inside jit (static `mesh`,
+    `n_models`, `center`, `ranks`, `solvers`, `iterations`, `chunk`; compiled with
+    `CHUNKED_COMPILE` when chunked).
     """
     exact = tuple(mode for mode, s in zip(("rows", "cols"), solvers) if s == "exact")
     grams = None
     if exact:
-        grams = mode_grams(x, base, mesh=mesh, n_models=n_models, center=center, modes=exact)
+        grams = mode_grams(
+            x, base, mesh=mesh, n_models=n_models, center=center, modes=exact, chunk=chunk
+        )
     vectors = []
     for mode, solver, k in zip(("rows", "cols"), solvers, ranks):
         if solver == "exact":
@@ -67,6 +73,7 @@ def mode_bases(
                 rank=k,
                 center=center,
                 iterations=iterations,
+                chunk=chunk,
             ).vectors
         )
     return vectors[0], vectors[1]

@@ -21,6 +21,7 @@ from jsubspace.spectra._plan import LayerPlan
 from jsubspace.spectra._plan import MachineRates
 from jsubspace.spectra._plan import basis_solvers
 from jsubspace.spectra._plan import default_memory_budget
+from jsubspace.spectra._plan import dense_chunk
 from jsubspace.spectra._plan import exact_sides
 from jsubspace.spectra._plan import layer_models
 from jsubspace.spectra._plan import measure_rates
@@ -63,6 +64,7 @@ __all__ = [
     "cev",
     "conclusion",
     "default_memory_budget",
+    "dense_chunk",
     "exact_sides",
     "effective_rank",
     "fold_assignment",

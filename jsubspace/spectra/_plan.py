@@ -316,14 +316,10 @@ def plan_layer(
     used = [planned[c]["bases"] for c in ("holdout", "split_half") if "bases" in planned[c]]
     working = working_set(layer, n_pad, config, materialise=materialise, bases=used)
     chunk = None
-    if layer.kind == "dense" and budget is not None and working > budget:
-        local = max(1, n_pad // max(1, devices))
-        sizes = [c for c in range(local - 1, 0, -1) if local % c == 0] or [1]
-        for chunk in sizes:
-            chunked = working_set(layer, n_pad, config, bases=used, chunk=chunk * devices)
-            if chunked <= budget:
-                break
-        working = min(working, chunked)
+    if layer.kind == "dense":
+        chunk, working = dense_chunk(
+            layer, n_pad, config, budget=budget, devices=devices, bases=used
+        )
     flops = estimated_flops(layer.kind, n_models, m, n, rank, config, solvers, planned, route=route)
     calls = {
         "spectra": 1 + len(solvers),
@@ -369,6 +365,25 @@ def plan_layer(
         parts={part: float(value) for part, value in parts.items()},
         chunk=chunk,
     )
+
+
+def dense_chunk(
+    layer, n_pad: int, config: SpectraConfig, *, budget: int | None, devices: int = 1, bases=()
+) -> tuple[int | None, int]:
+    """`(chunk, working set)` of a dense layer: `chunk` None when the whole float32 stack fits
+    `budget`, else the largest number of models per device (a divisor of each device's share,
+    below it) whose chunked working set fits, or 1 when none does (`LayerPlan.chunk`). `bases`:
+    the solvers of the controls' bases (`working_set`)."""
+    working = working_set(layer, n_pad, config, bases=bases)
+    if budget is None or working <= budget:
+        return None, working
+    local = max(1, n_pad // max(1, devices))
+    sizes = [c for c in range(local - 1, 0, -1) if local % c == 0] or [1]
+    for chunk in sizes:
+        chunked = working_set(layer, n_pad, config, bases=bases, chunk=chunk * devices)
+        if chunked <= budget:
+            break
+    return chunk, min(working, chunked)
 
 
 def _lora_space(layer, n_pad: int, config: SpectraConfig, budget: int | None) -> str:

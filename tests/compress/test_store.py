@@ -57,6 +57,49 @@ def test_reconstruction_error_is_one_minus_captured_energy(tmp_path, k):
         assert error == pytest.approx(1 - entry["captured"], abs=2e-5)
 
 
+def test_a_layer_over_the_memory_budget_is_fitted_by_chunks_of_models(tmp_path, monkeypatch):
+    # A bf16 population whose float32 stack does not fit the budget goes by the analysis's
+    # chunked route (a few models converted at a time): the same store as the whole-stack fit,
+    # the reconstruction identity held; a budget not even one model fits is refused before
+    # anything is fitted or written.
+    from jsubspace.compress import _store
+
+    values = _dense_population(tmp_path / "pop", n=8, dtype=ml_dtypes.bfloat16)
+    used = []
+    real = _store.dense_basis
+
+    def spy(*args, **kwargs):
+        used.append(kwargs.get("chunk"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_store, "dense_basis", spy)
+    pop = str(tmp_path / "pop")
+    whole = fit_store(pop, str(tmp_path / "whole"), k=4, num_devices=2)
+    assert used == [None, None]
+    (layer,) = [x for x in io.open_population(pop).layers if x.name == "a.weight"]
+    config = _store.spectra.SpectraConfig()
+    bases = _store.spectra.basis_solvers(8, 40, 30, 30, config)
+    _, fits = _store.spectra.dense_chunk(layer, 8, config, budget=None, bases=[bases])
+    used.clear()
+    chunked = fit_store(pop, str(tmp_path / "chunked"), k=4, num_devices=2, memory_budget=fits - 1)
+    assert used[0] in (1, 2, 3) and used[1] is None  # only the layer over the budget
+    for name, shape in (("a.weight", (40, 30)), ("conv.kernel", (12, 20))):
+        assert chunked.layers[name]["captured"] == pytest.approx(
+            whole.layers[name]["captured"], abs=1e-6
+        )
+        for model in whole.models:
+            np.testing.assert_allclose(
+                chunked.reconstruct(model, name).astype(np.float32),
+                whole.reconstruct(model, name).astype(np.float32),
+                atol=2e-2 * float(np.abs(values[name].astype(np.float32)).max()),
+            )
+        error = _reconstruction_error(chunked, values[name], name, shape)
+        assert error == pytest.approx(1 - chunked.layers[name]["captured"], abs=1e-4)
+    with pytest.raises(StoreError, match=r"layer 'a.weight' \(40 x 30, 8 models\).*budget"):
+        fit_store(pop, str(tmp_path / "none"), k=4, memory_budget=20_000)
+    assert not (tmp_path / "none").exists()
+
+
 def test_tau_past_a_layer_s_limit_keeps_its_largest_basis_and_says_so(tmp_path):
     # A two-sided basis of a 12 x 20 layer has at most 12 directions: tau = 0.999999 cannot be
     # met there, whatever kmax; the store keeps k = 12 and records that tau was not reached.

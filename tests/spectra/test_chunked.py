@@ -82,6 +82,58 @@ def test_chunked_kernels_hold_chunks_not_the_stack():
     assert chunked < 10 * model, chunked
 
 
+@pytest.mark.parametrize("d", [1, 2, 4])
+def test_a_chunked_basis_and_its_coefficients_equal_the_whole_stack(d):
+    # compress's fit (`dense_basis`) on the chunked route: rows randomized, cols exact; the
+    # per-model coefficients and energies come out in model order, padding rows zero.
+    from jsubspace.compress import dense_basis
+
+    mesh = sharding.models_mesh(d)
+    w = testing.planted_population(7, n_models=7, shape=(36, 20), rank=3, mean_scale=4.0)
+    x = _placed(w, mesh, dtype=jnp.bfloat16)
+    common = dict(mesh=mesh, n_models=7, center="mean", k=5, solvers=("randomized", "exact"))
+    key = jax.random.key(3)
+    whole = dense_basis(x, None, key, **common)
+    found = dense_basis(x, None, key, chunk=1, **common)
+    np.testing.assert_allclose(np.asarray(found.center), np.asarray(whole.center), atol=1e-6)
+    xc = np.asarray(x, np.float64)[:7]
+    xc = xc - xc.mean(0)
+    np.testing.assert_allclose(np.asarray(found.energies)[:7], np.sum(xc**2, (1, 2)), rtol=1e-5)
+    assert np.all(np.asarray(found.energies)[7:] == 0)
+    # The coefficients in the found basis are U^T X_i V (float64), and those of the planted
+    # rank-3 directions equal the whole stack's up to the bases' signs (the noise directions
+    # past them are not determined to rounding).
+    u, v = np.asarray(found.u, np.float64), np.asarray(found.v, np.float64)
+    want = np.einsum("mk,iml,lj->ikj", u, xc, v)
+    np.testing.assert_allclose(
+        np.asarray(found.coefficients)[:7], want, atol=1e-5 * np.abs(want).max()
+    )
+    su = np.sign(np.sum(u * np.asarray(whole.u), 0))[:3]
+    sv = np.sign(np.sum(v * np.asarray(whole.v), 0))[:3]
+    np.testing.assert_allclose(
+        np.asarray(found.coefficients)[:, :3, :3] * su[None, :, None] * sv[None, None, :],
+        np.asarray(whole.coefficients)[:, :3, :3],
+        atol=1e-4 * np.abs(want).max(),
+    )
+
+
+def test_the_chunked_fit_holds_chunks_not_the_stack():
+    from jsubspace.compress import dense_basis
+
+    mesh = sharding.models_mesh(1)
+    x = jnp.zeros((16, 256, 128), jnp.bfloat16)
+    model = 256 * 128 * 4
+    common = dict(mesh=mesh, n_models=16, center="mean", k=8, solvers=("randomized", "exact"))
+
+    def temp(**kw):
+        lowered = dense_basis.lower(x, None, jax.random.key(0), **common, **kw)
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    whole, chunked = temp(), temp(chunk=2)
+    assert whole >= 16 * model, whole
+    assert chunked < 10 * model, chunked
+
+
 def _population(tmp_path, w, dtype=np.float32):
     pop = tmp_path / "pop"
     for i, wi in enumerate(w):
