@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping
 from typing import Literal
 
+import jax
 import numpy as np
 
 from jsubspace import kernels
@@ -195,12 +196,23 @@ def layer_models(layer) -> int:
 
 def default_memory_budget(mesh) -> int:
     """Bytes a layer may use: half the host's RAM on CPU, 80% of the smallest device's memory
-    times the device count on accelerators."""
+    times the device count on accelerators; under several processes the smallest of their
+    budgets (a collective: every process calls it at the same point), so that all of them plan
+    the same routes (a chunk chosen differently would be a different program, and the
+    collectives would hang)."""
     devices = list(mesh.devices.flat)
     if devices[0].platform == "cpu":
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.5)
-    limits = [(d.memory_stats() or {}).get("bytes_limit", 0) for d in devices]
-    return int(0.8 * min(limits) * len(devices)) if all(limits) else 2**62
+        budget = int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.5)
+    else:
+        local = [d for d in devices if d.process_index == jax.process_index()] or devices
+        limits = [(d.memory_stats() or {}).get("bytes_limit", 0) for d in local]
+        budget = int(0.8 * min(limits) * len(devices)) if all(limits) else 2**62
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        mib = np.int32(min(budget >> 20, 2**31 - 1))  # MiB: JAX's integers are 32-bit here
+        budget = int(np.min(multihost_utils.process_allgather(mib))) << 20
+    return budget
 
 
 def basis_solvers(n_models: int, m: int, n: int, k: int, config: SpectraConfig) -> dict:

@@ -95,9 +95,38 @@ def test_a_layer_over_the_memory_budget_is_fitted_by_chunks_of_models(tmp_path, 
             )
         error = _reconstruction_error(chunked, values[name], name, shape)
         assert error == pytest.approx(1 - chunked.layers[name]["captured"], abs=1e-4)
-    with pytest.raises(StoreError, match=r"layer 'a.weight' \(40 x 30, 8 models\).*budget"):
-        fit_store(pop, str(tmp_path / "none"), k=4, memory_budget=20_000)
-    assert not (tmp_path / "none").exists()
+    # Refused before anything is fitted: the layer over the budget is the last one read, and
+    # the one before it fits.
+    for i in range(4):
+        testing.write_safetensors(
+            tmp_path / "two" / f"m{i}.safetensors",
+            {
+                "a.small": np.full((4, 3), i, np.float32),
+                "b.large": np.arange(4000, dtype=np.float32).reshape(80, 50) * (i + 1),
+            },
+        )
+    small, large = sorted(io.open_population(str(tmp_path / "two")).layers, key=lambda x: x.name)
+    needs = [
+        _store.spectra.dense_chunk(
+            x,
+            4,
+            config,
+            budget=1,
+            bases=[_store.spectra.basis_solvers(4, *x.shape, min(x.shape), config)],
+        )[1]
+        for x in (small, large)
+    ]
+    assert needs[1] > needs[0]
+    used.clear()
+    with pytest.raises(StoreError, match=r"layer 'b.large' \(80 x 50, 4 models\).*budget"):
+        fit_store(
+            str(tmp_path / "two"),
+            str(tmp_path / "none"),
+            k=2,
+            num_devices=1,
+            memory_budget=needs[0] + 1,
+        )
+    assert used == [] and not (tmp_path / "none").exists()
 
 
 def test_tau_past_a_layer_s_limit_keeps_its_largest_basis_and_says_so(tmp_path):

@@ -52,8 +52,17 @@ _WORKER = textwrap.dedent("""
             got[mode] = np.linalg.eigvalsh(np.asarray(full, np.float64))[::-1].tolist()
         got["energy"] = float(g.total_energy.addressable_data(0))
         results[layer.name] = got
+    # The memory budget is the smallest host's (every process plans the same routes): process
+    # 1 sees half the RAM process 0 does.
+    import os
+    from jsubspace import spectra
+    real = os.sysconf
+    os.sysconf = lambda name: real(name) // (1 + pid) if name == "SC_PHYS_PAGES" else real(name)
+    own = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    budget = spectra.default_memory_budget(mesh)
+    os.sysconf = real
     with open(out, "w") as f:
-        json.dump({"results": results, "read": sorted(set(read))}, f)
+        json.dump({"results": results, "read": sorted(set(read)), "own": own, "budget": budget}, f)
 """)
 
 
@@ -116,6 +125,10 @@ def test_two_processes_equal_one(tmp_path, kind):
                 got[mode][:width], want[mode][:width], atol=1e-5 * want["models"][0]
             )
         np.testing.assert_allclose(got["energy"], np.sum(x * x), rtol=1e-5)
+    smallest = min(out["own"] for out in outs)
+    assert outs[1]["own"] < outs[0]["own"]
+    for out in outs:
+        assert smallest - 2**20 < out["budget"] <= smallest
     if kind == "dense":
         # Each host read only its own models' bytes. N = 6 is padded to 8 over 4 devices (2 per
         # device, 2 devices per process): process 0 holds models 0-3, process 1 models 4-5.

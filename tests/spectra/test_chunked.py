@@ -82,22 +82,28 @@ def test_chunked_kernels_hold_chunks_not_the_stack():
     assert chunked < 10 * model, chunked
 
 
-@pytest.mark.parametrize("d", [1, 2, 4])
-def test_a_chunked_basis_and_its_coefficients_equal_the_whole_stack(d):
+@pytest.mark.parametrize(
+    "d, chunk, center", [(1, 1, "mean"), (2, 3, "mean"), (4, 1, "none"), (2, 1, "none")]
+)
+def test_a_chunked_basis_and_its_coefficients_equal_the_whole_stack(d, chunk, center):
     # compress's fit (`dense_basis`) on the chunked route: rows randomized, cols exact; the
-    # per-model coefficients and energies come out in model order, padding rows zero.
+    # per-model coefficients and energies come out in model order, padding rows zero. On 2
+    # devices 7 models are 4 per device: chunk 3 goes by 2 chunks of 2 (the largest divisor).
     from jsubspace.compress import dense_basis
 
     mesh = sharding.models_mesh(d)
     w = testing.planted_population(7, n_models=7, shape=(36, 20), rank=3, mean_scale=4.0)
     x = _placed(w, mesh, dtype=jnp.bfloat16)
-    common = dict(mesh=mesh, n_models=7, center="mean", k=5, solvers=("randomized", "exact"))
+    common = dict(mesh=mesh, n_models=7, center=center, k=5, solvers=("randomized", "exact"))
     key = jax.random.key(3)
     whole = dense_basis(x, None, key, **common)
-    found = dense_basis(x, None, key, chunk=1, **common)
+    found = dense_basis(x, None, key, chunk=chunk, **common)
     np.testing.assert_allclose(np.asarray(found.center), np.asarray(whole.center), atol=1e-6)
     xc = np.asarray(x, np.float64)[:7]
-    xc = xc - xc.mean(0)
+    if center == "mean":
+        xc = xc - xc.mean(0)
+    want_centre = np.asarray(x, np.float64)[:7].mean(0) if center == "mean" else 0 * xc[0]
+    np.testing.assert_allclose(np.asarray(found.center), want_centre, atol=1e-5)
     np.testing.assert_allclose(np.asarray(found.energies)[:7], np.sum(xc**2, (1, 2)), rtol=1e-5)
     assert np.all(np.asarray(found.energies)[7:] == 0)
     # The coefficients in the found basis are U^T X_i V (float64), and those of the planted

@@ -182,11 +182,18 @@ def _experiment(name, **kwargs):
 SMALL = zoo.ZooConfig(models=8, lora_models=8, steps=60, lora_steps=20, hidden=32)
 
 
-def test_merging_experiment_runs_and_centred_subspace_is_the_mean(tmp_path):
+@pytest.fixture(scope="module")
+def small_zoo_cache(tmp_path_factory):
+    """One zoo cache for the experiments on `SMALL`, as the experiments share the main job's
+    cache: the first to run trains the zoos, the other reads them (a training saved)."""
+    return str(tmp_path_factory.mktemp("small_zoo_cache"))
+
+
+def test_merging_experiment_runs_and_centred_subspace_is_the_mean(tmp_path, small_zoo_cache):
     result = _experiment(
         "merging",
         out=str(tmp_path / "m"),
-        cache=str(tmp_path / "cache"),
+        cache=small_zoo_cache,
         steps=20,
         k=2,
         seed=0,
@@ -199,11 +206,11 @@ def test_merging_experiment_runs_and_centred_subspace_is_the_mean(tmp_path):
     assert len(result["accuracy"]["ties (density=0.2)"]) == 6
 
 
-def test_adaptation_experiment_counts_parameters_exactly(tmp_path):
+def test_adaptation_experiment_counts_parameters_exactly(tmp_path, small_zoo_cache):
     results = _experiment(
         "adaptation",
         out=str(tmp_path / "a"),
-        cache=str(tmp_path / "cache"),
+        cache=small_zoo_cache,
         k=4,
         steps=30,
         lr=1e-2,
