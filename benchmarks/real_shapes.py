@@ -357,6 +357,20 @@ def numpy_path(directory: str, selection: dict[str, str], dtype: str) -> dict:
     return out
 
 
+def _analyze_cost(out: str) -> dict | None:
+    """The run's own accounting: `spectra.json`'s `cost` (seconds and peak bytes of the spectra
+    and of each control, summed over layers) and each layer's `seconds` by part."""
+    try:
+        with open(os.path.join(out, "spectra.json")) as f:
+            run = json.load(f)
+        return {
+            **run["cost"],
+            "layers": {entry["name"]: entry.get("seconds") for entry in run["layers"]},
+        }
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return {"error": f"no readable cost record in {out}: {e!r}"}
+
+
 # --- timing ----------------------------------------------------------------------------------
 
 
@@ -578,6 +592,8 @@ def main(argv):
                 *extra,
             ]
             results["analyze"] = _repeated(command, "analyze")
+            if results["analyze"]["status"] == "ok":
+                results["analyze"]["cost"] = _analyze_cost(out_analyze)
         elif path == "compress_reconstruct":
             store = os.path.join(_WORK.value, f"store_{population}")
             rebuilt = os.path.join(_WORK.value, f"rebuilt_{population}")
