@@ -357,7 +357,7 @@ def numpy_path(directory: str, selection: dict[str, str], dtype: str) -> dict:
     return out
 
 
-def _analyze_cost(out: str) -> dict | None:
+def _analyze_cost(out: str) -> dict:
     """The run's own accounting: `spectra.json`'s `cost` (seconds and peak bytes of the spectra
     and of each control, summed over layers) and each layer's `seconds` by part."""
     try:
