@@ -89,6 +89,14 @@ def kernel_rates(n: int, m: int, k: int) -> dict:
     }
 
 
+def device_peak_bytes() -> int | None:
+    """The accelerator's peak bytes in use so far (None on the CPU backend, which keeps none)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats else stats.get("peak_bytes_in_use")
+
+
 def _write(kind: str, out: str, sizes: tuple) -> float:
     """A population written by benchmarks/write_population.py (its own process: it defines
     flags of its own); returns the seconds it took."""
@@ -162,6 +170,10 @@ def main(argv):
     record["plan_rates"] = spectra.measure_rates().__dict__
     print(f"{len(devices)} x {devices[0].device_kind}; plan rates {record['plan_rates']}")
     record["kernels"] = kernel_rates(*sizes["kernel"])
+    # Issue 7's accelerator target: the Gram kernel at >= 50% of the GEMM rate.
+    record["kernels"]["gram_over_gemm"] = (
+        record["kernels"]["gram_flops_per_s"] / record["plan_rates"]["gemm"]
+    )
     print(f"kernels: {record['kernels']}")
     with tempfile.TemporaryDirectory() as scratch:
         work = _WORKDIR.value or scratch
@@ -171,6 +183,7 @@ def main(argv):
             found = analysis(population, os.path.join(work, f"out_{kind}"))
             found["population"] = list(sizes[kind])
             found["write_seconds"] = written
+            found["device_peak_bytes"] = device_peak_bytes()
             record[kind] = found
             print(
                 f"{kind}: default {found['default_seconds']:.1f} s, spectra only "

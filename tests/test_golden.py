@@ -13,6 +13,15 @@ RTOL = 2e-4
 # eigenvalues) move by the rounding of the Grams divided by the gap: absolute 1e-3 (of 1).
 COSINE_ATOL = 1e-3
 RESIDUAL_ATOL = 1e-5
+# Lineage linkage heights are cosine distances `1 - cos`: between near copies (1 - cos ~ 4e-4)
+# the float32 rounding of the cosines (~1e-6, machine-dependent: SIMD width changes the order
+# of the sums) is a large fraction of the distance, and the merge order of near-tied heights
+# follows that rounding. So heights are compared to an absolute 1e-5, and which clusters merge
+# (the index columns, and the dendrogram's leaf `order` drawn from them) is not compared.
+LINKAGE_ATOL = 1e-5
+# Distances between near copies come from Grams (`|Wi|^2 + |Wj|^2 - 2 <Wi, Wj>`), whose float32
+# cancellation leaves ~1e-4 of a 2%-relative distance.
+DISTANCE_RTOL = 2e-3
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +36,15 @@ def assert_same(found, want, where="record"):
         assert not missing, f"{where}: keys gone {sorted(missing)}"
         for key, value in want.items():
             assert_same(found[key], value, f"{where}.{key}")
+    elif where.endswith(".lineage.order"):
+        assert sorted(found) == sorted(want), where
+    elif where.endswith(".lineage.min_relative_distance"):
+        assert found == pytest.approx(want, rel=DISTANCE_RTOL), where
+    elif isinstance(want, list) and _numeric(want) and where.endswith(".linkage"):
+        a, b = np.asarray(found, np.float64), np.asarray(want, np.float64)
+        assert a.shape == b.shape, f"{where}: shape {a.shape} != {b.shape}"
+        np.testing.assert_allclose(a[:, 2], b[:, 2], rtol=0, atol=LINKAGE_ATOL, err_msg=where)
+        assert a[-1, 3] == b[-1, 3], where  # the last merge holds every model
     elif isinstance(want, list) and _numeric(want):
         a, b = np.asarray(found, np.float64), np.asarray(want, np.float64)
         assert a.shape == b.shape, f"{where}: shape {a.shape} != {b.shape}"

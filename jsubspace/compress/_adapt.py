@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jsubspace.kernels import HIGHEST
+from jsubspace.kernels import matmul
 
 
 class SubspaceDense(nn.Module):
@@ -43,11 +44,11 @@ class SubspaceDense(nn.Module):
         ku, kv = self.u.shape[1], self.v.shape[1]
         if self.mode == "core":
             c = self.param("coefficients", nn.initializers.zeros, (ku, kv))
-            delta = self.u @ c @ self.v.T
+            delta = matmul(matmul(self.u, c), self.v.T)
         elif self.mode == "lora":
             la = self.param("l_a", nn.initializers.normal(0.01), (ku, self.rank))
             lb = self.param("l_b", nn.initializers.zeros, (kv, self.rank))
-            delta = (self.u @ la) @ (self.v @ lb).T
+            delta = matmul(matmul(self.u, la), matmul(self.v, lb).T)
         else:
             raise ValueError(f"mode must be 'core' or 'lora', got {self.mode!r}")
         y = jnp.matmul(x, self.w0 + delta, precision=HIGHEST)
@@ -67,7 +68,7 @@ def subspace_params(params, bases, coefficients):
         if basis is None:
             return w
         u, v = basis
-        return w + u @ c @ v.T
+        return w + matmul(matmul(u, c), v.T)
 
     return jax.tree.map(
         one, params, bases, coefficients, is_leaf=lambda x: x is None or isinstance(x, tuple)

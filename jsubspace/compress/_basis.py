@@ -144,11 +144,11 @@ def lora_basis(
         inv_sqrt = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, evals, 1.0)), 0.0)
         root = jnp.sqrt(jnp.clip(evals, 0.0)) * keep
         h = kernels.centering_matrix(n_pad, n_models, center)
-        weight = ((h.T @ h) * jnp.outer(scales, scales))[:, None, :, None]
+        weight = (kernels.matmul(h.T, h) * jnp.outer(scales, scales))[:, None, :, None]
         mid = (weight * gram_other).reshape(nr, nr)
-        small = (root[:, None] * evecs.T) @ mid @ (evecs * root[None, :])
+        small = kernels.matmul(kernels.matmul(root[:, None] * evecs.T, mid), evecs * root[None, :])
         w = _top_vectors((small + small.T) / 2, k)
-        return evecs @ (inv_sqrt[:, None] * w)  # f32[Nr, k]
+        return kernels.matmul(evecs, inv_sqrt[:, None] * w)  # f32[Nr, k]
 
     coef_b = side_vectors(g.factor_b, g.factor_a)  # U = Bs @ coef_b
     coef_a = side_vectors(g.factor_a, g.factor_b)  # V = As^T @ coef_a

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jsubspace.kernels import HIGHEST
+from jsubspace.kernels import matmul
 
 METHODS = ("mean", "task_arithmetic", "ties", "dare_linear", "dare_ties", "subspace")
 
@@ -117,7 +118,7 @@ def subspace_merge(
         merged = _sign_elect_mean(trim(coeff, density), w)
     else:
         raise ValueError(f"combine must be mean, sum or ties, got {combine!r}")
-    update = u @ merged @ v.T
+    update = matmul(matmul(u, merged), v.T)
     if center:
         update = update + mean_tau
     return base + lam * update

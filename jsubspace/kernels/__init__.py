@@ -14,6 +14,7 @@ from jsubspace.kernels._gram import chunkable_jit
 from jsubspace.kernels._gram import cross_gram
 from jsubspace.kernels._gram import dual_mode_gram
 from jsubspace.kernels._gram import exchanged_cross_gram
+from jsubspace.kernels._gram import matmul
 from jsubspace.kernels._gram import mode_gram
 from jsubspace.kernels._gram import mode_grams
 from jsubspace.kernels._gram import mode_product
@@ -77,6 +78,7 @@ __all__ = [
     "lora_grams",
     "factor_root",
     "materialized_updates",
+    "matmul",
     "mode_bases",
     "mode_matrices",
     "cross_gram",

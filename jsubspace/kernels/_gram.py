@@ -28,6 +28,13 @@ HIGHEST = lax.Precision.HIGHEST
 CENTERS = ("mean", "none", "base")
 
 
+def matmul(x: jax.Array, y: jax.Array) -> jax.Array:
+    """`x @ y` in float32 at `HIGHEST`: the default precision is TF32 on GPUs and bfloat16
+    passes on TPUs (every product the engine compiles asks for HIGHEST;
+    tests/kernels/test_precision.py checks it)."""
+    return jnp.matmul(x, y, precision=HIGHEST)
+
+
 class ModeGrams(NamedTuple):
     """Gram matrices of the three modes (None where not asked for) and the total energy.
 

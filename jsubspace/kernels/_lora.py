@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jsubspace.kernels._gram import HIGHEST
+from jsubspace.kernels._gram import matmul
 from jsubspace.kernels._gram import sharded_cross_gram
 from jsubspace.sharding._mesh import MODELS
 
@@ -87,12 +88,8 @@ def factor_root(gram: jax.Array) -> jax.Array:
     return lax.cond(ok, lambda: chol.T * (~zero)[None, :], lambda: psd_root(gram))
 
 
-def _matmul(x, y):
-    return jnp.matmul(x, y, precision=HIGHEST)
-
-
 def _sandwich(f: jax.Array, mid: jax.Array) -> jax.Array:
-    out = _matmul(_matmul(f, mid), f.T)
+    out = matmul(matmul(f, mid), f.T)
     return (out + out.T) / 2
 
 
@@ -123,9 +120,9 @@ def mode_matrices(
     gb4 = gb.reshape(n_pad, r, n_pad, r)
     s = scales.astype(jnp.float32)
     h = centering_matrix(n_pad, n_models, center)
-    mm = h.T @ h
+    mm = matmul(h.T, h)
     k0 = jnp.einsum("j,k,jakc,jakc->jk", s, s, ga4, gb4, precision=HIGHEST)
-    models = _matmul(_matmul(h, k0), h.T)[:n_models, :n_models]
+    models = matmul(matmul(h, k0), h.T)[:n_models, :n_models]
     weight = (mm * jnp.outer(s, s))[:, None, :, None]
     rows = cols = None
     if root_b is not None:

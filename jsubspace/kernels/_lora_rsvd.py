@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jsubspace.kernels._gram import HIGHEST
+from jsubspace.kernels._gram import matmul
 from jsubspace.kernels._lora_side import _check_factor
 from jsubspace.kernels._lora_side import factor_mean
 from jsubspace.kernels._rsvd import Eig
@@ -40,10 +41,6 @@ from jsubspace.sharding._mesh import MODELS
 
 def _einsum(spec, x, y):
     return jnp.einsum(spec, x, y, precision=HIGHEST)
-
-
-def _matmul(x, y):
-    return jnp.matmul(x, y, precision=HIGHEST)
 
 
 def randomized_lora_eigh(
@@ -130,12 +127,12 @@ def _lora_eigh(
         weight = jnp.repeat(s, r)[:, None]
 
         def matmat(q):
-            p = _matmul(left, q)  # [N r, l]: L_i q per model
+            p = matmul(left, q)  # [N r, l]: L_i q per model
             u = _einsum("irs,isl->irl", own, p.reshape(n_local, r, -1)).reshape(p.shape) * weight
             if center == "mean":
-                zbar = lax.psum(_matmul(right.T, p * weight), MODELS) / n_models  # M^T q
-                u = u - _matmul(right, zbar)
-            return lax.psum(_matmul(left.T, u * weight), MODELS)
+                zbar = lax.psum(matmul(right.T, p * weight), MODELS) / n_models  # M^T q
+                u = u - matmul(right, zbar)
+            return lax.psum(matmul(left.T, u * weight), MODELS)
 
         return randomized_eigh(
             matmat, side, rank=rank, key=k, oversample=oversample, iterations=iterations
@@ -198,7 +195,7 @@ def _factor_pca(a, b, mask, mean, key, *, mesh, factor, rank, oversample, iterat
         trace = lax.psum(jnp.sum(x * x), MODELS)
 
         def matmat(q):
-            return lax.psum(_matmul(x.T, _matmul(x, q)), MODELS)
+            return lax.psum(matmul(x.T, matmul(x, q)), MODELS)
 
         eig = randomized_eigh(
             matmat, side, rank=rank, key=k, oversample=oversample, iterations=iterations

@@ -44,6 +44,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jsubspace.kernels._gram import HIGHEST
+from jsubspace.kernels._gram import matmul
 from jsubspace.kernels._lora import centering_matrix
 from jsubspace.sharding._mesh import MODELS
 from jsubspace.sharding._mesh import stacked_sharding
@@ -76,10 +77,6 @@ def uses_side_space(*, n_pad: int, rank: int, m: int, n: int) -> bool:
 def side_block_models(n_local: int, rank: int) -> int:
     """Models per block for a device holding `n_local` of them."""
     return max(1, min(n_local, BLOCK_ROWS // max(rank, 1)))
-
-
-def _matmul(x, y):
-    return jnp.matmul(x, y, precision=HIGHEST)
 
 
 def _starts(j, size: int, n_local: int):
@@ -130,7 +127,7 @@ def _means_step(a_sum, b_sum, stack, j, *, mesh, size, n_models):
         # A_j counts for every real model whatever its scale.
         keep = fresh * (_first(n_local) + start + jnp.arange(size) < n_models)
         return (
-            (_local(a_acc) + jnp.einsum("i,irn->rn", keep, a_blk))[None],
+            (_local(a_acc) + jnp.einsum("i,irn->rn", keep, a_blk, precision=HIGHEST))[None],
             (_local(b_acc) + b_blk.sum(0))[None],
         )
 
@@ -169,8 +166,8 @@ def _side_step(acc, total, stack, means, j, *, mesh, size, n_models, mode):
         y = jnp.einsum("ipa,iac->ipc", lft, inner, precision=HIGHEST)
         wide = jnp.swapaxes(lft, 0, 1).reshape(p, b * w)
         y = jnp.swapaxes(y, 0, 1).reshape(p, b * w)
-        acc = _local(acc) + _matmul(y, wide.T)
-        total = _local(total) + _matmul(wide, rgt.reshape(b * w, -1))
+        acc = _local(acc) + matmul(y, wide.T)
+        total = _local(total) + matmul(wide, rgt.reshape(b * w, -1))
         return acc[None], total[None]
 
     return jax.shard_map(
@@ -229,7 +226,7 @@ def _side_finish(acc, total, *, n_models: int, center: str):
     acc = acc[0] if acc.shape[0] == 1 else jnp.sum(acc, axis=0)
     if center == "mean":
         total = total[0] if total.shape[0] == 1 else jnp.sum(total, axis=0)
-        acc = acc - _matmul(total, total.T) / n_models
+        acc = acc - matmul(total, total.T) / n_models
     return (acc + acc.T) / 2
 
 
@@ -331,8 +328,8 @@ def _pair_step(k0, a_gram, mine, theirs, means, step, j, k, *, mesh, size, n_mod
             theirs, sk, size, first=_first(n_local, owner), n_models=n_models, means=means
         )
         w = aj.shape[1]
-        ga = _matmul(aj.reshape(size * w, -1), ak.reshape(size * w, -1).T)
-        gb = _matmul(
+        ga = matmul(aj.reshape(size * w, -1), ak.reshape(size * w, -1).T)
+        gb = matmul(
             jnp.swapaxes(bj, 1, 2).reshape(size * w, -1),
             jnp.swapaxes(bk, 1, 2).reshape(size * w, -1).T,
         )
@@ -371,7 +368,7 @@ def _pass_on(stack, *, mesh):
 @functools.partial(jax.jit, static_argnames=("n_models", "center"))
 def _models_finish(k0, a_gram, *, n_models: int, center: str) -> SideModels:
     h = centering_matrix(k0.shape[0], n_models, center)
-    models = _matmul(_matmul(h, k0), h.T)[:n_models, :n_models]
+    models = matmul(matmul(h, k0), h.T)[:n_models, :n_models]
     return SideModels(
         models, k0[:n_models, :n_models], a_gram[:n_models, :n_models], jnp.trace(models)
     )
@@ -493,7 +490,7 @@ def factor_block_samples(a, b, mask, mean, j, *, mesh, size: int, factor: str):
 def _covariance_step(acc, a, b, mask, mean, j, *, mesh, size: int, factor: str):
     def body(acc, mean, j, a, b, mask):
         x = _factor_samples((a, b), mask, mean, j, size=size, factor=factor)
-        return (_local(acc) + _matmul(x, x.T))[None]
+        return (_local(acc) + matmul(x, x.T))[None]
 
     return jax.shard_map(
         body,

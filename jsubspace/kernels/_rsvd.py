@@ -61,7 +61,8 @@ def exact_eigh(gram: jax.Array, *, rank: int | None = None) -> Eig:
     evals, evecs = evals[::-1], evecs[:, ::-1]
     if rank is not None:
         evals, evecs = evals[:rank], evecs[:, :rank]
-    resid = jnp.linalg.norm(gram @ evecs - evecs * evals, axis=0) / jnp.maximum(evals[0], 1e-30)
+    image = jnp.matmul(gram, evecs, precision=HIGHEST)
+    resid = jnp.linalg.norm(image - evecs * evals, axis=0) / jnp.maximum(evals[0], 1e-30)
     return Eig(jnp.clip(evals, 0.0), evecs, resid)
 
 

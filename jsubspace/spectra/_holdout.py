@@ -509,7 +509,9 @@ def _spread_captures(x, held, centre, ref, total, n_models, u, v, *, mesh, by_me
         w, c = lax.fori_loop(0, d, step, (zeros, zeros))
         # The sum of every held-out model, for the training mean.
         mine = jnp.isin(first + jnp.arange(b), held_p).astype(xb.dtype)
-        local = jnp.einsum("i,imn->mn", mine, xb, preferred_element_type=jnp.float32)
+        local = jnp.einsum(
+            "i,imn->mn", mine, xb, preferred_element_type=jnp.float32, precision=HIGHEST
+        )
         held_sum = lax.psum(local, MODELS)
         dev = w - (c if by_mean else ref)
         return _captures(w, dev, ref, total - held_sum, n_models, p, u, v)

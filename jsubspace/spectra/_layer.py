@@ -254,12 +254,13 @@ def _centred_sample_gram(gram: jax.Array, mask: jax.Array) -> jax.Array:
     # H G H with H = diag(mask) - mask mask^T / count, as rank-one updates (no (Nr)^3 products).
     count = jnp.sum(mask)
     g = gram * mask[:, None] * mask[None, :]
-    col = g @ mask / count  # f32[Nr]: each sample's mean inner product
+    # f32[Nr]: each sample's mean inner product
+    col = kernels.matmul(g, mask) / count
     return (
         g
         - col[:, None] * mask[None, :]
         - mask[:, None] * col[None, :]
-        + (jnp.dot(mask, col) / count) * jnp.outer(mask, mask)
+        + (kernels.matmul(mask, col) / count) * jnp.outer(mask, mask)
     )
 
 

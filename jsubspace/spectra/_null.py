@@ -200,7 +200,12 @@ def null_lora_grams(
     f_b = gram_factor(k_b, nr, m, diagonals[1]) * mask[None, :]
     ga, gb = _gram_of_factor(f_a), _gram_of_factor(f_b)
     # ||B_i A_i||_F^2 = tr((B_i^T B_i)(A_i A_i^T)) from the diagonal blocks.
-    own = jnp.einsum("iaic,iaic->i", ga.reshape(n_pad, r, n_pad, r), gb.reshape(n_pad, r, n_pad, r))
+    own = jnp.einsum(
+        "iaic,iaic->i",
+        ga.reshape(n_pad, r, n_pad, r),
+        gb.reshape(n_pad, r, n_pad, r),
+        precision=kernels.HIGHEST,
+    )
     scales = jnp.where(energies > 0, jnp.sqrt(energies / jnp.maximum(own, 1e-30)), 0.0)
     grams = kernels.mode_matrices(
         ga,

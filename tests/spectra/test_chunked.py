@@ -182,7 +182,8 @@ def test_chunked_layer_record_equals_whole_stack(tmp_path):
         np.testing.assert_allclose(
             halves[0][f"{side}_cosines"], halves[1][f"{side}_cosines"], atol=1e-4
         )
-    np.testing.assert_allclose(chunked["lineage"]["cosine"], whole["lineage"]["cosine"], atol=1e-6)
+    # Cosines of near copies (~0.99) summed in another order: float32 rounding, ~1e-6.
+    np.testing.assert_allclose(chunked["lineage"]["cosine"], whole["lineage"]["cosine"], atol=1e-5)
     assert chunked["verdict"]["label"] == whole["verdict"]["label"]
 
 
