@@ -1,11 +1,15 @@
 """One check of a machine's accelerator (or its CPU), written to one JSON: what the devices are,
 the kernel rates the layer plans use, the core kernels' achieved rates, and the default analysis
-against the spectra alone on a LoRA population (Mistral-7B module shapes) and a dense one.
+against the spectra alone on a LoRA population (Mistral-7B module shapes) and a dense one (two
+layer shapes), with the seconds XLA spent compiling each.
 
-The default sizes are meant to stay under 5 minutes on a GPU, the writes of the populations
-included (not yet timed on one: no accelerator has been lent to this project);
-`--quick` (tiny shapes, about a minute on 2 CPU cores) is what the test suite runs, so that the
-script is known to work before an accelerator is at hand.
+The JSON is rewritten after every stage (`"complete": false` until the last), so a run stopped
+by a time limit still leaves what it measured. On an NVIDIA H200 (2026-12-04) the first run of a
+dense layer's default analysis was compile-bound: about 100 s of XLA compilation for one
+1536 x 512 layer at N = 16, where the whole layer takes 17 s on 2 CPU cores (see
+benchmarks/README.md); the dense stage is therefore two layer shapes, and each stage records
+its compile seconds. `--quick` (tiny shapes, about a minute on 2 CPU cores) is what the test
+suite runs, so that the script is known to work before an accelerator is at hand.
 
 Run:
     python benchmarks/device_check.py --out=device_check.json
@@ -34,9 +38,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # (adapters, transformer layers, hidden, kv width) of the LoRA population; (models, layers,
 # hidden) of the dense one; (N, m, n) of the kernel-rate stack.
 SIZES = {
-    False: {"lora": (40, 1, 4096, 1024), "dense": (16, 2, 512), "kernel": (64, 1024, 1024)},
+    False: {"lora": (40, 1, 4096, 1024), "dense": (16, 1, 512), "kernel": (64, 1024, 1024)},
     True: {"lora": (8, 1, 256, 64), "dense": (6, 1, 64), "kernel": (8, 128, 96)},
 }
+# The dense stage's layers: a square and a 4:1 one (the population has four shapes per block).
+DENSE_LAYERS = r"blocks\.0\.(attn\.out|mlp\.up)\.weight"
+
+_COMPILE = {"seconds": 0.0}
+
+
+def _count_compiles() -> None:
+    """Sums XLA's backend compile time (jax.monitoring) into `_COMPILE`."""
+    import jax.monitoring
+
+    def listener(name, seconds, **_):
+        if name == "/jax/core/compile/backend_compile_duration":
+            _COMPILE["seconds"] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
 
 
 def _best(fn, *args, repeats: int = 3) -> float:
@@ -123,17 +142,21 @@ def _write(kind: str, out: str, sizes: tuple) -> float:
     return time.perf_counter() - start
 
 
-def analysis(population: str, work: str) -> dict:
+def analysis(population: str, work: str, include: str | None = None) -> dict:
     """The default analysis against the spectra alone (no null, holdout or split half), each in
-    this process after a warm-up run of the same shapes (so compilation is not timed), and the
-    seconds of each part of the default run (summed over layers)."""
+    this process after a warm-up run of the same shapes (so compilation is not timed: the
+    warm-up's seconds and the XLA compile seconds in it are recorded beside), and the seconds
+    of each part of the default run (summed over layers)."""
     import jsubspace
 
     spectra_only = dict(null_draws=0, holdout=None, split_half=False)
     out = {}
     for name, options in (("spectra_only", spectra_only), ("default", {})):
-        kwargs = dict(plots=False, quiet=True, overwrite=True, **options)
+        kwargs = dict(plots=False, quiet=True, overwrite=True, include=include, **options)
+        start, compiled = time.perf_counter(), _COMPILE["seconds"]
         jsubspace.analyze([population], os.path.join(work, f"{name}_warm"), **kwargs)
+        out[f"{name}_warmup_seconds"] = time.perf_counter() - start
+        out[f"{name}_warmup_compile_seconds"] = _COMPILE["seconds"] - compiled
         start = time.perf_counter()
         result = jsubspace.analyze([population], os.path.join(work, name), **kwargs)
         out[f"{name}_seconds"] = time.perf_counter() - start
@@ -150,12 +173,23 @@ def analysis(population: str, work: str) -> dict:
     return out
 
 
+def _save(record: dict, started: float, *, complete: bool) -> None:
+    record["seconds"] = time.perf_counter() - started
+    record["compile_seconds"] = _COMPILE["seconds"]
+    record["complete"] = complete
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    os.replace(_OUT.value + ".tmp", _OUT.value)
+
+
 def main(argv):
     del argv
     import jax
 
     from jsubspace import spectra
 
+    _count_compiles()
     sizes = SIZES[_QUICK.value]
     started = time.perf_counter()
     devices = jax.devices()
@@ -169,18 +203,21 @@ def main(argv):
     }
     record["plan_rates"] = spectra.measure_rates().__dict__
     print(f"{len(devices)} x {devices[0].device_kind}; plan rates {record['plan_rates']}")
+    _save(record, started, complete=False)
     record["kernels"] = kernel_rates(*sizes["kernel"])
     # Issue 7's accelerator target: the Gram kernel at >= 50% of the GEMM rate.
     record["kernels"]["gram_over_gemm"] = (
         record["kernels"]["gram_flops_per_s"] / record["plan_rates"]["gemm"]
     )
     print(f"kernels: {record['kernels']}")
+    _save(record, started, complete=False)
     with tempfile.TemporaryDirectory() as scratch:
         work = _WORKDIR.value or scratch
         for kind in ("lora", "dense"):
             population = os.path.join(work, f"population_{kind}")
             written = _write(kind, population, sizes[kind])
-            found = analysis(population, os.path.join(work, f"out_{kind}"))
+            include = DENSE_LAYERS if kind == "dense" else None
+            found = analysis(population, os.path.join(work, f"out_{kind}"), include)
             found["population"] = list(sizes[kind])
             found["write_seconds"] = written
             found["device_peak_bytes"] = device_peak_bytes()
@@ -188,13 +225,14 @@ def main(argv):
             print(
                 f"{kind}: default {found['default_seconds']:.1f} s, spectra only "
                 f"{found['spectra_only_seconds']:.1f} s "
-                f"({found['default_over_spectra']:.2f}x); parts {found['default_parts']}"
+                f"({found['default_over_spectra']:.2f}x); parts {found['default_parts']}; "
+                f"warm-up {found['default_warmup_seconds']:.1f} s, of which compiling "
+                f"{found['default_warmup_compile_seconds']:.1f} s"
             )
-    record["seconds"] = time.perf_counter() - started
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
-    print(f"wrote {_OUT.value} ({record['seconds']:.0f} s)")
+            _save(record, started, complete=False)
+    _save(record, started, complete=True)
+    seconds, compiling = record["seconds"], record["compile_seconds"]
+    print(f"wrote {_OUT.value} ({seconds:.0f} s, {compiling:.0f} s of it compiling)")
 
 
 if __name__ == "__main__":

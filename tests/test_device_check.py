@@ -31,10 +31,13 @@ def test_the_device_check_runs_on_cpu_and_writes_its_json(tmp_path):
     assert all(record["plan_rates"][k] > 0 for k in ("gemm", "eigh", "stream", "draw"))
     kernels = record["kernels"]
     assert kernels["stack"] == [8, 128, 96] and kernels["gram_flops_per_s"] > 0
-    for kind, (models, layers) in (("lora", (8, 3)), ("dense", (6, 4))):
+    assert record["complete"] and record["compile_seconds"] > 0
+    for kind, (models, layers) in (("lora", (8, 3)), ("dense", (6, 2))):
         found = record[kind]
         assert found["models"] == models and found["layers"] == layers, found
         assert len(found["verdicts"]) == layers
         assert found["default_over_spectra"] > 0  # a ratio of two timings (not judged here)
         assert set(found["default_parts"]) >= {"spectra", "holdout", "compare", "null"}
         assert "spectra" in found["spectra_only_parts"]
+        # The warm-up compiles what the timed runs reuse: compile time is part of it.
+        assert 0 < found["default_warmup_compile_seconds"] < found["default_warmup_seconds"]
