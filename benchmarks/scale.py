@@ -81,10 +81,10 @@ _RESULTS = flags.DEFINE_string("results_dir", None, "validate: where the JSON go
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Per-device rates from vendors' datasheets, derated to what dense kernels reach (the factor
-# after each figure); eigh, draws and overhead are assumptions until device_check.py has run on
-# the part (no accelerator has been lent to this project). H100 SXM: 67 TFLOP/s FP32 without
-# tensor cores (`precision=HIGHEST` is full float32), HBM3 3.35 TB/s. TPU v5p: 459 TFLOP/s
-# bf16, HBM 2.76 TB/s; float32 at HIGHEST runs as 6 bf16 passes.
+# after each figure); eigh, draws and overhead are assumptions (device_check.py has run on one
+# H200 only, for part of its stages: results/device_check_h200_2026-12-04_partial.json).
+# H100 SXM: 67 TFLOP/s FP32 without tensor cores (`precision=HIGHEST` is full float32), HBM3
+# 3.35 TB/s. TPU v5p: 459 TFLOP/s bf16, HBM 2.76 TB/s; float32 at HIGHEST runs as 6 bf16 passes.
 RATE_PRESETS = {
     "h100": dict(gemm=67e12 * 0.7, eigh=1.0e12, stream=3.35e12 / 8 * 0.7, draw=1e11, overhead=1e-4),
     "tpu_v5p": dict(

@@ -304,12 +304,23 @@ def downdated_basis(gram, x, removed, mu, count, *, mode: str, k: int, chunk=Non
 
     Args:
         gram: `f32[side, side]`, the population's centred matrix of `mode`.
-        x: `dtype[N_pad, m, n]`, the layer; removed: `int[q]`; mu: `f32[m, n]` the population
-            mean; count: `|A|`.
+        x: `dtype[N_pad, m, n]`, the layer; removed: `int[q]`, padded with -1 where the caller
+            gives every fold one length (one compilation for all folds); mu: `f32[m, n]` the
+            population mean; count: `|A|`.
         chunk: not None on the chunked route: the removed models are taken one at a time.
     """
     matrix = _fold_matrix(gram, x, removed, mu, count, mode=mode, one_at_a_time=chunk is not None)
     return top_eigenvectors(matrix, k)
+
+
+def padded_indices(index: np.ndarray, length: int | None) -> jax.Array:
+    """`int32[length]`: `index` followed by -1s (models that weigh nothing), so that folds of
+    different sizes share one compiled kernel; `index` itself when `length` is None."""
+    if length is None:
+        return jnp.asarray(index)
+    out = np.full(length, -1, np.int32)
+    out[: len(index)] = index
+    return jnp.asarray(out)
 
 
 @kernels.chunkable_jit(static_argnames=("mode", "one_at_a_time"), flag="one_at_a_time")
@@ -320,7 +331,8 @@ def _fold_matrix(gram, x, removed, mu, count, *, mode: str, one_at_a_time: bool 
 
         def step(i, carry):
             minus, total = carry
-            r = lax.dynamic_index_in_dim(x, removed[i], keepdims=False).astype(jnp.float32) - mu
+            model = lax.dynamic_index_in_dim(x, jnp.maximum(removed[i], 0), keepdims=False)
+            r = (model.astype(jnp.float32) - mu) * (removed[i] >= 0)
             product = lax.dot_general(r, r, (contract, ((), ())), precision=HIGHEST)
             return minus + product, total + r
 
@@ -329,7 +341,8 @@ def _fold_matrix(gram, x, removed, mu, count, *, mode: str, one_at_a_time: bool 
         minus, total = lax.fori_loop(0, removed.shape[0], step, zeros)
         d = -total / count
     else:
-        r = jnp.take(x, removed, axis=0).astype(jnp.float32) - mu
+        valid = (removed >= 0).astype(jnp.float32)[:, None, None]
+        r = (jnp.take(x, jnp.maximum(removed, 0), axis=0).astype(jnp.float32) - mu) * valid
         d = -jnp.sum(r, axis=0) / count
         if mode == "rows":
             minus = jnp.einsum("imn,ikn->mk", r, r, precision=HIGHEST)
@@ -427,7 +440,7 @@ def centre_models(folds: np.ndarray, seed: int) -> np.ndarray:
 
 
 def held_captures(
-    x, held, centre, ref, total, n_models, u, v, *, by_mean=True, mesh=None, chunk=None
+    x, held, centre, ref, total, n_models, u, v, *, by_mean=True, mesh=None, chunk=None, p=None
 ):
     """Captured energies of the held-out models under the bases `u` (`f32[m, k]`), `v`
     (`f32[n, k]`).
@@ -438,20 +451,23 @@ def held_captures(
     float32 models (at N = 500 a fold of 100 embedding copies would be 429 GB per device).
     Same arithmetic either way; the padded block rows are dropped. On the chunked route
     (`chunk` not None) they are taken one model at a time (`_one_by_one_captures`).
+    `held` / `centre` may be padded with -1 (`padded_indices`, one compilation for folds of
+    different sizes): `p` is then the number of real ones, and only their rows come back.
 
     Returns:
         `(two_sided f32[p, k], rows f32[p, k], cols f32[p, k], centred f32[p], resid f32[p],
         raw f32[p])`: cumulative captured energies of the centred held-out models, and the
         energies of the centred models, of `W - mu_train` and of `W - ref`.
     """
+    p = held.shape[0] if p is None else p
     if chunk is not None:
-        return _one_by_one_captures(x, held, centre, ref, total, n_models, u, v, by_mean=by_mean)
-    if mesh is None or mesh.devices.size == 1:
-        return _gathered_captures(x, held, centre, ref, total, n_models, u, v, by_mean=by_mean)
-    found = _spread_captures(
-        x, held, centre, ref, total, n_models, u, v, mesh=mesh, by_mean=by_mean
-    )
-    p = held.shape[0]
+        found = _one_by_one_captures(x, held, centre, ref, total, n_models, u, v, by_mean=by_mean)
+    elif mesh is None or mesh.devices.size == 1:
+        found = _gathered_captures(x, held, centre, ref, total, n_models, u, v, by_mean=by_mean)
+    else:
+        found = _spread_captures(
+            x, held, centre, ref, total, n_models, u, v, mesh=mesh, by_mean=by_mean
+        )
     return tuple(f[:p] for f in found)
 
 
@@ -514,7 +530,8 @@ def _spread_captures(x, held, centre, ref, total, n_models, u, v, *, mesh, by_me
         )
         held_sum = lax.psum(local, MODELS)
         dev = w - (c if by_mean else ref)
-        return _captures(w, dev, ref, total - held_sum, n_models, p, u, v)
+        count = jnp.sum(held_p >= 0)  # the held-out models, less any -1 pads
+        return _captures(w, dev, ref, total - held_sum, n_models, count, u, v)
 
     spec = P(MODELS)
     return jax.shard_map(
@@ -544,9 +561,13 @@ def _gathered_captures(x, held, centre, ref, total, n_models, u, v, *, by_mean: 
         raw f32[p])`: cumulative captured energies of the centred held-out models, and the
         energies of the centred models, of `W - mu_train` and of `W - ref`.
     """
-    w = jnp.take(x, held, axis=0).astype(jnp.float32)
-    d = w - (jnp.take(x, centre, axis=0).astype(jnp.float32) if by_mean else ref)
-    return _captures(w, d, ref, total - jnp.sum(w, axis=0), n_models, w.shape[0], u, v)
+    # -1 pads (`padded_indices`): zero models whose rows the caller drops.
+    valid = (held >= 0).astype(jnp.float32)[:, None, None]
+    w = jnp.take(x, jnp.maximum(held, 0), axis=0).astype(jnp.float32) * valid
+    c = jnp.take(x, jnp.maximum(centre, 0), axis=0).astype(jnp.float32) * valid
+    d = w - (c if by_mean else ref)
+    count = jnp.sum(held >= 0)
+    return _captures(w, d, ref, total - jnp.sum(w, axis=0), n_models, count, u, v)
 
 
 @functools.partial(jax.jit, static_argnames=("by_mean",), compiler_options=kernels.CHUNKED_COMPILE)
@@ -555,11 +576,13 @@ def _one_by_one_captures(x, held, centre, ref, total, n_models, u, v, *, by_mean
     a time: the chunked route's, for layers whose float32 models do not fit many at once."""
 
     def model(i):
-        return lax.dynamic_index_in_dim(x, i, keepdims=False).astype(jnp.float32)
+        # -1 pads (`padded_indices`) weigh nothing; their rows are dropped by the caller.
+        one = lax.dynamic_index_in_dim(x, jnp.maximum(i, 0), keepdims=False)
+        return one.astype(jnp.float32) * (i >= 0)
 
     held_sum = lax.fori_loop(1, held.shape[0], lambda j, acc: acc + model(held[j]), model(held[0]))
     rest = total - held_sum
-    p = held.shape[0]
+    p = jnp.sum(held >= 0)
 
     def one(pair):
         h, c = pair
@@ -672,6 +695,13 @@ def holdout_control(
         "skip" if downdate and mode in exact else solver
         for mode, solver in zip(("rows", "cols"), solvers)
     )
+    # Every fold's held-out and removed sets padded to one length: one compilation of the
+    # captures and of each mode's downdate for all folds (XLA compiles a GPU kernel in seconds).
+    held_length = int(np.bincount(folds).max())
+    removed_length = max(
+        int(np.union1d(np.flatnonzero(folds == f), centres[folds == f]).size) if by_mean else 0
+        for f in range(n_folds)
+    )
     for f in range(n_folds):
         held = folds == f
         centre = centres[held] if by_mean else np.flatnonzero(held)
@@ -692,7 +722,7 @@ def holdout_control(
                 chunk=chunk,
             )
         if downdate:
-            removed = jnp.asarray(np.flatnonzero(~basis[:n_models]))
+            removed = padded_indices(np.flatnonzero(~basis[:n_models]), removed_length)
             found = {
                 mode: downdated_basis(
                     getattr(grams, mode),
@@ -709,8 +739,8 @@ def holdout_control(
             u, v = found.get("rows", u), found.get("cols", v)
         found = held_captures(
             x,
-            jnp.asarray(np.flatnonzero(held)),
-            jnp.asarray(centre),
+            padded_indices(np.flatnonzero(held), held_length),
+            padded_indices(centre, held_length),
             ref,
             total,
             float(n_models),
@@ -719,6 +749,7 @@ def holdout_control(
             by_mean=by_mean,
             mesh=mesh,
             chunk=chunk,
+            p=int(held.sum()),
         )
         for j, o in enumerate(found):
             out[j][held] = host_array(o).astype(np.float64)

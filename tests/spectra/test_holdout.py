@@ -145,3 +145,51 @@ def test_held_captures_on_a_mesh_keep_a_block_per_device_and_equal_the_gather(by
     model = 96 * 80 * 4
     assert gathered_bytes >= 22 * model  # both sets of 11, on the device
     assert spread_bytes <= gathered_bytes / 2  # a few blocks of 3
+
+
+def test_folds_of_different_sizes_share_one_compilation():
+    # 13 models in 4 folds (4, 3, 3, 3 held out; 6 to 8 removed with their centring models):
+    # padded to one length, every fold runs the same compiled downdate (one per mode) and
+    # captures. Each distinct size cost a compilation before: 4-12 s each on an H200.
+    mesh = sharding.models_mesh(1)
+    w = testing.planted_population(0, n_models=13, shape=(20, 24), rank=3, noise=0.3)
+    folds = _holdout.fold_assignment(13, 4, 3)
+    assert len(set(np.bincount(folds))) > 1
+    _holdout._fold_matrix._clear_cache()
+    _holdout._gathered_captures._clear_cache()
+    _holdout.holdout_control(_placed(w, mesh), 13, mesh=mesh, holdout=4, seed=3)
+    assert _holdout._fold_matrix._cache_size() == 2  # rows and cols
+    assert _holdout._gathered_captures._cache_size() == 1
+
+
+@pytest.mark.parametrize("route", ["gathered", "spread", "chunked"])
+def test_padded_held_sets_give_the_captures_of_the_unpadded(route):
+    mesh = sharding.models_mesh(4 if route == "spread" else 1)
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((12, 20, 24)).astype(np.float32)
+    x = _placed(w, mesh)
+    held, centre = np.array([0, 3, 7]), np.array([1, 4, 8])
+    u = jax.numpy.asarray(np.linalg.qr(rng.standard_normal((20, 5)))[0].astype(np.float32))
+    v = jax.numpy.asarray(np.linalg.qr(rng.standard_normal((24, 5)))[0].astype(np.float32))
+    common = dict(mesh=mesh, chunk=1 if route == "chunked" else None)
+    rest = (jax.numpy.zeros((20, 24)), jax.numpy.asarray(w.sum(0)), 12.0, u, v)
+    plain = _holdout.held_captures(
+        x, jax.numpy.asarray(held), jax.numpy.asarray(centre), *rest, **common
+    )
+    padded = _holdout.held_captures(
+        x,
+        _holdout.padded_indices(held, 5),
+        _holdout.padded_indices(centre, 5),
+        *rest,
+        p=3,
+        **common,
+    )
+    for a, b in zip(padded, plain, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    # The training mean leaves out the 3 held-out models only, not the pads.
+    w64 = w.astype(np.float64)
+    mu = (w64.sum(0) - w64[held].sum(0)) / 9
+    np.testing.assert_allclose(
+        np.asarray(padded[4]), np.sum((w64[held] - mu) ** 2, axis=(1, 2)), rtol=1e-5
+    )
