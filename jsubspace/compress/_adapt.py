@@ -12,10 +12,8 @@ from collections.abc import Iterable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
-from jsubspace.kernels import HIGHEST
 from jsubspace.kernels import matmul
 
 
@@ -51,7 +49,7 @@ class SubspaceDense(nn.Module):
             delta = matmul(matmul(self.u, la), matmul(self.v, lb).T)
         else:
             raise ValueError(f"mode must be 'core' or 'lora', got {self.mode!r}")
-        y = jnp.matmul(x, self.w0 + delta, precision=HIGHEST)
+        y = matmul(x, self.w0 + delta)
         return y if self.bias is None else y + self.bias
 
 

@@ -33,6 +33,7 @@ from jsubspace.kernels._gram import HIGHEST
 from jsubspace.kernels._gram import centered_block
 from jsubspace.kernels._gram import centred_chunk
 from jsubspace.kernels._gram import chunkable_jit
+from jsubspace.kernels._gram import matmul
 from jsubspace.kernels._gram import mode_product
 from jsubspace.kernels._gram import model_chunks
 from jsubspace.kernels._gram import shard_centre
@@ -61,8 +62,9 @@ def exact_eigh(gram: jax.Array, *, rank: int | None = None) -> Eig:
     evals, evecs = evals[::-1], evecs[:, ::-1]
     if rank is not None:
         evals, evecs = evals[:rank], evecs[:, :rank]
-    image = jnp.matmul(gram, evecs, precision=HIGHEST)
-    resid = jnp.linalg.norm(image - evecs * evals, axis=0) / jnp.maximum(evals[0], 1e-30)
+    resid = jnp.linalg.norm(matmul(gram, evecs) - evecs * evals, axis=0) / jnp.maximum(
+        evals[0], 1e-30
+    )
     return Eig(jnp.clip(evals, 0.0), evecs, resid)
 
 

@@ -695,18 +695,18 @@ def holdout_control(
         "skip" if downdate and mode in exact else solver
         for mode, solver in zip(("rows", "cols"), solvers)
     )
-    # Every fold's held-out and removed sets padded to one length: one compilation of the
-    # captures and of each mode's downdate for all folds (XLA compiles a GPU kernel in seconds).
-    held_length = int(np.bincount(folds).max())
-    removed_length = max(
-        int(np.union1d(np.flatnonzero(folds == f), centres[folds == f]).size) if by_mean else 0
-        for f in range(n_folds)
-    )
+    fold_sets = []
     for f in range(n_folds):
         held = folds == f
         centre = centres[held] if by_mean else np.flatnonzero(held)
         basis = ~held
         basis[centre] = basis[centre] & (not by_mean)
+        fold_sets.append((held, centre, basis))
+    # Every fold's held-out and removed sets padded to one length: one compilation of the
+    # captures and of each mode's downdate for all folds (XLA compiles a GPU kernel in seconds).
+    held_length = max(int(held.sum()) for held, _, _ in fold_sets)
+    removed_length = max(int((~basis[:n_models]).sum()) for _, _, basis in fold_sets)
+    for f, (held, centre, basis) in enumerate(fold_sets):
         if all(solver == "skip" for solver in skip):
             u = v = None
         else:
