@@ -324,16 +324,19 @@ def _null_spectra(placed, spectra, *, key, mesh, config, ranks, pending, energie
         norms = np.zeros(n_pad, np.float32)
         norms[: placed.n_models] = np.sqrt(np.clip(spectra.norms, 0, None))
         chunked = plan is not None and plan.chunk is not None
+        two_byte = placed.x.dtype.itemsize < 4
         z = gaussian_stack(
             key,
             jax.device_put(norms, stacked_sharding(mesh)),
             mesh=mesh,
             shape=tuple(placed.x.shape[1:]),
-            # The chunked route's draws take the real stack's place, in as many bytes: a
-            # 2-byte layer's in bfloat16 (float32's range: a float16 draw of a population's
-            # small centred norms would lose its smallest entries to underflow).
-            dtype=jnp.bfloat16 if chunked and placed.x.dtype.itemsize < 4 else jnp.float32,
-            one_at_a_time=chunked,
+            # The draws take the real stack's place, in as many bytes: a 2-byte layer's in
+            # bfloat16 (float32's range: a float16 draw of a population's small centred norms
+            # would lose its smallest entries to underflow), each model drawn in float32 alone
+            # (no float32 copy of the whole stack). A bfloat16 layer's draws then have its
+            # dtype and shapes, so every kernel the real layer compiled serves its null too.
+            dtype=jnp.bfloat16 if two_byte else jnp.float32,
+            one_at_a_time=chunked or two_byte,
         )
         null = PlacedDense(z, placed.n_models)
         return _layer.layer_spectra(
