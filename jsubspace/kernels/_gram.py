@@ -181,15 +181,33 @@ def sliced_models_gram(x: jax.Array, c: jax.Array, *, n_models: int, chunk: int,
     summed over slices of the rows holding as many entries as `chunk` models, each slice
     converted and centred on its own: the chunked route's models Gram, which pairs every model
     with every other and so is not a sum over chunks of models."""
-    b, m, n = x.shape
-    size = max(1, min(m, chunk * m // b))
-    full, rest = divmod(m, size)
+    gram = sliced_cross_gram(x, c, n_models=n_models, chunk=chunk, d=d, axis=1, flat=True)
+    return gram[:, 0, :, 0]
+
+
+def sliced_cross_gram(
+    x: jax.Array, c: jax.Array, *, n_models: int, chunk: int, d: int, axis: int, flat=False
+) -> jax.Array:
+    """Inside shard_map: this shard's rows `f32[N/d, q, N_pad, q]` of the cross-Gram of the
+    models `x - c` contracted over `axis` (1: the rows, q = n; 2: the columns, q = m), summed
+    over slices of that axis holding as many entries as `chunk` models, each slice converted
+    and centred on its own (`flat`: contracted over every entry, q = 1: the models Gram). The
+    chunked route's pairings of every model with every other, which are not sums over chunks
+    of models."""
+    b = x.shape[0]
+    length = x.shape[axis]
+    size = max(1, min(length, chunk * length // b))
+    full, rest = divmod(length, size)
     mask = model_mask(b, n_models)[:, None, None]
 
-    def piece(start, rows):
-        xs = lax.dynamic_slice_in_dim(x, start, rows, 1).astype(jnp.float32)
-        xc = xs - mask * lax.dynamic_slice_in_dim(c, start, rows, 0)
-        return sharded_cross_gram(xc.reshape(b, -1, 1), num_devices=d)[:, 0, :, 0]
+    def piece(start, count):
+        xs = lax.dynamic_slice_in_dim(x, start, count, axis).astype(jnp.float32)
+        xc = xs - mask * lax.dynamic_slice_in_dim(c, start, count, axis - 1)
+        if flat:
+            xc = xc.reshape(b, -1, 1)
+        elif axis == 2:
+            xc = jnp.swapaxes(xc, 1, 2)
+        return sharded_cross_gram(xc, num_devices=d)
 
     gram = lax.fori_loop(1, full, lambda s, acc: acc + piece(s * size, size), piece(0, size))
     if rest:
@@ -548,7 +566,7 @@ def streaming_mode_grams(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "n_models", "center", "mode"))
+@chunkable_jit(static_argnames=("mesh", "n_models", "center", "mode", "chunk"))
 def dual_mode_gram(
     x: jax.Array,
     base: jax.Array | None = None,
@@ -557,6 +575,7 @@ def dual_mode_gram(
     n_models: int,
     center: str = "mean",
     mode: str = "rows",
+    chunk: int | None = None,
 ) -> jax.Array:
     """The `[N n, N n]` (rows) or `[N m, N m]` (cols) cross-Gram of a centred stack, whose
     nonzero eigenvalues are those of the `rows` (`m x m`) or `cols` (`n x n`) matrix: for a
@@ -570,6 +589,9 @@ def dual_mode_gram(
         x: `dtype[N_pad, m, n]` sharded over `models` (zero padding past `n_models`).
         base, mesh, n_models, center: as in `mode_grams`.
         mode: 'rows' or 'cols'.
+        chunk: models per device converted and centred at a time (the chunked route): the
+            matrix summed over slices of the long side as large as `chunk` models
+            (`sliced_cross_gram`); None: the whole shard at once.
 
     Returns:
         `f32[N_pad q, N_pad q]` (q = n for rows, m for cols), replicated.
@@ -582,6 +604,10 @@ def dual_mode_gram(
 
     def body(xb, cb):
         # xb: dtype[N/d, m, n]; the gram's rows of this shard: f32[N/d, q, N_pad, q]
+        if chunk is not None:
+            c = shard_centre(xb, cb, n_models=n_models, center=center, chunk=chunk)
+            axis = 1 if mode == "rows" else 2
+            return sliced_cross_gram(xb, c, n_models=n_models, chunk=chunk, d=d, axis=axis)
         xc = centered_block(xb, cb, n_models=n_models, center=center)
         if mode == "cols":
             xc = jnp.swapaxes(xc, 1, 2)

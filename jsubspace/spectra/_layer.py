@@ -189,7 +189,13 @@ def _dense_spectra(
         )
     for mode in sorted(dual):
         gram = kernels.dual_mode_gram(
-            placed.x, base, mesh=mesh, n_models=placed.n_models, center=config.center, mode=mode
+            placed.x,
+            base,
+            mesh=mesh,
+            n_models=placed.n_models,
+            center=config.center,
+            mode=mode,
+            chunk=chunk,
         )
         # As many eigenvalues as the dual has (N times the short side); the rest are zero.
         out[mode] = ModeResult(_eigvals(gram)[: sides[mode]], "exact-dual", sides[mode])

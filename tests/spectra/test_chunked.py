@@ -50,6 +50,48 @@ def test_chunked_grams_equal_float64(mesh, chunk):
     np.testing.assert_allclose(np.asarray(raw.models), expected, rtol=2e-6)
 
 
+@pytest.mark.parametrize(
+    "mode, chunk, center", [("rows", 1, "mean"), ("cols", 2, "mean"), ("rows", 2, "base")]
+)
+def test_the_chunked_dual_gram_equals_float64(mesh, mode, chunk, center):
+    # A tall side's dual cross-Gram (`exact-dual`) by slices of the long side: 5 models (padding
+    # on 2-8 devices) whose long side (37) leaves a remainder slice, about a large mean.
+    shape = (37, 4) if mode == "rows" else (4, 37)
+    w = testing.planted_population(4, n_models=5, shape=shape, rank=2, mean_scale=20.0)
+    x = _placed(w, mesh)
+    base = jnp.asarray(w[0] * 0.5)
+    common = dict(mesh=mesh, n_models=5, center=center, mode=mode)
+    whole = kernels.dual_mode_gram(x, base, **common)
+    found = kernels.dual_mode_gram(x, base, chunk=chunk, **common)
+    w64 = w.astype(np.float64)
+    xc = np.zeros((x.shape[0], *shape))
+    xc[:5] = w64 - (w64.mean(0) if center == "mean" else w64[0] * 0.5)
+    if mode == "cols":
+        xc = xc.transpose(0, 2, 1)
+    q = xc.shape[2]
+    want = np.einsum("ipa,jpb->iajb", xc, xc).reshape(len(xc) * q, len(xc) * q)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(np.asarray(found, np.float64), want, atol=2e-5 * scale)
+    np.testing.assert_allclose(np.asarray(found), np.asarray(whole), atol=2e-6 * scale)
+
+
+def test_the_chunked_dual_gram_holds_slices_not_the_stack():
+    # XLA's own buffer accounting, as for the mode Grams: the whole-stack dual keeps a float32
+    # centred copy of the stack, the chunked one the centre and a few slices of the long side
+    # as large as a model.
+    mesh = sharding.models_mesh(1)
+    x = jnp.zeros((16, 4096, 8), jnp.bfloat16)
+    model = 4096 * 8 * 4
+
+    def temp(**kw):
+        lowered = kernels.dual_mode_gram.lower(x, mesh=mesh, n_models=16, mode="rows", **kw)
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    whole, chunked = temp(), temp(chunk=1)
+    assert whole >= 16 * model, whole
+    assert chunked < 6 * model, chunked
+
+
 @pytest.mark.parametrize("mode", ["rows", "cols"])
 def test_chunked_randomized_solver_equals_whole_stack(mode):
     mesh = sharding.models_mesh(2)
@@ -185,6 +227,33 @@ def test_chunked_layer_record_equals_whole_stack(tmp_path):
     # Cosines of near copies (~0.99) summed in another order: float32 rounding, ~1e-6.
     np.testing.assert_allclose(chunked["lineage"]["cosine"], whole["lineage"]["cosine"], atol=1e-5)
     assert chunked["verdict"]["label"] == whole["verdict"]["label"]
+
+
+def test_a_chunked_tall_layer_takes_its_exact_spectrum_from_the_sliced_dual(tmp_path):
+    # A vocabulary-like layer (the long side past `exact_limit`, N n within it) on the chunked
+    # route: its rows spectrum and its null's come from the dual by slices, equal to the
+    # whole-stack route's and to float64.
+    w = testing.planted_population(6, n_models=5, shape=(300, 6), rank=2, mean_scale=5.0)
+    population = _population(tmp_path, w)
+    (layer,) = population.layers
+    mesh = sharding.models_mesh(1)
+    config = spectra.SpectraConfig(exact_limit=64)
+    controls = spectra.ControlConfig(null_draws=2, holdout=None, split_half=False)
+    plan = spectra.plan_layer(layer, n_pad=5, spectra=config, controls=controls)
+    assert plan.chunk is None and plan.solvers["rows"] == "exact-dual"
+    whole = _record(population, plan, mesh, config, controls)
+    chunked = _record(population, dataclasses.replace(plan, chunk=1), mesh, config, controls)
+    got, want = chunked["modes"]["rows"], whole["modes"]["rows"]
+    assert got["method"] == "exact-dual"
+    np.testing.assert_allclose(
+        got["eigenvalues"], want["eigenvalues"], rtol=2e-5, atol=1e-6 * want["eigenvalues"][0]
+    )
+    w64 = w.astype(np.float64)
+    exact = testing.mode_spectra64(w64 - w64.mean(0))["rows"][: len(got["eigenvalues"])]
+    np.testing.assert_allclose(got["eigenvalues"], exact, rtol=1e-4, atol=1e-5 * exact[0])
+    np.testing.assert_allclose(
+        chunked["null"]["rows"]["cev_mean"], whole["null"]["rows"]["cev_mean"], atol=2e-5
+    )
 
 
 def test_the_plan_chunks_only_a_layer_over_the_budget(tmp_path):
