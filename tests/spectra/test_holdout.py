@@ -45,6 +45,44 @@ def test_dense_holdout_equals_float64(mesh, holdout, mean_scale):
     assert record["mean_only"] == pytest.approx(want["mean_only"], abs=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["rows", "cols"])
+def test_a_fold_matrix_is_the_downdate_of_the_population_matrix_in_float64(mesh, mode):
+    # 11 models (padding on 2-8 devices) about a large mean; 5 removed, spread over devices.
+    w = testing.planted_population(2, n_models=11, shape=(18, 14), rank=3, mean_scale=20.0)
+    x = _placed(w, mesh)
+    w64 = w.astype(np.float64)
+    mu = w64.mean(0)
+    spec = "imn,ikn->mk" if mode == "rows" else "imn,imk->nk"
+    gram = np.einsum(spec, w64 - mu, w64 - mu)
+    chosen = np.zeros(11, bool)
+    chosen[[0, 3, 4, 8, 10]] = True
+    removed = _holdout.model_weights(chosen, x.shape[0], sharding.stacked_sharding(mesh))
+    args = (jax.numpy.asarray(gram, np.float32), x, removed, jax.numpy.asarray(mu, np.float32))
+    found = _holdout._fold_matrix(*args, 6.0, mesh=mesh, mode=mode)
+    kept = w64[~chosen] - w64[~chosen].mean(0)
+    want = np.einsum(spec, kept, kept)
+    np.testing.assert_allclose(np.asarray(found, np.float64), want, atol=2e-5 * np.abs(gram).max())
+
+
+def test_a_fold_matrix_reads_each_devices_own_models():
+    # XLA's buffers on 8 devices: the removed models are summed where they live (a few models'
+    # worth of temporaries per device), not gathered (a dynamic index into the sharded stack
+    # made every device hold all 64 models).
+    mesh = sharding.models_mesh(8)
+    x = jax.device_put(
+        jax.numpy.zeros((64, 64, 96), jax.numpy.bfloat16), sharding.stacked_sharding(mesh)
+    )
+    chosen = np.arange(64) < 26
+    removed = _holdout.model_weights(chosen, 64, sharding.stacked_sharding(mesh))
+    mu = jax.numpy.zeros((64, 96), np.float32)
+    model = 64 * 96 * 4
+    for mode, side in (("rows", 64), ("cols", 96)):
+        gram = jax.numpy.zeros((side, side), np.float32)
+        compiled = _holdout._fold_matrix.lower(gram, x, removed, mu, 38.0, mesh=mesh, mode=mode)
+        assert "all-gather" not in compiled.compile().as_text()
+        assert compiled.compile().memory_analysis().temp_size_in_bytes < 8 * model
+
+
 def test_the_holdout_reuses_the_spectra_grams():
     """The spectra's centred rows / cols Grams, handed to the holdout, give the same record as
     the holdout's own pass over the stack (and layer_spectra keeps them for it)."""
