@@ -83,6 +83,30 @@ def test_a_fold_matrix_reads_each_devices_own_models():
         assert compiled.compile().memory_analysis().temp_size_in_bytes < 8 * model
 
 
+def test_fold_bases_read_the_kept_models_one_at_a_time():
+    # XLA's buffers for one fold's randomized bases of 16 bf16 models (10 kept): the kept
+    # models converted and centred one at a time, never a float32 copy of the stack (which the
+    # bases took before: the converted stack and its centred copy, 32 models' worth).
+    mesh = sharding.models_mesh(1)
+    x = jax.device_put(
+        jax.numpy.zeros((16, 256, 384), jax.numpy.bfloat16), sharding.stacked_sharding(mesh)
+    )
+    weights = _holdout.model_weights(np.arange(16) >= 6, 16, sharding.stacked_sharding(mesh))
+    lowered = _holdout._masked_bases.lower(
+        x,
+        weights,
+        jax.random.key(0),
+        jax.numpy.zeros((256, 384), np.float32),
+        mesh=mesh,
+        kmax=8,
+        solvers=("randomized", "randomized"),
+        iterations=3,
+        by_mean=True,
+    )
+    temp = lowered.compile().memory_analysis().temp_size_in_bytes
+    assert temp < 6 * 256 * 384 * 4, temp
+
+
 def test_the_holdout_reuses_the_spectra_grams():
     """The spectra's centred rows / cols Grams, handed to the holdout, give the same record as
     the holdout's own pass over the stack (and layer_spectra keeps them for it)."""
