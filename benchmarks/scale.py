@@ -164,7 +164,9 @@ def predict_layer(name, shape, n_models, dtype, mesh: Mesh, rates, spectra_confi
     flops = _plan.estimated_flops(
         "dense", n_models, m, n, None, spectra_config, solvers, planned, route="dense"
     )
-    passes = _plan.memory_passes("dense", solvers, planned)
+    passes = _plan.memory_passes(
+        "dense", solvers, planned, control_steps=spectra_config.iterations + 1
+    )
     used = [planned[c]["bases"] for c in ("holdout", "split_half") if "bases" in planned[c]]
     layer = _Layer(name, (m, n), dtype, tuple(range(n_models)))
     whole = _plan.working_set(layer, n_pad, spectra_config, bases=used)

@@ -344,7 +344,11 @@ def plan_layer(
     if rank is not None:
         read = sum(r * (m + n) for r in layer.ranks) * dtype.itemsize
     passes = memory_passes(
-        layer.kind, solvers, planned, krylov_steps=config.iterations + 1 if chunk else 0
+        layer.kind,
+        solvers,
+        planned,
+        krylov_steps=config.iterations + 1 if chunk else 0,
+        control_steps=config.iterations + 1,
     )
     entries = n_models * m * n if layer.kind == "dense" else 0
     parts = {}
@@ -575,28 +579,35 @@ def estimated_flops(kind, n_models, m, n, rank, config, solvers, controls, *, ro
         "spectra": (gemm, eigh),
         "lineage": (lineage, 0.0),
         "null": (draws * gemm, draws * eigh),
-        "holdout": _holdout_flops(kind, n_models, m, n, rank, config, controls["holdout"], size),
+        "holdout": _holdout_flops(
+            kind, n_models, m, n, rank, config, controls["holdout"], size, solvers
+        ),
         "compare": _compare_flops(n_models, m, n, rank, config, controls["split_half"], size),
     }
     return {part: (float(g), float(e)) for part, (g, e) in parts.items()}
 
 
-def _holdout_flops(kind, n_models, m, n, rank, config, holdout, size) -> tuple[float, float]:
+def _holdout_flops(
+    kind, n_models, m, n, rank, config, holdout, size, solvers
+) -> tuple[float, float]:
     gemm = eigh = 0.0
     if "folds" not in holdout:
         return gemm, eigh
     stack = n_models * m * n
     if kind != "dense" and holdout["from"] == "stack":
         gemm += 2.0 * stack * rank  # the materialised updates
-    # Mean-centred exact sides: the population's matrix once, then a downdate per fold by
-    # the held-out and centring models (`_holdout.downdated_basis`).
+    # Mean-centred exact sides: the population's matrix once (unless the spectra solved that
+    # side exactly: their Gram is reused), then a downdate per fold by the held-out and
+    # centring models (`_holdout.downdated_basis`).
     removed = None
     if config.center == "mean" and holdout["from"] == "stack":
         removed = 2 * holdout.get("largest", 1)
         for mode, side in (("rows", m), ("cols", n)):
-            if holdout["bases"][mode] == "exact":
+            if holdout["bases"][mode] == "exact" and solvers.get(mode) != "exact":
                 gemm += 2.0 * stack * side
     held = holdout.get("largest", 1) * m * n
+    # A fold's bases read its kept models alone (`_holdout._kept_models_sum`).
+    kept = n_models - holdout.get("largest", 1) * (2 if config.center == "mean" else 1)
     if holdout["from"] == "grams":
         gemm += 2 * _gram_basis_flops(n_models * rank, holdout["kmax"], config.iterations)
     for _ in range(holdout["folds"]):
@@ -609,9 +620,7 @@ def _holdout_flops(kind, n_models, m, n, rank, config, holdout, size) -> tuple[f
             g = 2 * (config.iterations + 1) * 4.0 * size * (holdout["kmax"] + 10)
             gemm += g + 4.0 * size * holdout["kmax"]
             continue
-        g, e = _basis_flops(
-            n_models, m, n, holdout["kmax"], holdout["bases"], config, removed=removed
-        )
+        g, e = _basis_flops(kept, m, n, holdout["kmax"], holdout["bases"], config, removed=removed)
         gemm += g + 6.0 * held * holdout["kmax"]
         eigh += e
     return gemm, eigh
@@ -628,7 +637,9 @@ def _compare_flops(n_models, m, n, rank, config, half, size) -> tuple[float, flo
     return 2 * g, 2 * e
 
 
-def memory_passes(kind: str, solvers, controls, *, krylov_steps: int = 0) -> dict:
+def memory_passes(
+    kind: str, solvers, controls, *, krylov_steps: int = 0, control_steps: int = 0
+) -> dict:
     """`{part: (passes, draws)}`: how many memory-bound passes over a dense layer's stack each
     part of its analysis makes (conversion and the finite check at placement, each centring, the
     lineage pass, each fold's and half's mean and centring, each null draw's normalisation and
@@ -638,7 +649,11 @@ def memory_passes(kind: str, solvers, controls, *, krylov_steps: int = 0) -> dic
     `krylov_steps`: on the chunked route (`LayerPlan.chunk`) every operator product of a
     randomized solve converts and centres the stack again, chunk by chunk (0: the whole-stack
     route, which centres once per solve). Those conversions ride in the product's own pass over
-    the stack, which the flops already time: each counts `CHUNK_PASS` of a centring pass."""
+    the stack, which the flops already time: each counts `CHUNK_PASS` of a centring pass.
+    `control_steps`: the Krylov products of the holdout's and split halves' randomized bases,
+    which convert their kept models in every product on either route
+    (`_holdout._kept_models_sum`); their means and captures make two passes per fold or
+    half."""
     if kind != "dense":
         return {part: (0.0, 0.0) for part in PARTS}
     fast = sum(s == "randomized" for s in solvers.values())
@@ -649,14 +664,15 @@ def memory_passes(kind: str, solvers, controls, *, krylov_steps: int = 0) -> dic
 
     def solves(control):
         bases = controls[control].get("bases", {})
-        return sum(b == "randomized" for b in bases.values()) * krylov
+        steps = CHUNK_PASS * max(krylov_steps, control_steps)
+        return sum(b == "randomized" for b in bases.values()) * steps
 
     return {
         "spectra": (2.0 + spectra, 0.0),
         "lineage": (float(controls["lineage"] == {}), 0.0),
         "null": (float(draws * (2 + spectra)), float(draws)),
-        "holdout": (folds * (4.0 + solves("holdout")), 0.0),
-        "compare": (2.0 * (2.0 + solves("split_half")) * ("bases" in controls["split_half"]), 0.0),
+        "holdout": (folds * (2.0 + solves("holdout")), 0.0),
+        "compare": (2.0 * (1.0 + solves("split_half")) * ("bases" in controls["split_half"]), 0.0),
     }
 
 
