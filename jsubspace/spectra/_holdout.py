@@ -37,7 +37,7 @@ from jsubspace.spectra._null import EXCESS_KS
 def side_basis(terms, *, mode: str, solver: str, k: int, key, iterations: int):
     """Inside shard_map: the top-k eigenvectors (`f32[side, k]`, replicated) of the `rows`
     (`sum_i w_i X_i X_i^T`) or `cols` (`sum_i w_i X_i^T X_i`) matrix of this shard's centred
-    models `X_i` and weights `w_i` (`terms`, a `_ChunkedTerms`; summed over devices): by
+    models `X_i` and weights `w_i` (`terms`, a `_KeptTerms`; summed over devices): by
     `eigh` of the `side x side` matrix (`solver` 'exact'), or by the randomized block-Krylov
     solver through `X_i (w_i X_i^T Q)` products, which never forms it ('randomized'). No
     weighted or transposed copy of the stack is made (`kernels.mode_gram`,
@@ -56,28 +56,17 @@ def side_basis(terms, *, mode: str, solver: str, k: int, key, iterations: int):
     return eig.vectors
 
 
-class _ChunkedTerms(NamedTuple):
-    """Weighted sums over this shard's models (inside shard_map) of `X_i = x_i - centre`:
-    `x` float32 and already centred when `chunk` is None (`centre` unused), else the stored
-    models, converted and centred `chunk` at a time (`kernels.model_chunks`); with `sparse`,
-    the stored models converted and centred one at a time, those of weight 0 skipped
+class _KeptTerms(NamedTuple):
+    """Weighted sums over this shard's models (inside shard_map) of `X_i = x_i - centre`: the
+    stored models converted and centred one at a time, those of weight 0 skipped
     (`_kept_models_sum`)."""
 
     x: jax.Array
-    centre: jax.Array | None
+    centre: jax.Array
     weights: jax.Array
-    chunk: int | None
-    sparse: bool = False
 
     def _sum(self, fn):
-        if self.sparse:
-            return _kept_models_sum(fn, self.x, self.centre, self.weights)
-
-        def part(first, xs, ws):
-            xc = xs if self.chunk is None else xs.astype(jnp.float32) - self.centre
-            return fn(xc, ws)
-
-        return kernels.model_chunks(part, self.x, self.weights, chunk=self.chunk)
+        return _kept_models_sum(fn, self.x, self.centre, self.weights)
 
     def gram(self, mode):
         return self._sum(lambda xc, ws: kernels.mode_gram(xc, mode=mode, weights=ws))
@@ -109,19 +98,15 @@ def _kept_models_sum(fn, x, centre, weights):
     return lax.fori_loop(0, x.shape[0], step, zeros)
 
 
-def _weighted_mean(x, weights, chunk):
+def _weighted_mean(x, weights):
     """Inside shard_map: the mean of the models with weight 1 (`f32[m, n]`, replicated), summed
-    `chunk` models at a time, or (None) over the models of nonzero weight alone."""
+    over the models of nonzero weight alone, one at a time (`_kept_models_sum`)."""
     count = lax.psum(jnp.sum(weights), MODELS)
 
     def weighted(xs, ws):
-        return jnp.einsum("i,imn->mn", ws, xs.astype(jnp.float32), precision=HIGHEST)
+        return jnp.einsum("i,imn->mn", ws, xs, precision=HIGHEST)
 
-    if chunk is None:
-        total = _kept_models_sum(weighted, x, 0.0, weights)
-    else:
-        total = kernels.model_chunks(lambda _, xs, ws: weighted(xs, ws), x, weights, chunk=chunk)
-    return lax.psum(total, MODELS) / count
+    return lax.psum(_kept_models_sum(weighted, x, 0.0, weights), MODELS) / count
 
 
 def weighted_bases(
@@ -133,7 +118,6 @@ def weighted_bases(
     key=None,
     iterations: int = 4,
     ref: jax.Array | None = None,
-    chunk: int | None = None,
 ):
     """Inside shard_map: the chosen models' mean, and their top-k rows / cols eigenvectors.
 
@@ -147,17 +131,17 @@ def weighted_bases(
         iterations: block-Krylov steps of the randomized solver.
         ref: `f32[m, n]`, the centre of the spectra when they are not mean-centred (zeros for
             `center='none'`, the base for 'base'); None centres by the chosen models' mean.
-        chunk: models per device converted and centred at a time (the chunked route); None:
-            one model at a time, the models of weight 0 skipped (`_kept_models_sum`). No
-            centred float32 stack is formed either way.
+
+    The chosen models are converted and centred one at a time and the others skipped
+    (`_kept_models_sum`): no float32 copy of the stack on either route of the layer plan.
 
     Returns:
         `(u f32[m, kmax], v f32[n, kmax], mu f32[m, n])`: the bases (replicated) of the models
         centred by the chosen models' mean, or by `ref`, and the chosen models' mean.
     """
-    mu = _weighted_mean(x, weights, chunk)
+    mu = _weighted_mean(x, weights)
     centre = mu if ref is None else ref
-    terms = _ChunkedTerms(x, centre, weights, chunk, sparse=chunk is None)
+    terms = _KeptTerms(x, centre, weights)
     keys = jax.random.split(key) if key is not None else (None, None)
     u, v = (
         side_basis(terms, mode=mode, solver=solver, k=kmax, key=sub, iterations=iterations)
@@ -180,7 +164,8 @@ def masked_bases(
 ):
     """Top-k rows / cols eigenvectors `(f32[m, k], f32[n, k])` of the models with weight 1, by
     the plan's `solvers`, centred by their mean, or by `ref` (`f32[m, n]`) when given (see
-    `weighted_bases`; `chunk` as there).
+    `weighted_bases`). `chunk` (the layer plan's) only selects the chunked route's compilation
+    (`kernels.CHUNKED_COMPILE`): the kept models are read one at a time on either route.
 
     On CPU an exact side's matrix is summed on the devices and its k pairs alone are solved on
     the host (`top_eigenvectors`: Lanczos or `?syevr` for a subset), not by XLA's `eigh`, which
@@ -227,8 +212,8 @@ def _masked_matrix(x, weights, ref, *, mesh, mode, by_mean, chunk=None):
     centres them (replicated)."""
 
     def body(xb, wb, rb):
-        centre = _weighted_mean(xb, wb, chunk) if by_mean else rb
-        terms = _ChunkedTerms(xb, centre, wb, chunk, sparse=chunk is None)
+        centre = _weighted_mean(xb, wb) if by_mean else rb
+        terms = _KeptTerms(xb, centre, wb)
         return lax.psum(terms.gram(mode), MODELS)
 
     return jax.shard_map(
@@ -249,7 +234,6 @@ def _masked_bases(x, weights, key, ref, *, mesh, kmax, solvers, iterations, by_m
             key=kb,
             iterations=iterations,
             ref=None if by_mean else rb,
-            chunk=chunk,
         )
         return u, v
 
