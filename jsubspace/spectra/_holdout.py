@@ -325,36 +325,28 @@ def padded_indices(index: np.ndarray, length: int | None) -> jax.Array:
 def _fold_matrix(gram, x, removed, mu, count, *, mesh, mode: str, one_at_a_time: bool = False):
     """`downdated_basis`' matrix: the population's less the removed models and the mean shift.
 
-    Each device sums the removed models among its own, one model at a time and only those (a
-    `lax.cond` skips the others), and the sums are added over devices: no device gathers
-    another's models, and a fold costs its `q` models' products. (A gather of the removed
-    models and an einsum over two contracted axes ran at a fifth of GEMM's rate on the CPU
-    backend: 2.5 s against 0.55 s for 26 models of 768 x 3072; under GSPMD a dynamic index
-    into the sharded stack gathered the whole stack onto every device.) `one_at_a_time` only
-    selects the chunked route's compilation (`CHUNKED_COMPILE`)."""
+    Each device sums the removed models among its own, one model at a time and only those
+    (`_kept_models_sum`), and the sums are added over devices: no device gathers another's
+    models, and a fold costs its `q` models' products. (A gather of the removed models and an
+    einsum over two contracted axes ran at a fifth of GEMM's rate on the CPU backend: 2.5 s
+    against 0.55 s for 26 models of 768 x 3072; under GSPMD a dynamic index into the sharded
+    stack gathered the whole stack onto every device.) `one_at_a_time` only selects the
+    chunked route's compilation (`CHUNKED_COMPILE`)."""
     del one_at_a_time
-    contract = ((1,), (1,)) if mode == "rows" else ((0,), (0,))
-    side = x.shape[1] if mode == "rows" else x.shape[2]
 
     def body(xb, wb, mu):
-        def add(i, carry):
-            minus, total = carry
-            r = lax.dynamic_index_in_dim(xb, i, keepdims=False).astype(jnp.float32) - mu
-            product = lax.dot_general(r, r, (contract, ((), ())), precision=HIGHEST)
-            return minus + product, total + r
+        def term(r, _):
+            return kernels.mode_gram(r, mode=mode), r[0]
 
-        def step(i, carry):
-            return lax.cond(wb[i] > 0, functools.partial(add, i), lambda c: c, carry)
-
-        zeros = (
-            lax.pcast(jnp.zeros((side, side), jnp.float32), MODELS, to="varying"),
-            lax.pcast(jnp.zeros(xb.shape[1:], jnp.float32), MODELS, to="varying"),
-        )
-        minus, total = lax.fori_loop(0, xb.shape[0], step, zeros)
+        minus, total = _kept_models_sum(term, xb, mu, wb)
         return lax.psum(minus, MODELS), lax.psum(total, MODELS)
 
     minus, total = jax.shard_map(
-        body, mesh=mesh, in_specs=(P(MODELS), P(MODELS), P()), out_specs=(P(), P())
+        body,
+        mesh=mesh,
+        in_specs=(P(MODELS), P(MODELS), P()),
+        out_specs=(P(), P()),
+        check_vma=False,
     )(x, removed, mu)
     d = -total / count
     if mode == "rows":
