@@ -7,11 +7,13 @@ sharded over the `models` mesh axis; reductions over models are `psum`s inside `
 from jsubspace.kernels._gram import CENTERS
 from jsubspace.kernels._gram import CHUNKED_COMPILE
 from jsubspace.kernels._gram import HIGHEST
+from jsubspace.kernels._gram import LONG_DOT_SLICE
 from jsubspace.kernels._gram import ModeGrams
 from jsubspace.kernels._gram import centered_block
 from jsubspace.kernels._gram import centred_chunk
 from jsubspace.kernels._gram import chunkable_jit
 from jsubspace.kernels._gram import cross_gram
+from jsubspace.kernels._gram import long_dot
 from jsubspace.kernels._gram import dual_mode_gram
 from jsubspace.kernels._gram import exchanged_cross_gram
 from jsubspace.kernels._gram import matmul
@@ -21,6 +23,7 @@ from jsubspace.kernels._gram import mode_product
 from jsubspace.kernels._gram import model_chunk_map
 from jsubspace.kernels._gram import model_chunks
 from jsubspace.kernels._gram import model_mask
+from jsubspace.kernels._gram import models_sum
 from jsubspace.kernels._gram import ring_cross_gram
 from jsubspace.kernels._gram import self_gram
 from jsubspace.kernels._gram import shard_centre
@@ -65,6 +68,7 @@ __all__ = [
     "CENTERS",
     "CHUNKED_COMPILE",
     "HIGHEST",
+    "LONG_DOT_SLICE",
     "Eig",
     "LoraGrams",
     "ModeGrams",
@@ -82,6 +86,7 @@ __all__ = [
     "mode_bases",
     "mode_matrices",
     "cross_gram",
+    "long_dot",
     "dual_mode_gram",
     "mode_gram",
     "mode_grams",
@@ -91,6 +96,7 @@ __all__ = [
     "model_chunk_map",
     "model_chunks",
     "model_mask",
+    "models_sum",
     "orthonormalize",
     "psd_root",
     "randomized_eigh",

@@ -90,11 +90,27 @@ def shard_centre(
     if center not in CENTERS:
         raise ValueError(f"center must be one of {CENTERS}, got {center!r}")
     if center == "mean":
-        total = model_chunks(lambda _, xs: jnp.sum(xs.astype(jnp.float32), axis=0), x, chunk=chunk)
+        total = model_chunks(lambda _, xs: models_sum(xs), x, chunk=chunk)
         return lax.psum(total, MODELS) / n_models
     if center == "base":
         return base.astype(jnp.float32)
     return jnp.zeros(x.shape[1:], jnp.float32)
+
+
+def models_sum(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """`f32[m, n]`: `sum_i w_i x_i` over the leading (models) axis of `x dtype[b, m, n]`, each
+    model converted to float32 and added in turn (`weights f32[b]`, default 1).
+
+    XLA's CPU reduction over the leading axis of a stack runs far below the memory's speed
+    (64 bfloat16 models of 768 x 3072: 0.83 s as `jnp.sum(x.astype(f32), 0)`, 0.19 s added one
+    at a time), and the layer's mean is taken by every part of an analysis."""
+
+    def term(i):
+        xi = lax.dynamic_index_in_dim(x, i, keepdims=False).astype(jnp.float32)
+        return xi if weights is None else weights[i] * xi
+
+    # The first term starts the sum (inside shard_map it carries the stack's varying type).
+    return lax.fori_loop(1, x.shape[0], lambda i, acc: acc + term(i), term(0))
 
 
 def centred_chunk(xs: jax.Array, c: jax.Array, first, n_local: int, n_models: int) -> jax.Array:
@@ -225,13 +241,48 @@ def _dot(x, y, contract, batch=((), ())):
     return lax.dot_general(x, y, (contract, batch), precision=HIGHEST)
 
 
+# Entries of the contraction per product of `long_dot` on CPU.
+LONG_DOT_SLICE = 8192
+
+
+def long_dot(x: jax.Array, y: jax.Array) -> jax.Array:
+    """`x f32[a, p] y f32[b, p]^T` for a long contraction `p` and a small output (a dense models
+    Gram: N x N from N x mn entries).
+
+    On CPU the contraction is cut into slices of `LONG_DOT_SLICE` entries whose products are
+    summed: XLA's CPU dot runs such a product at a fraction of its GEMM rate (64 models of
+    768 x 3072: 0.61 s whole, 0.23 s in slices, numpy's 0.25 s; 16 models: 0.10 -> 0.03 s).
+    Other platforms take the one product (a GPU splits a long contraction itself)."""
+    p = x.shape[1]
+
+    def whole(x, y):
+        return _dot(x, y, ((1,), (1,)))
+
+    if p < 4 * LONG_DOT_SLICE:
+        return whole(x, y)
+
+    def sliced(x, y):
+        full, rest = divmod(p, LONG_DOT_SLICE)
+
+        def piece(start, size):
+            part = lambda v: lax.dynamic_slice_in_dim(v, start, size, 1)  # noqa: E731
+            return whole(part(x), part(y))
+
+        step = lambda s, acc: acc + piece(s * LONG_DOT_SLICE, LONG_DOT_SLICE)  # noqa: E731
+        acc = lax.fori_loop(1, full, step, piece(0, LONG_DOT_SLICE))
+        return acc + piece(full * LONG_DOT_SLICE, rest) if rest else acc
+
+    return lax.platform_dependent(x, y, cpu=sliced, default=whole)
+
+
 def cross_gram(x: jax.Array, y: jax.Array) -> jax.Array:
     """`G[i, a, j, b] = sum_p x[i, p, a] y[j, p, b]` for `x f32[b1, p, q]`, `y f32[b2, p, q]`.
 
-    With `q = 1` (dense models flattened) it is the plain `[b1, p] x [b2, p]^T` GEMM: XLA copies
-    a `[b, p, 1]` operand into another layout first, a 2D one it takes as it is."""
+    With `q = 1` (dense models flattened) it is the plain `[b1, p] x [b2, p]^T` product
+    (`long_dot`): XLA copies a `[b, p, 1]` operand into another layout first, a 2D one it takes
+    as it is."""
     if x.shape[2] == 1:
-        return _dot(x[..., 0], y[..., 0], ((1,), (1,)))[:, None, :, None]
+        return long_dot(x[..., 0], y[..., 0])[:, None, :, None]
     return _dot(x, y, ((1,), (1,)))
 
 
@@ -256,11 +307,15 @@ def mode_product(x: jax.Array, q: jax.Array, *, mode: str, weights=None) -> jax.
         inner = stack_t_times(x, q)  # f32[b, n, l]
         if weights is not None:
             inner = inner * weights[:, None, None]
-        return jnp.sum(_dot(x, inner, ((2,), (1,)), ((0,), (0,))), axis=0)
+        return models_sum(_dot(x, inner, ((2,), (1,)), ((0,), (0,))))
     inner = stack_times(x, q)  # f32[b, m, l]
     if weights is not None:
         inner = inner * weights[:, None, None]
-    return _dot(x.reshape(b * m, n), inner.reshape(b * m, -1), ((0,), (0,)))
+    # `inner_i^T X_i` batched over the models (`f32[b, l, n]`, a sketch's size per model) and
+    # added in turn: as one product of the stack seen as `[(b m), n]`, contracted over its long
+    # leading axis, XLA's CPU dot ran at half its GEMM rate (64 models of 768 x 3072, 74
+    # columns: 0.36 -> 0.20 s).
+    return models_sum(_dot(inner, x, ((1,), (1,)), ((0,), (0,)))).T
 
 
 def mode_gram(x: jax.Array, *, mode: str, weights=None) -> jax.Array:
@@ -307,7 +362,7 @@ def self_gram(x: jax.Array, *, min_rows: int = 256) -> jax.Array:
     grid = [[None] * chunks for _ in range(chunks)]
     for i in range(chunks):
         for j in range(i, chunks):
-            block = jnp.matmul(parts[i], parts[j].T, precision=HIGHEST)
+            block = long_dot(parts[i], parts[j])
             grid[i][j] = block
             if j != i:
                 grid[j][i] = block.T
@@ -485,8 +540,7 @@ def _block_mask(n_local: int, n_valid: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("mesh",))
 def _block_sum(x: jax.Array, n_valid: jax.Array, *, mesh: Mesh) -> jax.Array:
     def body(xb, nv):
-        mask = _block_mask(xb.shape[0], nv)[:, None, None]
-        return lax.psum(jnp.sum(xb.astype(jnp.float32) * mask, axis=0), MODELS)
+        return lax.psum(models_sum(xb, _block_mask(xb.shape[0], nv)), MODELS)
 
     return jax.shard_map(body, mesh=mesh, in_specs=(P(MODELS), P()), out_specs=P())(x, n_valid)
 

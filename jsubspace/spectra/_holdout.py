@@ -405,7 +405,7 @@ def _population_sum(x, *, one_at_a_time: bool = False):
     chunked route) adds them one by one: XLA's CPU backend otherwise converts the whole 16-bit
     stack to float32 first at run time (a 7.5 GB copy for 32 LLaMA-8B MLP projections)."""
     return kernels.model_chunks(
-        lambda _, xs: jnp.sum(xs.astype(jnp.float32), axis=0),
+        lambda _, xs: kernels.models_sum(xs),
         x,
         chunk=1 if one_at_a_time else None,
     )

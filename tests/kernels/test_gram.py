@@ -203,3 +203,40 @@ def test_hosvd_core_energy_and_reconstruction(mesh):
     np.testing.assert_allclose(
         float(np.sum(np.asarray(full.core, np.float64) ** 2)), float(t.total_energy), rtol=1e-4
     )
+
+
+@pytest.mark.parametrize("extra", [0, 123])
+def test_long_dot_sums_its_slices_to_the_whole_product(extra):
+    # Past 4 slices the CPU product is a sum over slices of the contraction, with a remainder.
+    p = 4 * kernels.LONG_DOT_SLICE + extra
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, p)).astype(np.float32)
+    y = rng.standard_normal((3, p)).astype(np.float32)
+    got = np.asarray(jax.jit(kernels.long_dot)(jnp.asarray(x), jnp.asarray(y)), np.float64)
+    want = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.sqrt(p))
+
+
+def test_models_gram_of_a_long_layer_matches_float64(mesh):
+    # 128 x 300 = 38400 entries per model: the models Gram goes through long_dot's slices.
+    values = testing.planted_population(
+        1, n_models=6, shape=(128, 300), rank=3, mean_scale=2.0, dtype=ml_dtypes.bfloat16
+    )
+    g = kernels.mode_grams(
+        _place(values, mesh), mesh=mesh, n_models=6, center="mean", modes=("models",)
+    )
+    want = _oracle(values, "mean")
+    np.testing.assert_allclose(
+        np.asarray(g.models, np.float64), want["models"], atol=2e-6 * want["energy"]
+    )
+    np.testing.assert_allclose(float(g.total_energy), want["energy"], rtol=2e-6)
+
+
+def test_models_sum_weighs_each_model():
+    x = np.random.default_rng(4).standard_normal((7, 5, 6)).astype(ml_dtypes.bfloat16)
+    w = np.array([1, 0, 2, 0.5, 0, 1, 3], np.float32)
+    got = np.asarray(jax.jit(kernels.models_sum)(jnp.asarray(x), jnp.asarray(w)))
+    want = np.einsum("i,imn->mn", w, np.asarray(x, np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    plain = np.asarray(jax.jit(kernels.models_sum)(jnp.asarray(x)))
+    np.testing.assert_allclose(plain, np.asarray(x, np.float64).sum(0), rtol=1e-6, atol=1e-6)
