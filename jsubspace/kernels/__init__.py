@@ -13,9 +13,9 @@ from jsubspace.kernels._gram import centered_block
 from jsubspace.kernels._gram import centred_chunk
 from jsubspace.kernels._gram import chunkable_jit
 from jsubspace.kernels._gram import cross_gram
-from jsubspace.kernels._gram import long_dot
 from jsubspace.kernels._gram import dual_mode_gram
 from jsubspace.kernels._gram import exchanged_cross_gram
+from jsubspace.kernels._gram import long_dot
 from jsubspace.kernels._gram import matmul
 from jsubspace.kernels._gram import mode_gram
 from jsubspace.kernels._gram import mode_grams
