@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jsubspace.kernels import HIGHEST
 from jsubspace.kernels._hosvd import EXACT
 from jsubspace.sharding._mesh import host_array
 from jsubspace.sharding._mesh import padded_count
@@ -81,14 +80,6 @@ def within_pairs(index: np.ndarray, seed: int) -> np.ndarray:
         if len(members) > 1:
             partner[members] = np.roll(members, -1)
     return partner
-
-
-@jax.jit
-def _masked_sums(x, weights, held):
-    """`f32[m, n]`: the sum of the models with weight 1 plus the sum of the `held` models."""
-    xf = x.astype(jnp.float32)
-    inside = jnp.einsum("i,imn->mn", weights, xf, precision=HIGHEST)
-    return inside + jnp.sum(jnp.take(xf, held, axis=0), axis=0)
 
 
 def _substack(x: jax.Array, idx: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -157,7 +148,7 @@ def group_control(
     n_groups = len(sizes)
     key = jax.random.key(seed) if key is None else key
     ref = jnp.zeros((m, n), jnp.float32) if ref is None else jnp.asarray(ref, jnp.float32)
-    total = _population_sum(x, one_at_a_time=chunk is not None)
+    total = _population_sum(x, mesh=mesh, one_at_a_time=chunk is not None)
     partner = within_pairs(index, seed)
     sharded = stacked_sharding(mesh)
     nan = np.full((n_groups, n_groups), np.nan)
@@ -190,7 +181,14 @@ def group_control(
             continue
         # `held_captures`' training mean is (total - sum of the held) / (count - p): given
         # a's sum plus the held models' as the total, and |a| + p as the count, a's own mean.
-        sums = _masked_sums(x, model_weights(in_a, n_pad, sharded), jnp.asarray(held))
+        in_held = np.zeros(len(index), bool)
+        in_held[held] = True
+        sums = _population_sum(
+            x,
+            model_weights(in_a | in_held, n_pad, sharded),
+            mesh=mesh,
+            one_at_a_time=chunk is not None,
+        )
         found = held_captures(
             x,
             jnp.asarray(held),

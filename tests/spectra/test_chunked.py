@@ -301,13 +301,21 @@ def test_a_chunked_2_byte_layer_draws_its_null_in_bfloat16(tmp_path):
     np.testing.assert_allclose(np.asarray(half, np.float32), np.asarray(whole), atol=4e-3)
 
 
-def test_the_chunked_population_sum_adds_one_model_at_a_time():
+@pytest.mark.parametrize("devices", [1, 2, 4])
+def test_the_population_sum_adds_each_devices_models_one_at_a_time(devices):
     from jsubspace.spectra import _holdout
 
-    mesh = sharding.models_mesh(2)
+    mesh = sharding.models_mesh(devices)
     w = testing.planted_population(6, n_models=7, shape=(12, 10), rank=2, mean_scale=3.0)
     x = _placed(w, mesh, dtype=jnp.bfloat16)
     want = np.asarray(x, np.float64).sum(0)
-    got = np.asarray(_holdout._population_sum(x, one_at_a_time=True), np.float64)
+    got = np.asarray(_holdout._population_sum(x, mesh=mesh, one_at_a_time=True), np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
-    np.testing.assert_allclose(got, np.asarray(_holdout._population_sum(x)), rtol=1e-6, atol=1e-5)
+    whole = _holdout._population_sum(x, mesh=mesh)
+    np.testing.assert_allclose(got, np.asarray(whole), rtol=1e-6, atol=1e-5)
+    # Weighted: the groups control's sum of one group and the held-out models.
+    chosen = np.array([1, 0, 1, 1, 0, 0, 1], bool)
+    weights = _holdout.model_weights(chosen, x.shape[0], sharding.stacked_sharding(mesh))
+    some = np.asarray(_holdout._population_sum(x, weights, mesh=mesh), np.float64)
+    want = np.asarray(x, np.float64)[: len(chosen)][chosen].sum(0)
+    np.testing.assert_allclose(some, want, rtol=1e-6, atol=1e-5)
