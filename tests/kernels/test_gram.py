@@ -218,9 +218,10 @@ def test_long_dot_sums_its_slices_to_the_whole_product(extra):
 
 
 def test_models_gram_of_a_long_layer_matches_float64(mesh):
-    # 128 x 300 = 38400 entries per model: the models Gram goes through long_dot's slices.
+    # 256 x 300 = 76800 entries per model: the models Gram goes through long_dot's slices on
+    # one device and inside the exchange's shard_map on two (38400 entries per slice of p).
     values = testing.planted_population(
-        1, n_models=6, shape=(128, 300), rank=3, mean_scale=2.0, dtype=ml_dtypes.bfloat16
+        1, n_models=6, shape=(256, 300), rank=3, mean_scale=2.0, dtype=ml_dtypes.bfloat16
     )
     g = kernels.mode_grams(
         _place(values, mesh), mesh=mesh, n_models=6, center="mean", modes=("models",)
