@@ -43,13 +43,15 @@ HOLDOUT_MODELS = 4
 """The fewest models a holdout runs on: each fold's basis then comes from at least two models,
 and one more model centres each held-out one."""
 
-CHUNK_PASS = 0.15
-"""What one chunked re-conversion of a dense stack (one per Krylov product on the chunked route)
-costs, as a fraction of a whole-stack centring pass at `MachineRates.stream`: the bf16 -> float32
-conversion and centring of a chunk are fused into the product that reads it. Fitted to the
-LLaMA-8B MLP run (`benchmarks/README.md`, the chunked route: 0.13-0.16 per product in the
-spectra, null and split halves, less in the holdout; counting whole passes made the plan 2.4x too
-slow)."""
+CHUNK_PASS = 0.6
+"""What one chunked re-conversion of a dense stack (one per Krylov product on the chunked route,
+and per product of the controls' kept-model bases on either route) costs, as a fraction of a
+whole-stack centring pass at `MachineRates.stream`: the bf16 -> float32 conversion and centring
+of a chunk are fused into the product that reads it. Fitted on 2026-12-05 to the parts of the
+LLaMA-8B MLP run (the chunked route; estimated / measured holdout 153 / 161 s, split halves
+53 / 51 s) and checked on the GPT-2 shapes (whole-stack route: 69 / 77 s, 23 / 23 s); it was
+0.15 while the stream probe timed XLA's slow reduction over the models, 4.5x slower than the
+kernels' centring (`benchmarks/README.md`)."""
 
 # Basis sizes the controls fit: holdout up to 64 directions, split-half and compare 16.
 HOLDOUT_KMAX = 64
