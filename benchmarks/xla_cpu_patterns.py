@@ -1,10 +1,13 @@
-"""The three dense-kernel patterns XLA's CPU backend runs below its GEMM rate, each timed as
-the plain JAX expression against the kernel jsubspace uses instead, in one run
-(`benchmarks/README.md`, "XLA's slow CPU patterns in the dense kernels").
+"""The kernel patterns XLA's CPU backend runs below its GEMM rate, each timed as the plain JAX
+expression against the kernel jsubspace uses instead, in one run (`benchmarks/README.md`,
+"XLA's slow CPU patterns in the dense kernels").
 
   models sum    `jnp.sum(x.astype(f32), 0)` over a bf16 stack / `kernels.models_sum`
   models Gram   one `[N, mn] x [mn, N]` product / `kernels.long_dot` (slices of 8192); numpy
   cols product  `sum_i X_i^T (X_i Q)` as one product of `[(N m), n]` / `kernels.mode_product`
+  rows product  `sum_i X_i (X_i^T Q)` with `X_i^T Q` kept as `[N, n, l]` / `kernels.mode_product`
+  tall X^T Y    `X^T Y` for the stack seen as `[(N m), n]` (a LoRA route's stacked factor) and a
+                `[(N m), l]` block / `kernels.t_matmul`
 
 Each row: best of --repeats warm calls, the ratio plain / kernel, and the largest difference
 between the two results relative to the largest entry (they compute the same sums).
@@ -55,6 +58,7 @@ def main(argv):
     x16 = jnp.asarray(x32).astype(jnp.bfloat16)
     xf = jnp.asarray(x32)
     q = jnp.asarray(rng.standard_normal((c, l), dtype=np.float32))
+    qr = jnp.asarray(rng.standard_normal((m, l), dtype=np.float32))
     flat = xf.reshape(n, -1)
     cases = [
         (
@@ -78,6 +82,27 @@ def main(argv):
             ),
             jax.jit(lambda x, q: kernels.mode_product(x, q, mode="cols")),
             (xf, q),
+        ),
+        (
+            "rows product",
+            jax.jit(
+                lambda x, q: kernels.models_sum(
+                    _dot(
+                        x,
+                        _dot(x, jnp.broadcast_to(qr, (n, m, l)), ((1,), (1,)), ((0,), (0,))),
+                        ((2,), (1,)),
+                        ((0,), (0,)),
+                    )
+                )
+            ),
+            jax.jit(lambda x, q: kernels.mode_product(x, q, mode="rows")),
+            (xf, qr),
+        ),
+        (
+            "tall X^T Y",
+            jax.jit(lambda a, y: _dot(a, y, ((0,), (0,)))),
+            jax.jit(kernels.t_matmul),
+            (xf.reshape(n * m, c), jnp.asarray(rng.standard_normal((n * m, l), dtype=np.float32))),
         ),
     ]
     rows = []

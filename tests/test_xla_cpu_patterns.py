@@ -29,6 +29,12 @@ def test_the_patterns_benchmark_runs_and_its_kernels_agree(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["pattern"] for r in rows] == ["models sum (bf16)", "models Gram", "cols product"]
+    assert [r["pattern"] for r in rows] == [
+        "models sum (bf16)",
+        "models Gram",
+        "cols product",
+        "rows product",
+        "tall X^T Y",
+    ]
     for r in rows:
         assert r["rel_diff"] < 1e-5 and r["plain_s"] > 0 and r["kernel_s"] > 0, r

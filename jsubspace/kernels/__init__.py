@@ -32,6 +32,7 @@ from jsubspace.kernels._gram import sliced_models_gram
 from jsubspace.kernels._gram import stack_t_times
 from jsubspace.kernels._gram import stack_times
 from jsubspace.kernels._gram import streaming_mode_grams
+from jsubspace.kernels._gram import t_matmul
 from jsubspace.kernels._hosvd import Tucker
 from jsubspace.kernels._hosvd import hosvd
 from jsubspace.kernels._hosvd import mode_bases
@@ -124,4 +125,5 @@ __all__ = [
     "shifted_lora",
     "uses_side_space",
     "streaming_mode_grams",
+    "t_matmul",
 ]

@@ -275,6 +275,28 @@ def long_dot(x: jax.Array, y: jax.Array) -> jax.Array:
     return lax.platform_dependent(x, y, cpu=sliced, default=whole)
 
 
+def t_matmul(x: jax.Array, y: jax.Array) -> jax.Array:
+    """`x^T y` for `x f32[p, a]` and `y f32[p, b]` contracted over their (long) leading axis:
+    a stacked factor or basis against a sketch block.
+
+    When `x` is the wider (`a > b`), XLA's CPU dot runs the product in the layout of its
+    `[a, b]` output at under half its GEMM rate (an `8000 x 4096` stacked factor against 74
+    columns: 76 ms, against 29 ms as below); on CPU it is taken as `(y^T x)^T` instead, the
+    barrier keeping XLA from folding the small output's transpose back into the dot. Other
+    platforms take the one product."""
+
+    def plain(x, y):
+        return _dot(x, y, ((0,), (0,)))
+
+    if x.shape[1] <= y.shape[1]:
+        return plain(x, y)
+
+    def swapped(x, y):
+        return lax.optimization_barrier(_dot(y, x, ((0,), (0,)))).T
+
+    return lax.platform_dependent(x, y, cpu=swapped, default=plain)
+
+
 def cross_gram(x: jax.Array, y: jax.Array) -> jax.Array:
     """`G[i, a, j, b] = sum_p x[i, p, a] y[j, p, b]` for `x f32[b1, p, q]`, `y f32[b2, p, q]`.
 
@@ -294,8 +316,13 @@ def stack_times(x: jax.Array, v: jax.Array) -> jax.Array:
 
 def stack_t_times(x: jax.Array, u: jax.Array) -> jax.Array:
     """`X_i^T U` for every model: `f32[b, m, n] x f32[m, l] -> f32[b, n, l]` (batched GEMM)."""
+    return jnp.swapaxes(_u_t_stack(x, u), 1, 2)
+
+
+def _u_t_stack(x: jax.Array, u: jax.Array) -> jax.Array:
+    """`U^T X_i` for every model: `f32[b, m, n] x f32[m, l] -> f32[b, l, n]` (batched GEMM)."""
     ub = jnp.broadcast_to(u, (x.shape[0], *u.shape))
-    return _dot(x, ub, ((1,), (1,)), ((0,), (0,)))
+    return _dot(ub, x, ((1,), (1,)), ((0,), (0,)))
 
 
 def mode_product(x: jax.Array, q: jax.Array, *, mode: str, weights=None) -> jax.Array:
@@ -304,10 +331,13 @@ def mode_product(x: jax.Array, q: jax.Array, *, mode: str, weights=None) -> jax.
     copy of the stack (`weights f32[b]`, default 1)."""
     b, m, n = x.shape
     if mode == "rows":
-        inner = stack_t_times(x, q)  # f32[b, n, l]
+        # `X_i (Q^T X_i)^T`: the inner product kept as `f32[b, l, n]` and contracted over its
+        # last axis. Kept as `X_i^T Q` (`[b, n, l]`), XLA's CPU dot ran the outer product about
+        # 1.4x slower (64 models of 768 x 3072, 74 columns: 0.62 -> 0.40 s per product).
+        inner = _u_t_stack(x, q)  # f32[b, l, n]
         if weights is not None:
             inner = inner * weights[:, None, None]
-        return models_sum(_dot(x, inner, ((2,), (1,)), ((0,), (0,))))
+        return models_sum(_dot(x, inner, ((2,), (2,)), ((0,), (0,))))
     inner = stack_times(x, q)  # f32[b, m, l]
     if weights is not None:
         inner = inner * weights[:, None, None]

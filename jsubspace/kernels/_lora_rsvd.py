@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from jsubspace.kernels._gram import HIGHEST
 from jsubspace.kernels._gram import matmul
+from jsubspace.kernels._gram import t_matmul
 from jsubspace.kernels._lora_side import _check_factor
 from jsubspace.kernels._lora_side import factor_mean
 from jsubspace.kernels._rsvd import Eig
@@ -130,9 +131,9 @@ def _lora_eigh(
             p = matmul(left, q)  # [N r, l]: L_i q per model
             u = _einsum("irs,isl->irl", own, p.reshape(n_local, r, -1)).reshape(p.shape) * weight
             if center == "mean":
-                zbar = lax.psum(matmul(right.T, p * weight), MODELS) / n_models  # M^T q
+                zbar = lax.psum(t_matmul(right, p * weight), MODELS) / n_models  # M^T q
                 u = u - matmul(right, zbar)
-            return lax.psum(matmul(left.T, u * weight), MODELS)
+            return lax.psum(t_matmul(left, u * weight), MODELS)
 
         return randomized_eigh(
             matmat, side, rank=rank, key=k, oversample=oversample, iterations=iterations
@@ -195,7 +196,7 @@ def _factor_pca(a, b, mask, mean, key, *, mesh, factor, rank, oversample, iterat
         trace = lax.psum(jnp.sum(x * x), MODELS)
 
         def matmat(q):
-            return lax.psum(matmul(x.T, matmul(x, q)), MODELS)
+            return lax.psum(t_matmul(x, matmul(x, q)), MODELS)
 
         eig = randomized_eigh(
             matmat, side, rank=rank, key=k, oversample=oversample, iterations=iterations

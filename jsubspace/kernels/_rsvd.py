@@ -37,6 +37,7 @@ from jsubspace.kernels._gram import matmul
 from jsubspace.kernels._gram import mode_product
 from jsubspace.kernels._gram import model_chunks
 from jsubspace.kernels._gram import shard_centre
+from jsubspace.kernels._gram import t_matmul
 from jsubspace.sharding._mesh import MODELS
 
 METHODS = ("subspace", "krylov")
@@ -104,7 +105,7 @@ def _next_block(basis: jax.Array, y: jax.Array) -> jax.Array:
     """
 
     def project(y):
-        return y - jnp.matmul(basis, jnp.matmul(basis.T, y, precision=HIGHEST), precision=HIGHEST)
+        return y - jnp.matmul(basis, t_matmul(basis, y), precision=HIGHEST)
 
     t = _tol(y)
     y = orthonormalize(project(project(y)), floor=t * t * jnp.max(jnp.sum(y * y, axis=0)))

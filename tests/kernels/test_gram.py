@@ -241,3 +241,49 @@ def test_models_sum_weighs_each_model():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     plain = np.asarray(jax.jit(kernels.models_sum)(jnp.asarray(x)))
     np.testing.assert_allclose(plain, np.asarray(x, np.float64).sum(0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(300, 40, 7), (300, 7, 40), (300, 9, 9)])
+def test_t_matmul_matches_float64_in_either_layout(shape):
+    # A wider x (40 > 7) is taken as (y^T x)^T on CPU; otherwise the plain product.
+    p, a, b = shape
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((p, a)).astype(np.float32)
+    y = rng.standard_normal((p, b)).astype(np.float32)
+    got = np.asarray(jax.jit(kernels.t_matmul)(jnp.asarray(x), jnp.asarray(y)), np.float64)
+    assert got.shape == (a, b)
+    want = np.asarray(x, np.float64).T @ np.asarray(y, np.float64)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.sqrt(p))
+
+
+@pytest.mark.parametrize("mode", ["rows", "cols"])
+def test_mode_product_matches_float64(mesh, mode):
+    # This shard's operator product, summed over the devices, against sum_i w_i X_i X_i^T Q
+    # (rows) or sum_i w_i X_i^T X_i Q (cols) in float64.
+    values = np.random.default_rng(6).standard_normal((6, 12, 20)).astype(np.float32)
+    weights = np.array([1.0, 0.0, 2.0, 0.5, 1.0, 3.0], np.float32)
+    side = 12 if mode == "rows" else 20
+    q = np.random.default_rng(7).standard_normal((side, 5)).astype(np.float32)
+    n_pad = sharding.padded_count(6, mesh)
+    w = np.zeros(n_pad, np.float32)
+    w[:6] = weights
+
+    def body(x, w, q):
+        return jax.lax.psum(kernels.mode_product(x, q, mode=mode, weights=w), sharding.MODELS)
+
+    f = jax.jit(
+        jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(jax.P(sharding.MODELS), jax.P(sharding.MODELS), jax.P()),
+            out_specs=jax.P(),
+        )
+    )
+    placed_w = jax.device_put(w, sharding.stacked_sharding(mesh))
+    got = np.asarray(f(_place(values, mesh), placed_w, jnp.asarray(q)), np.float64)
+    x = values.astype(np.float64)
+    if mode == "rows":
+        want = np.einsum("i,imn,ikn,kl->ml", weights, x, x, q)
+    else:
+        want = np.einsum("i,imn,imk,kl->nl", weights, x, x, q)
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
