@@ -263,3 +263,12 @@ def test_cards_of_other_versions_stay_readable():
     assert old.label is Label.SHARED_COLS
     unknown = spectra.Verdict.from_json({"label": "a label never written here", "reason": "r"})
     assert unknown.label is Label.INCONCLUSIVE and "a label never written here" in unknown.notes[0]
+
+
+@pytest.mark.parametrize("dof", [1, 2, 4, 39, 499])
+def test_t_quantile_equals_scipy_stats(dof):
+    from scipy import stats
+
+    for p in (0.9, 0.95, 0.99, 1 - 0.05 / 21, 1 - 1e-6):
+        want = stats.t.ppf(p, dof)
+        assert abs(_verdict._t_quantile(p, dof) - want) <= 1e-10 * abs(want)
