@@ -13,6 +13,8 @@ Each row: best of --repeats warm calls, the ratio plain / kernel, and the larges
 between the two results relative to the largest entry (they compute the same sums).
 
     python benchmarks/xla_cpu_patterns.py --n=64 --m=768 --cols=3072
+    python benchmarks/xla_cpu_patterns.py --n=500 --m=16 --cols=4096  # tall X^T Y: a LoRA
+        # route's stacked factor of 500 rank-16 adapters, [8000, 4096]
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def main(argv):
                 lambda x, q: kernels.models_sum(
                     _dot(
                         x,
-                        _dot(x, jnp.broadcast_to(qr, (n, m, l)), ((1,), (1,)), ((0,), (0,))),
+                        _dot(x, jnp.broadcast_to(q, (n, m, l)), ((1,), (1,)), ((0,), (0,))),
                         ((2,), (1,)),
                         ((0,), (0,)),
                     )

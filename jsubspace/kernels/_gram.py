@@ -281,7 +281,8 @@ def t_matmul(x: jax.Array, y: jax.Array) -> jax.Array:
 
     When `x` is the wider (`a > b`), XLA's CPU dot runs the product in the layout of its
     `[a, b]` output at under half its GEMM rate (an `8000 x 4096` stacked factor against 74
-    columns: 76 ms, against 29 ms as below); on CPU it is taken as `(y^T x)^T` instead, the
+    columns: 74 ms, against 28 ms as below; `benchmarks/xla_cpu_patterns.py --n=500 --m=16
+    --cols=4096`); on CPU it is taken as `(y^T x)^T` instead, the
     barrier keeping XLA from folding the small output's transpose back into the dot. Other
     platforms take the one product."""
 
@@ -333,7 +334,8 @@ def mode_product(x: jax.Array, q: jax.Array, *, mode: str, weights=None) -> jax.
     if mode == "rows":
         # `X_i (Q^T X_i)^T`: the inner product kept as `f32[b, l, n]` and contracted over its
         # last axis. Kept as `X_i^T Q` (`[b, n, l]`), XLA's CPU dot ran the outer product about
-        # 1.4x slower (64 models of 768 x 3072, 74 columns: 0.62 -> 0.40 s per product).
+        # 1.35x slower (64 models of 768 x 3072, 74 columns: 0.52 -> 0.39 s per product,
+        # `benchmarks/xla_cpu_patterns.py`).
         inner = _u_t_stack(x, q)  # f32[b, l, n]
         if weights is not None:
             inner = inner * weights[:, None, None]
